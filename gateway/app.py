@@ -1,0 +1,116 @@
+"""The gateway's app factory.
+
+`create_app(settings)` returns an ASGI app in two parts:
+  * the proxy routes (POST /v1/chat/completions, POST /v1/completions) are dispatched straight to
+    `gateway.serving.handle`: no router, middleware or validation layer sits in front of the hot path
+    (measured: bench/bench_gateway.py, docs/architecture.md);
+  * everything else (models, health, and later ledger and admin routes) is a FastAPI app with typed
+    dependencies, OpenAPI docs and OpenAI-style error handlers.
+Nothing happens at import time; the lifespan owns the HTTP pool and the prober.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import logging
+from collections.abc import AsyncIterator
+from typing import Any
+
+from fastapi import FastAPI, Request
+from fastapi.exceptions import RequestValidationError
+from starlette.exceptions import HTTPException
+from starlette.responses import Response
+
+from gateway.config import load_config
+from gateway.errors import GatewayError, envelope
+from gateway.protocol import Endpoint
+from gateway.routes import health, models
+from gateway.runtime import Runtime
+from gateway.serving import handle
+from gateway.settings import Settings
+
+__all__ = ["create_app", "create_app_from_env"]
+
+log = logging.getLogger("qlp.gateway")
+
+HOT_ROUTES: dict[str, Endpoint] = {"/v1/chat/completions": "chat", "/v1/completions": "completions"}
+_STATUS_TYPES = {401: "authentication_error", 403: "permission_error", 404: "invalid_request_error",
+                 405: "invalid_request_error", 429: "rate_limit_error"}
+
+
+def _error_response(status: int, message: str, code: str | None = None, param: str | None = None,
+                    headers: dict[str, str] | None = None) -> Response:
+    type_ = _STATUS_TYPES.get(status, "invalid_request_error" if status < 500 else "internal_error")
+    return Response(envelope(message, type_, param, code), status_code=status, media_type="application/json",
+                    headers=headers)
+
+
+def _install_error_handlers(app: FastAPI) -> None:
+    @app.exception_handler(GatewayError)
+    async def _gateway_error(_: Request, exc: GatewayError) -> Response:
+        return Response(exc.body(), status_code=exc.status, media_type="application/json", headers=exc.headers)
+
+    @app.exception_handler(HTTPException)
+    async def _http_error(_: Request, exc: HTTPException) -> Response:
+        code = {404: "not_found", 405: "method_not_allowed"}.get(exc.status_code)
+        return _error_response(exc.status_code, str(exc.detail), code, headers=getattr(exc, "headers", None))
+
+    @app.exception_handler(RequestValidationError)
+    async def _validation_error(_: Request, exc: RequestValidationError) -> Response:
+        first = exc.errors()[0] if exc.errors() else {}
+        loc = ".".join(str(p) for p in first.get("loc", ()) if p != "body")
+        return _error_response(400, f"{loc}: {first.get('msg', 'invalid request')}", "invalid_value", loc or None)
+
+    @app.exception_handler(Exception)
+    async def _unexpected(_: Request, exc: Exception) -> Response:
+        log.error("unhandled error: %s", type(exc).__name__, exc_info=exc)
+        return _error_response(500, "internal error", "internal_error")
+
+
+class Gateway:
+    """The ASGI entry point: hot proxy paths by hand, the rest through FastAPI."""
+
+    def __init__(self, runtime: Runtime, api: FastAPI) -> None:
+        self.runtime = runtime
+        self.api = api
+
+    async def __call__(self, scope: dict[str, Any], receive: Any, send: Any) -> None:
+        if scope["type"] == "http" and scope["method"] == "POST":
+            endpoint = HOT_ROUTES.get(scope["path"])
+            if endpoint is not None:
+                try:
+                    await handle(self.runtime, endpoint, scope, receive, send)
+                except Exception as exc:  # a bug: answer with the envelope if we still can, never a trace
+                    log.error("unhandled error in %s: %s", scope["path"], type(exc).__name__, exc_info=exc)
+                    with contextlib.suppress(Exception):
+                        await send({"type": "http.response.start", "status": 500,
+                                    "headers": [(b"content-type", b"application/json")]})
+                        await send({"type": "http.response.body",
+                                    "body": envelope("internal error", "internal_error", None, "internal_error")})
+                return
+        await self.api(scope, receive, send)
+
+
+def create_app(settings: Settings | None = None) -> Gateway:
+    settings = settings or Settings()
+    runtime = Runtime(settings, load_config(settings.config))
+
+    @contextlib.asynccontextmanager
+    async def lifespan(_: FastAPI) -> AsyncIterator[None]:
+        await runtime.start()
+        try:
+            yield
+        finally:
+            await runtime.stop()
+
+    api = FastAPI(title="QLP gateway", version="0.1.0", lifespan=lifespan)
+    api.state.runtime = runtime
+    _install_error_handlers(api)
+    api.include_router(models.router)
+    api.include_router(health.router)
+    return Gateway(runtime, api)
+
+
+def create_app_from_env() -> Gateway:
+    """uvicorn factory (`--factory gateway.app:create_app_from_env`): settings from QLP_* variables."""
+    return create_app(Settings())

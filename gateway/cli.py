@@ -1,0 +1,48 @@
+"""The `qlp` console script: one entry point, one subcommand per component.
+
+Subcommands are imported lazily so that `qlp gateway` never imports torch and a missing extra only
+fails the subcommand that needs it.
+"""
+
+from __future__ import annotations
+
+import importlib
+import sys
+from collections.abc import Callable, Sequence
+
+__all__ = ["main"]
+
+# name -> ("module:function", help). Each function takes the remaining argv and returns an exit code.
+COMMANDS: dict[str, tuple[str, str]] = {
+    "up": ("gateway.fleet:main", "start the local fleet (Redis, model servers, gateway) in the foreground"),
+    "gateway": ("gateway.server:main", "run the gateway (uvicorn, one process per worker)"),
+    "model-server": ("services.model_server.cli:main", "run the CPU/GPU reference model server"),
+    "prepare-model": ("services.model_server.prepare:main", "convert the GGUF base model to safetensors"),
+    "keys": ("gateway.metering.keys_cli:main", "create, list and revoke API keys"),
+    "ledger": ("gateway.metering.ledger_cli:main", "read the cost ledger"),
+    "train": ("trainer.cli:main", "build datasets, train, evaluate, export and publish adapters"),
+}
+
+
+def _usage() -> str:
+    lines = ["usage: qlp <command> [args...]", "", "commands:"]
+    lines += [f"  {name:<14} {help_}" for name, (_, help_) in COMMANDS.items()]
+    return "\n".join(lines)
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    args = list(sys.argv[1:] if argv is None else argv)
+    if not args or args[0] in {"-h", "--help", "help"}:
+        print(_usage())
+        return 0
+    name, rest = args[0], args[1:]
+    if name not in COMMANDS:
+        print(f"qlp: unknown command {name!r}\n\n{_usage()}", file=sys.stderr)
+        return 2
+    module_name, func_name = COMMANDS[name][0].split(":")
+    func: Callable[[list[str]], int | None] = getattr(importlib.import_module(module_name), func_name)
+    return int(func(rest) or 0)
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())

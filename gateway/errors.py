@@ -1,0 +1,130 @@
+"""The gateway's exception tree and OpenAI's error envelope.
+
+    GatewayError                      -> rendered as {"error": {message, type, param, code}}
+      InvalidRequest (400)            bad JSON, bad field, unknown tier
+      AuthenticationError (401)
+      PermissionDenied (403)
+      NotFound (404)                  unknown model / route
+      BodyTooLarge (413)
+      RateLimited (429)               with Retry-After
+      UpstreamError (502/503/504)     raised only by gateway.upstream, which maps transport errors
+
+Every route renders errors through `envelope()`; nothing else writes an error body. Messages are written
+for the caller and never carry upstream secrets or stack traces.
+"""
+
+from __future__ import annotations
+
+from typing import Any
+
+import orjson
+
+__all__ = [
+    "AuthenticationError",
+    "BodyTooLarge",
+    "GatewayError",
+    "InvalidRequest",
+    "NotFound",
+    "PermissionDenied",
+    "RateLimited",
+    "ServiceUnavailable",
+    "UpstreamError",
+    "envelope",
+]
+
+
+class GatewayError(Exception):
+    status = 500
+    type = "internal_error"
+    code: str | None = None
+
+    def __init__(
+        self,
+        message: str,
+        *,
+        param: str | None = None,
+        code: str | None = None,
+        status: int | None = None,
+        headers: dict[str, str] | None = None,
+    ) -> None:
+        super().__init__(message)
+        self.message = message
+        self.param = param
+        if code is not None:
+            self.code = code
+        if status is not None:
+            self.status = status
+        self.headers = headers or {}
+
+    def body(self) -> bytes:
+        return envelope(self.message, self.type, self.param, self.code)
+
+
+class InvalidRequest(GatewayError):
+    status = 400
+    type = "invalid_request_error"
+
+
+class AuthenticationError(GatewayError):
+    status = 401
+    type = "authentication_error"
+    code = "invalid_api_key"
+
+
+class PermissionDenied(GatewayError):
+    status = 403
+    type = "permission_error"
+
+
+class NotFound(GatewayError):
+    status = 404
+    type = "invalid_request_error"
+    code = "model_not_found"
+
+
+class BodyTooLarge(GatewayError):
+    status = 413
+    type = "invalid_request_error"
+    code = "request_too_large"
+
+
+class RateLimited(GatewayError):
+    status = 429
+    type = "rate_limit_error"
+    code = "rate_limit_exceeded"
+
+
+class ServiceUnavailable(GatewayError):
+    status = 503
+    type = "service_unavailable"
+
+
+class UpstreamError(GatewayError):
+    """An upstream failed. `retryable` says whether another attempt may help; `kind` names the failure
+    for metrics (connect, timeout_first_byte, timeout_idle, timeout_total, status_5xx, protocol, ...)."""
+
+    status = 502
+    type = "upstream_error"
+
+    def __init__(
+        self,
+        message: str,
+        *,
+        kind: str,
+        retryable: bool,
+        status: int = 502,
+        upstream_status: int | None = None,
+        retry_after: float | None = None,
+        upstream_body: bytes | None = None,
+    ) -> None:
+        super().__init__(message, status=status, code=kind)
+        self.kind = kind
+        self.retryable = retryable
+        self.upstream_status = upstream_status
+        self.retry_after = retry_after
+        self.upstream_body = upstream_body
+
+
+def envelope(message: str, type_: str, param: str | None = None, code: str | None = None) -> bytes:
+    payload: dict[str, Any] = {"error": {"message": message, "type": type_, "param": param, "code": code}}
+    return orjson.dumps(payload)

@@ -1,0 +1,135 @@
+"""Request bodies: parsed once (orjson), validated where it matters, passed through otherwise.
+
+We check only what the gateway itself relies on or what would waste an upstream call (messages, roles,
+`n`, `max_tokens`, `stream`); everything else, known to OpenAI or not, goes to the upstream unchanged so
+new API fields work without a gateway release.
+"""
+
+from __future__ import annotations
+
+import logging
+from dataclasses import dataclass
+from typing import Any, Literal
+
+import orjson
+
+from gateway.errors import InvalidRequest
+
+__all__ = ["Endpoint", "ParsedRequest", "parse_request"]
+
+log = logging.getLogger("qlp.gateway")
+
+Endpoint = Literal["chat", "completions"]
+
+ROLES = frozenset({"system", "developer", "user", "assistant", "tool", "function"})
+# Fields some gateways read to choose where to connect or which key to send. We never honour them; we drop
+# them so they cannot reach an upstream either.
+ROUTING_FIELDS = ("api_base", "base_url", "api_key", "api_version", "custom_llm_provider", "organization")
+
+
+@dataclass(slots=True)
+class ParsedRequest:
+    endpoint: Endpoint
+    body: dict[str, Any]
+    model: str | None
+    stream: bool
+    n: int
+    max_tokens: int | None
+    client_wants_usage: bool
+
+
+def _int_field(body: dict[str, Any], name: str, lo: int, hi: int) -> int | None:
+    v = body.get(name)
+    if v is None:
+        return None
+    if isinstance(v, bool) or not isinstance(v, int):
+        raise InvalidRequest(f"'{name}' must be an integer", param=name, code="invalid_type")
+    if not lo <= v <= hi:
+        raise InvalidRequest(f"'{name}' must be between {lo} and {hi}, got {v}", param=name, code="invalid_value")
+    return v
+
+
+def _check_messages(messages: Any) -> None:
+    if not isinstance(messages, list) or not messages:
+        raise InvalidRequest("'messages' must be a non-empty array", param="messages", code="invalid_value")
+    for i, m in enumerate(messages):
+        if not isinstance(m, dict):
+            raise InvalidRequest(f"messages[{i}] must be an object", param=f"messages[{i}]", code="invalid_type")
+        role = m.get("role")
+        if role not in ROLES:
+            raise InvalidRequest(
+                f"messages[{i}].role must be one of {sorted(ROLES)}, got {role!r}"[:300],
+                param=f"messages[{i}].role",
+                code="invalid_value",
+            )
+        content = m.get("content")
+        if content is not None and not isinstance(content, str | list):
+            raise InvalidRequest(
+                f"messages[{i}].content must be a string or an array of parts",
+                param=f"messages[{i}].content",
+                code="invalid_type",
+            )
+        if content is None and role not in ("assistant", "function"):
+            raise InvalidRequest(
+                f"messages[{i}].content is required for role {role!r}",
+                param=f"messages[{i}].content",
+                code="invalid_value",
+            )
+
+
+def _check_prompt(prompt: Any) -> None:
+    ok = (isinstance(prompt, str) and prompt != "") or (
+        isinstance(prompt, list) and prompt and all(isinstance(p, str | int) and not isinstance(p, bool) for p in prompt)
+    )
+    if not ok:
+        raise InvalidRequest(
+            "'prompt' must be a non-empty string or array of strings or token ids", param="prompt", code="invalid_value"
+        )
+
+
+def parse_request(raw: bytes, endpoint: Endpoint, *, max_n: int, max_tokens_limit: int) -> ParsedRequest:
+    if not raw:
+        raise InvalidRequest("request body is empty; expected a JSON object", code="invalid_json")
+    try:
+        body = orjson.loads(raw)
+    except orjson.JSONDecodeError as exc:
+        # orjson's message names line and column but never echoes the input: safe to show.
+        raise InvalidRequest(f"request body is not valid JSON: {exc}"[:300], code="invalid_json") from exc
+    if not isinstance(body, dict):
+        raise InvalidRequest("request body must be a JSON object", code="invalid_json")
+
+    model = body.get("model")
+    if model is not None and not isinstance(model, str):
+        raise InvalidRequest("'model' must be a string", param="model", code="invalid_type")
+    stream = body.get("stream", False)
+    if stream is None:
+        stream = False
+    if not isinstance(stream, bool):
+        raise InvalidRequest("'stream' must be a boolean", param="stream", code="invalid_type")
+    opts = body.get("stream_options")
+    if opts is not None and not isinstance(opts, dict):
+        raise InvalidRequest("'stream_options' must be an object", param="stream_options", code="invalid_type")
+    if endpoint == "chat":
+        _check_messages(body.get("messages"))
+    else:
+        _check_prompt(body.get("prompt"))
+    n = _int_field(body, "n", 1, max_n) or 1
+    max_tokens = _int_field(body, "max_tokens", 1, max_tokens_limit)
+    mct = _int_field(body, "max_completion_tokens", 1, max_tokens_limit)
+    if max_tokens is None:
+        max_tokens = mct
+
+    dropped = [f for f in ROUTING_FIELDS if f in body]
+    for f in dropped:
+        del body[f]
+    if dropped:
+        log.info("dropped request fields that may not steer upstreams: %s", ",".join(dropped))
+    return ParsedRequest(
+        endpoint=endpoint,
+        body=body,
+        model=model,
+        stream=stream,
+        n=n,
+        max_tokens=max_tokens,
+        client_wants_usage=bool(stream and opts and opts.get("include_usage")),
+    )

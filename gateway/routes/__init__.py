@@ -1,0 +1,1 @@
+"""Framework routes (everything but the proxy hot path): models, health, readiness."""

@@ -1,0 +1,49 @@
+"""GET /healthz (the process is alive) and GET /readyz (every tier has a reachable backend)."""
+
+from __future__ import annotations
+
+import time
+from typing import Any
+
+from fastapi import APIRouter, Request
+from starlette.responses import JSONResponse
+
+from gateway.breaker import BreakerState
+from gateway.runtime import Runtime
+
+__all__ = ["router"]
+
+router = APIRouter()
+
+
+@router.get("/healthz", summary="Liveness")
+async def healthz() -> dict[str, str]:
+    return {"status": "ok"}
+
+
+@router.get("/readyz", summary="Readiness: every tier has a reachable backend", response_model=None)
+async def readyz(request: Request) -> JSONResponse:
+    rt: Runtime = request.app.state.runtime
+    probed = await rt.probe_once()
+    now = time.monotonic()
+    tiers: dict[str, Any] = {}
+    ready = True
+    for name, tier in rt.config.tiers.items():
+        backends = {}
+        for b in tier.backends:
+            key = f"{name}/{b.name}"
+            br = rt.breakers[key]
+            configured = not b.api_key_secret or rt.backend_keys[key] is not None
+            # Backends without a health path (external APIs) count as reachable while configured and closed.
+            up = configured and probed.get(key, br.current(now) is not BreakerState.OPEN)
+            backends[b.name] = {"up": up, "breaker": br.current(now).name.lower(), "configured": configured}
+        tier_ok = any(v["up"] for v in backends.values())
+        if backends and not any(v["configured"] for v in backends.values()):
+            # A tier whose credentials are not set (T3 on a laptop) is off, not broken: it does not hold
+            # readiness back; requests to it get 503 naming the missing setting.
+            tiers[name] = {"ready": False, "state": "not_configured", "backends": backends}
+            continue
+        ready = ready and tier_ok
+        tiers[name] = {"ready": tier_ok, "state": "ready" if tier_ok else "down", "backends": backends}
+    return JSONResponse({"status": "ready" if ready else "not_ready", "tiers": tiers},
+                          status_code=200 if ready else 503)

@@ -1,0 +1,103 @@
+"""What the gateway process holds while it runs: config, the HTTP pool, breakers, secrets, the prober.
+
+Built by `create_app`, started and stopped by the app's lifespan; handlers receive it, never a global.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import logging
+import time
+from dataclasses import dataclass, field
+
+from gateway.breaker import Breaker, BreakerState
+from gateway.config import Backend, FleetConfig
+from gateway.routing import BackendState, TierResolver
+from gateway.settings import Settings
+from gateway.upstream import UpstreamClient
+
+__all__ = ["Runtime"]
+
+log = logging.getLogger("qlp.gateway")
+
+
+def _root(base_url: str) -> str:
+    """http://host:port/v1 -> http://host:port (health paths are relative to the host root, as vLLM's)."""
+    scheme, _, rest = base_url.partition("://")
+    return f"{scheme}://{rest.split('/', 1)[0]}"
+
+
+@dataclass
+class Runtime:
+    settings: Settings
+    config: FleetConfig
+    resolver: TierResolver = field(init=False)
+    client: UpstreamClient = field(init=False)
+    breakers: dict[str, Breaker] = field(init=False)
+    backend_keys: dict[str, str | None] = field(init=False)
+    started_at: int = field(default_factory=lambda: int(time.time()), init=False)
+    _prober: asyncio.Task[None] | None = field(default=None, init=False)
+
+    def __post_init__(self) -> None:
+        self.resolver = TierResolver(self.config)
+        self.client = UpstreamClient()
+        b = self.config.breaker
+        # Backend names are unique per tier; key breakers by "tier/backend" so two tiers may reuse a name.
+        self.breakers = {
+            self.key(t, be): Breaker(b.failures, b.cooldown) for t in self.config.tiers.values() for be in t.backends
+        }
+        self.backend_keys = {}
+        for t in self.config.tiers.values():
+            for be in t.backends:
+                self.backend_keys[self.key(t, be)] = self.settings.secret(be.api_key_secret) if be.api_key_secret else None
+        self.client.secrets = tuple(v for v in self.backend_keys.values() if v)
+
+    @staticmethod
+    def key(tier: object, backend: Backend) -> str:
+        return f"{getattr(tier, 'name', tier)}/{backend.name}"
+
+    def states(self, tier_name: str, backends: tuple[Backend, ...], now: float) -> dict[str, BackendState]:
+        return {b.name: self.breakers[f"{tier_name}/{b.name}"].view(now) for b in backends}
+
+    async def start(self) -> None:
+        await self.client.start()
+        self._prober = asyncio.create_task(self._probe_loop(), name="qlp-health-prober")
+
+    async def stop(self) -> None:
+        if self._prober is not None:
+            self._prober.cancel()
+            with contextlib.suppress(asyncio.CancelledError):
+                await self._prober
+        await self.client.close()
+
+    async def probe_once(self) -> dict[str, bool]:
+        """Probe every backend that has a health path; feed the result to its breaker."""
+        targets = [
+            (self.key(t, b), _root(b.base_url) + b.health_path)
+            for t in self.config.tiers.values()
+            for b in t.backends
+            if b.health_path
+        ]
+        results = await asyncio.gather(*(self.client.get_ok(url, 2.0) for _, url in targets))
+        now = time.monotonic()
+        out: dict[str, bool] = {}
+        for (key, _), ok in zip(targets, results, strict=True):
+            br = self.breakers[key]
+            if ok and br.state is BreakerState.OPEN:
+                # The server answers again: let one real request through as the half-open probe now,
+                # rather than after the cooldown. Its result closes or re-opens the breaker.
+                br.state = BreakerState.HALF_OPEN
+                br.probe_in_flight = False
+            elif not ok and br.state is not BreakerState.OPEN:
+                br.trip(now)
+            out[key] = ok
+        return out
+
+    async def _probe_loop(self) -> None:
+        while True:
+            try:
+                await self.probe_once()
+            except Exception:  # a prober bug must not kill the process; it is logged and retried
+                log.exception("health probe failed")
+            await asyncio.sleep(self.config.health_interval)

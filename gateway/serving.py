@@ -1,0 +1,303 @@
+"""The request path of the proxy routes, top to bottom:
+
+    read body -> parse -> resolve tier -> [attempt loop: choose backend -> upstream call] -> respond
+
+The attempt loop retries (same tier) and falls back (next tier in the chain) only while nothing has been
+sent to the client; one budget (`retry.max_attempts`) covers both. Once the first byte went out, an upstream
+failure ends the stream with an in-band error event.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import logging
+import random
+import re
+import time
+import uuid
+from dataclasses import dataclass, field
+from typing import Any
+
+import orjson
+
+from gateway.config import Backend, Kind, Tier
+from gateway.errors import GatewayError, ServiceUnavailable, UpstreamError, envelope
+from gateway.http import ClientDisconnected, Headers, read_body, send_error, send_json
+from gateway.protocol import Endpoint, ParsedRequest, parse_request
+from gateway.routing import Target, choose_backend, target_in
+from gateway.runtime import Runtime
+from gateway.upstream import SSEFilter, UpstreamResponse
+
+__all__ = ["Exchange", "handle"]
+
+log = logging.getLogger("qlp.gateway")
+
+_REQUEST_ID = re.compile(rb"^[A-Za-z0-9._:\-]{1,128}$")
+_PATHS: dict[Endpoint, str] = {"chat": "/chat/completions", "completions": "/completions"}
+SSE_HEADERS: Headers = [(b"content-type", b"text/event-stream"), (b"cache-control", b"no-cache")]
+
+
+@dataclass(slots=True)
+class Exchange:
+    """What happened to one request; filled in along the path and handed to metering and metrics."""
+
+    request_id: str
+    started: float
+    endpoint: Endpoint
+    stream: bool = False
+    tier: str | None = None
+    requested_tier: str | None = None
+    backend: str | None = None
+    model: str | None = None
+    agent: str | None = None
+    workflow: str | None = None
+    attempts: int = 0
+    fallbacks: list[str] = field(default_factory=list)
+    status: int = 0
+    error_kind: str | None = None
+    usage: dict[str, Any] | None = None
+    upstream_seconds: float = 0.0  # time spent waiting on upstreams (for the gateway-overhead figure)
+    first_byte_at: float | None = None
+
+
+def _scope_headers(scope: dict[str, Any]) -> dict[bytes, bytes]:
+    return dict(scope["headers"])
+
+
+def _response_headers(x: Exchange) -> Headers:
+    h: Headers = [(b"x-request-id", x.request_id.encode())]
+    if x.tier is not None:
+        h.append((b"x-qlp-tier", x.tier.encode()))
+    if x.backend is not None:
+        h.append((b"x-qlp-backend", f"{x.backend}/{x.model}".encode()))
+    return h
+
+
+async def handle(rt: Runtime, endpoint: Endpoint, scope: dict[str, Any], receive: Any, send: Any) -> Exchange:
+    hdrs = _scope_headers(scope)
+    rid = hdrs.get(b"x-request-id")
+    x = Exchange(
+        request_id=rid.decode() if rid is not None and _REQUEST_ID.match(rid) else uuid.uuid4().hex,
+        started=time.perf_counter(),
+        endpoint=endpoint,
+    )
+    try:
+        raw = await read_body(receive, scope["headers"], rt.settings.max_body_bytes)
+        req = parse_request(raw, endpoint, max_n=rt.config.max_n, max_tokens_limit=rt.config.max_tokens_limit)
+        x.stream = req.stream
+        tier_h = hdrs.get(b"x-qlp-tier")
+        agent_h = hdrs.get(b"x-qlp-agent")
+        wf_h = hdrs.get(b"x-qlp-workflow-id")
+        x.agent = agent_h.decode("latin-1")[:64] if agent_h else None
+        x.workflow = wf_h.decode("latin-1")[:128] if wf_h else None
+        target = rt.resolver.resolve(tier_h.decode("latin-1") if tier_h else None, req.model, x.agent)
+        x.requested_tier = target.tier.name
+        await _proxy(rt, req, target, x, receive, send)
+    except ClientDisconnected:
+        x.status = 499
+    except GatewayError as exc:
+        x.status = exc.status
+        x.error_kind = exc.code if isinstance(exc, UpstreamError) else exc.type
+        await send_error(send, exc, _response_headers(x))
+    return x
+
+
+def _backoff(rt: Runtime, retry_no: int) -> float:
+    r = rt.config.retry
+    return random.uniform(0, min(r.backoff_max, r.backoff_base * (2 ** (retry_no - 1))))
+
+
+def _upstream_body(req: ParsedRequest, model: str) -> bytes:
+    body = dict(req.body)
+    body["model"] = model
+    if req.stream:
+        # Always ask for usage: metering needs exact counts. SSEFilter hides the chunk if the client
+        # did not ask for it.
+        opts = dict(body.get("stream_options") or {})
+        opts["include_usage"] = True
+        body["stream_options"] = opts
+    return orjson.dumps(body)
+
+
+def _upstream_headers(rt: Runtime, tier: Tier, backend: Backend, x: Exchange) -> dict[str, str] | None:
+    h = {"Content-Type": "application/json", "Accept-Encoding": "identity", "X-Request-Id": x.request_id}
+    if backend.api_key_secret:
+        key = rt.backend_keys[f"{tier.name}/{backend.name}"]
+        if key is None:
+            return None
+        h["Authorization"] = f"Bearer {key}"
+    return h
+
+
+async def _proxy(rt: Runtime, req: ParsedRequest, target: Target, x: Exchange, receive: Any, send: Any) -> None:
+    tiers = rt.config.tiers
+    chain = [target.tier, *(tiers[name] for name in target.tier.fallback)]
+    max_attempts = rt.config.retry.max_attempts
+    last: GatewayError | None = None
+    first: GatewayError | None = None
+    for i, tier in enumerate(chain):
+        tgt = target if i == 0 else target_in(tier, req.model, x.agent)
+        tried: set[str] = set()
+        retries = 0
+        while x.attempts < max_attempts:
+            now = time.monotonic()
+            states = rt.states(tier.name, tier.backends, now)
+            backend = choose_backend(tier.backends, states, tier.policy, random.random(), frozenset(tried))
+            if backend is None and tried:
+                # Every backend was tried once: a retry may go to one of them again.
+                backend = choose_backend(tier.backends, states, tier.policy, random.random())
+            if backend is None:
+                last = last or ServiceUnavailable(
+                    f"tier {tier.name} has no healthy backend" if tier.backends else f"tier {tier.name} has no backends",
+                    code="no_healthy_backend",
+                )
+                break
+            headers = _upstream_headers(rt, tier, backend, x)
+            if headers is None:
+                last = ServiceUnavailable(
+                    f"tier {tier.name} upstream {backend.name!r} is not configured: set QLP_{backend.api_key_secret.upper()}"  # type: ignore[union-attr]
+                    f" or the file {rt.settings.secrets_dir}/{backend.api_key_secret}",
+                    code="upstream_not_configured",
+                )
+                break
+            if retries:
+                await asyncio.sleep(_backoff(rt, retries))
+            x.attempts += 1
+            if i > 0 and tier.name not in x.fallbacks:
+                x.fallbacks.append(tier.name)
+            tried.add(backend.name)
+            x.tier, x.backend, x.model = tier.name, backend.name, tgt.model
+            breaker = rt.breakers[f"{tier.name}/{backend.name}"]
+            breaker.acquire(now)
+            t_up = time.perf_counter()
+            try:
+                resp = await rt.client.post(
+                    backend.base_url + _PATHS[req.endpoint], _upstream_body(req, tgt.model), headers, tier.timeouts
+                )
+            except UpstreamError as exc:
+                x.upstream_seconds += time.perf_counter() - t_up
+                breaker.release()
+                if exc.kind == "rejected":
+                    breaker.success()  # it answered: healthy, the request was at fault
+                    raise
+                if exc.kind != "status_429":
+                    breaker.failure(time.monotonic())
+                last = exc
+                log.warning("upstream %s/%s failed before first byte: %s", tier.name, backend.name, exc.kind)
+                if exc.retryable and (exc.retry_after or 0) <= rt.config.retry.max_retry_after:
+                    retries += 1
+                    if exc.retry_after:
+                        await asyncio.sleep(exc.retry_after)
+                        retries = 0  # the upstream told us how long to wait; no extra backoff
+                    continue
+                break  # not retryable within this tier: fall back
+            try:
+                done = await _respond(rt, req, x, resp, breaker, t_up, receive, send)
+            finally:
+                resp.close()
+                breaker.release()
+            if done:
+                return
+            last = UpstreamError("upstream failed before sending a response", kind=x.error_kind or "protocol",
+                                 retryable=False)
+            break
+        if i == 0:
+            first = last
+        if x.attempts >= max_attempts:
+            break
+    # The caller asked for the first tier: its failure is the one to report; fallbacks' failures are logged.
+    raise first or last or ServiceUnavailable("no upstream attempt was possible", code="no_healthy_backend")
+
+
+async def _respond(
+    rt: Runtime, req: ParsedRequest, x: Exchange, resp: UpstreamResponse, breaker: Any, t_up: float,
+    receive: Any, send: Any,
+) -> bool:
+    """Relay one 2xx upstream response. False: it failed before anything reached the client (fall back)."""
+    if not req.stream:
+        try:
+            data = await resp.read()
+        except UpstreamError as exc:
+            x.upstream_seconds += time.perf_counter() - t_up
+            breaker.failure(time.monotonic())
+            x.error_kind = exc.kind
+            return False
+        x.upstream_seconds += time.perf_counter() - t_up
+        breaker.success()
+        x.status = 200
+        x.first_byte_at = time.perf_counter()
+        try:
+            parsed = orjson.loads(data)
+            x.usage = parsed.get("usage") if isinstance(parsed, dict) else None
+        except orjson.JSONDecodeError:
+            pass
+        await send_json(send, resp.status, data, _response_headers(x))
+        return True
+
+    sse = SSEFilter(strip_usage=not req.client_wants_usage)
+    chunks = resp.chunks()
+    # Wait for the first chunk before committing to this upstream: until then a failure can fall back.
+    try:
+        first = await anext(chunks)
+    except (UpstreamError, StopAsyncIteration) as exc:
+        x.upstream_seconds += time.perf_counter() - t_up
+        breaker.failure(time.monotonic())
+        x.error_kind = exc.kind if isinstance(exc, UpstreamError) else "empty_stream"
+        return False
+    breaker.success()
+    x.status = 200
+    x.first_byte_at = time.perf_counter()
+    await _relay_stream(x, resp, sse, first, chunks, receive, send)
+    x.upstream_seconds += time.perf_counter() - t_up
+    return True
+
+
+async def _watch_disconnect(receive: Any, resp: UpstreamResponse, gone: asyncio.Event) -> None:
+    while True:
+        message = await receive()
+        if message["type"] == "http.disconnect":
+            gone.set()
+            resp.close()  # unblocks the relay's read at once and frees the upstream
+            return
+
+
+async def _relay_stream(
+    x: Exchange, resp: UpstreamResponse, sse: SSEFilter, first: bytes, chunks: Any, receive: Any, send: Any
+) -> None:
+    gone = asyncio.Event()
+    watcher = asyncio.create_task(_watch_disconnect(receive, resp, gone))
+    try:
+        await send({"type": "http.response.start", "status": 200, "headers": [*SSE_HEADERS, *_response_headers(x)]})
+        out = sse.feed(first)
+        if out:
+            await send({"type": "http.response.body", "body": out, "more_body": True})
+        error: UpstreamError | None = None
+        try:
+            async for chunk in chunks:
+                out = sse.feed(chunk)
+                if out:
+                    await send({"type": "http.response.body", "body": out, "more_body": True})
+        except UpstreamError as exc:
+            error = exc
+        if gone.is_set():
+            x.status = 499
+            return
+        tail = sse.tail()
+        if tail.strip() and not tail.endswith(b"\n\n"):
+            tail = b""  # a half event from a dying upstream is not forwarded
+        if not sse.done and error is None:
+            error = UpstreamError("upstream ended the stream early", kind="stream_truncated", retryable=False)
+        if error is not None:
+            x.error_kind = error.kind
+            x.status = 502
+            log.warning("stream from %s/%s broke: %s", x.tier, x.backend, error.kind)
+            tail += b"data: " + envelope(error.message, error.type, None, error.kind) + b"\n\n"
+        await send({"type": "http.response.body", "body": tail, "more_body": False})
+    except OSError:
+        x.status = 499  # the client went away while we were sending
+    finally:
+        x.usage = sse.usage
+        watcher.cancel()
+        with contextlib.suppress(asyncio.CancelledError, Exception):
+            await watcher

@@ -1,0 +1,161 @@
+"""A scriptable OpenAI-compatible upstream on a real loopback port (stands in for vLLM and OpenAI).
+
+Each test scripts the next responses: status, headers, latency before headers, streamed chunks with a
+delay between them, a connection cut after N chunks. Requests received are recorded, and a stream whose
+client went away is noticed (so tests can prove the gateway closed the upstream).
+"""
+
+from __future__ import annotations
+
+import asyncio
+import threading
+import time
+from collections import deque
+from dataclasses import dataclass, field
+from typing import Any
+
+import orjson
+from aiohttp import web
+
+__all__ = ["FakeUpstream", "Script"]
+
+
+@dataclass
+class Script:
+    status: int = 200
+    headers: dict[str, str] = field(default_factory=dict)
+    body: Any = None  # dict -> JSON; bytes as is; None -> a normal completion
+    delay: float = 0.0  # before headers
+    chunk_delay: float = 0.0  # between stream chunks
+    n_chunks: int = 3
+    cut_after: int | None = None  # stream: drop the connection after this many chunks
+    first_chunk_delay: float = 0.0
+    usage_in_stream: bool = True
+    done: bool = True  # stream ends with [DONE]
+    content: str = "hello"
+
+
+def completion(model: str, content: str, prompt_tokens: int = 5, completion_tokens: int = 3) -> dict[str, Any]:
+    return {
+        "id": "chatcmpl-fake", "object": "chat.completion", "created": 1, "model": model,
+        "choices": [{"index": 0, "message": {"role": "assistant", "content": content}, "finish_reason": "stop"}],
+        "usage": {"prompt_tokens": prompt_tokens, "completion_tokens": completion_tokens,
+                  "total_tokens": prompt_tokens + completion_tokens},
+    }
+
+
+def chunk(model: str, delta: dict[str, Any], finish: str | None = None) -> bytes:
+    obj = {"id": "chatcmpl-fake", "object": "chat.completion.chunk", "created": 1, "model": model,
+           "choices": [{"index": 0, "delta": delta, "finish_reason": finish}]}
+    return b"data: " + orjson.dumps(obj) + b"\n\n"
+
+
+class FakeUpstream:
+    def __init__(self, name: str = "fake") -> None:
+        self.name = name
+        self.scripts: deque[Script] = deque()
+        self.default = Script()
+        self.requests: list[dict[str, Any]] = []
+        self.disconnects = 0
+        self.disconnected = threading.Event()
+        self.port = 0
+        self._loop: asyncio.AbstractEventLoop | None = None
+        self._runner: web.AppRunner | None = None
+        self._thread: threading.Thread | None = None
+        self.health_status = 200
+
+    @property
+    def base_url(self) -> str:
+        return f"http://127.0.0.1:{self.port}/v1"
+
+    def push(self, *scripts: Script) -> None:
+        self.scripts.extend(scripts)
+
+    def reset(self) -> None:
+        self.scripts.clear()
+        self.requests.clear()
+        self.disconnects = 0
+        self.disconnected.clear()
+        self.health_status = 200
+
+    # -- server --------------------------------------------------------------------------------------
+    def start(self) -> FakeUpstream:
+        ready = threading.Event()
+
+        def run() -> None:
+            loop = asyncio.new_event_loop()
+            self._loop = loop
+            app = web.Application()
+            app.router.add_post("/v1/chat/completions", self._handle)
+            app.router.add_post("/v1/completions", self._handle)
+            app.router.add_get("/health", self._health)
+            self._runner = web.AppRunner(app, handle_signals=False)
+            loop.run_until_complete(self._runner.setup())
+            site = web.TCPSite(self._runner, "127.0.0.1", 0)
+            loop.run_until_complete(site.start())
+            self.port = site._server.sockets[0].getsockname()[1]  # type: ignore[union-attr]
+            ready.set()
+            loop.run_forever()
+            loop.run_until_complete(self._runner.cleanup())
+            loop.close()
+
+        self._thread = threading.Thread(target=run, daemon=True, name=f"fake-upstream-{self.name}")
+        self._thread.start()
+        ready.wait(10)
+        return self
+
+    def stop(self) -> None:
+        if self._loop is not None:
+            self._loop.call_soon_threadsafe(self._loop.stop)
+        if self._thread is not None:
+            self._thread.join(10)
+
+    async def _health(self, request: web.Request) -> web.Response:
+        return web.Response(status=self.health_status, text="ok")
+
+    async def _handle(self, request: web.Request) -> web.StreamResponse:
+        body = await request.json()
+        self.requests.append({"path": request.path, "body": body, "headers": dict(request.headers)})
+        s = self.scripts.popleft() if self.scripts else self.default
+        if s.delay:
+            await asyncio.sleep(s.delay)
+        model = body.get("model", "?")
+        if s.status != 200 or s.body is not None:
+            payload = s.body if s.body is not None else {"error": {"message": f"scripted {s.status}", "type": "x"}}
+            raw = payload if isinstance(payload, bytes) else orjson.dumps(payload)
+            return web.Response(status=s.status, body=raw, headers={"Content-Type": "application/json", **s.headers})
+        if not body.get("stream"):
+            return web.Response(body=orjson.dumps(completion(model, s.content)),
+                                headers={"Content-Type": "application/json", **s.headers})
+        resp = web.StreamResponse(headers={"Content-Type": "text/event-stream", **s.headers})
+        await resp.prepare(request)
+        chunks = [chunk(model, {"role": "assistant", "content": ""})]
+        chunks += [chunk(model, {"content": f"{s.content}{i} "}) for i in range(s.n_chunks)]
+        chunks.append(chunk(model, {}, "stop"))
+        if s.usage_in_stream and (body.get("stream_options") or {}).get("include_usage"):
+            chunks.append(b"data: " + orjson.dumps({
+                "id": "chatcmpl-fake", "object": "chat.completion.chunk", "created": 1, "model": model,
+                "choices": [], "usage": {"prompt_tokens": 5, "completion_tokens": s.n_chunks,
+                                         "total_tokens": 5 + s.n_chunks}}) + b"\n\n")
+        if s.done:
+            chunks.append(b"data: [DONE]\n\n")
+        try:
+            for i, c in enumerate(chunks):
+                if s.cut_after is not None and i >= s.cut_after:
+                    assert request.transport is not None
+                    request.transport.close()
+                    return resp
+                if i == 0 and s.first_chunk_delay:
+                    await asyncio.sleep(s.first_chunk_delay)
+                elif i > 0 and s.chunk_delay:
+                    await asyncio.sleep(s.chunk_delay)
+                if request.transport is None or request.transport.is_closing():
+                    raise ConnectionResetError
+                await resp.write(c)
+            await resp.write_eof()
+        except (ConnectionResetError, asyncio.CancelledError):
+            self.disconnects += 1
+            self.disconnect_time = time.monotonic()
+            self.disconnected.set()
+            raise
+        return resp
