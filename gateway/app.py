@@ -24,7 +24,7 @@ from starlette.responses import Response
 from gateway.config import load_config
 from gateway.errors import GatewayError, envelope
 from gateway.protocol import Endpoint
-from gateway.routes import health, models
+from gateway.routes import health, models, proxy_doc
 from gateway.runtime import Runtime
 from gateway.serving import handle
 from gateway.settings import Settings
@@ -108,6 +108,7 @@ def create_app(settings: Settings | None = None) -> Gateway:
     _install_error_handlers(api)
     api.include_router(models.router)
     api.include_router(health.router)
+    api.include_router(proxy_doc.router)
     return Gateway(runtime, api)
 
 

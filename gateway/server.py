@@ -37,5 +37,10 @@ def main(argv: list[str]) -> int:
         access_log=args.access_log,
         lifespan="on",
         timeout_graceful_shutdown=30,
+        # Measured on the hot path: the forwarded-headers middleware and the Date/Server headers cost
+        # throughput and nothing here reads them. Put a proxy's X-Forwarded-For in logs at the proxy.
+        proxy_headers=False,
+        server_header=False,
+        date_header=False,
     )
     return 0

@@ -12,16 +12,16 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import logging
+import os
 import random
 import re
 import time
-import uuid
 from dataclasses import dataclass, field
 from typing import Any
 
 import orjson
 
-from gateway.config import Backend, Kind, Tier
+from gateway.config import Backend, Tier
 from gateway.errors import GatewayError, ServiceUnavailable, UpstreamError, envelope
 from gateway.http import ClientDisconnected, Headers, read_body, send_error, send_json
 from gateway.protocol import Endpoint, ParsedRequest, parse_request
@@ -78,7 +78,7 @@ async def handle(rt: Runtime, endpoint: Endpoint, scope: dict[str, Any], receive
     hdrs = _scope_headers(scope)
     rid = hdrs.get(b"x-request-id")
     x = Exchange(
-        request_id=rid.decode() if rid is not None and _REQUEST_ID.match(rid) else uuid.uuid4().hex,
+        request_id=rid.decode() if rid is not None and _REQUEST_ID.match(rid) else os.urandom(16).hex(),
         started=time.perf_counter(),
         endpoint=endpoint,
     )
@@ -140,12 +140,15 @@ async def _proxy(rt: Runtime, req: ParsedRequest, target: Target, x: Exchange, r
         tgt = target if i == 0 else target_in(tier, req.model, x.agent)
         tried: set[str] = set()
         retries = 0
+        retry_after: float | None = None
         while x.attempts < max_attempts:
             now = time.monotonic()
             states = rt.states(tier.name, tier.backends, now)
             backend = choose_backend(tier.backends, states, tier.policy, random.random(), frozenset(tried))
             if backend is None and tried:
-                # Every backend was tried once: a retry may go to one of them again.
+                if i + 1 < len(chain):
+                    break  # every backend here was tried: the next tier beats waiting on the same one
+                # The last tier in the chain: retry a backend already tried, after the backoff.
                 backend = choose_backend(tier.backends, states, tier.policy, random.random())
             if backend is None:
                 last = last or ServiceUnavailable(
@@ -162,7 +165,8 @@ async def _proxy(rt: Runtime, req: ParsedRequest, target: Target, x: Exchange, r
                 )
                 break
             if retries:
-                await asyncio.sleep(_backoff(rt, retries))
+                # Never sooner than the upstream's Retry-After; otherwise jittered exponential backoff.
+                await asyncio.sleep(max(_backoff(rt, retries), retry_after or 0.0))
             x.attempts += 1
             if i > 0 and tier.name not in x.fallbacks:
                 x.fallbacks.append(tier.name)
@@ -187,9 +191,7 @@ async def _proxy(rt: Runtime, req: ParsedRequest, target: Target, x: Exchange, r
                 log.warning("upstream %s/%s failed before first byte: %s", tier.name, backend.name, exc.kind)
                 if exc.retryable and (exc.retry_after or 0) <= rt.config.retry.max_retry_after:
                     retries += 1
-                    if exc.retry_after:
-                        await asyncio.sleep(exc.retry_after)
-                        retries = 0  # the upstream told us how long to wait; no extra backoff
+                    retry_after = exc.retry_after
                     continue
                 break  # not retryable within this tier: fall back
             try:

@@ -6,7 +6,7 @@ aiohttp-specific stays in this module so the library can be swapped.
 
 Timeouts are explicit and enforced here, not left to library defaults:
   connect     TCP connect                      -> kind "timeout_connect"   (retryable: nothing was sent)
-  first_byte  request sent -> headers          -> kind "timeout_first_byte"
+  first_byte  request sent -> first body byte  -> kind "timeout_first_byte"
   idle        silence between body chunks      -> kind "timeout_idle"
   total       the whole exchange (a deadline)  -> kind "timeout_total"
 """
@@ -71,17 +71,23 @@ def _upstream_message(body: bytes) -> str:
 class UpstreamResponse:
     """An upstream response whose headers have arrived with a 2xx status. Always `close()` it."""
 
-    __slots__ = ("_deadline", "_idle", "_resp", "headers", "status")
+    __slots__ = ("_deadline", "_first_by", "_idle", "_resp", "headers", "status")
 
-    def __init__(self, resp: aiohttp.ClientResponse, idle: float, deadline: float) -> None:
+    def __init__(self, resp: aiohttp.ClientResponse, idle: float, first_by: float, deadline: float) -> None:
         self._resp = resp
         self._idle = idle
+        # Until the first body byte, the first-byte deadline applies: a stream's headers come at once,
+        # its first chunk only after the prompt is processed.
+        self._first_by: float | None = first_by
         self._deadline = deadline
         self.status = resp.status
         self.headers = resp.headers
 
     def _budget(self) -> tuple[float, str]:
-        left = self._deadline - time.monotonic()
+        now = time.monotonic()
+        left = self._deadline - now
+        if self._first_by is not None and self._first_by - now < left:
+            return max(self._first_by - now, 0.0), "timeout_first_byte"
         if left <= self._idle:
             return max(left, 0.0), "timeout_total"
         return self._idle, "timeout_idle"
@@ -110,6 +116,7 @@ class UpstreamResponse:
                 raise UpstreamError("upstream connection broke mid-stream", kind="protocol", retryable=False) from exc
             if not chunk:
                 return
+            self._first_by = None
             yield chunk
 
     def close(self) -> None:
@@ -139,11 +146,11 @@ class UpstreamClient:
             await self._session.close()
             self._session = None
 
-    async def get_ok(self, url: str, timeout: float) -> bool:
-        """A health probe: True on any 2xx within `timeout`."""
+    async def get_ok(self, url: str, limit_s: float) -> bool:
+        """A health probe: True on any 2xx within `limit_s` seconds."""
         assert self._session is not None
         try:
-            async with asyncio.timeout(timeout), self._session.get(url) as resp:
+            async with asyncio.timeout(limit_s), self._session.get(url) as resp:
                 return 200 <= resp.status < 300
         except (TimeoutError, aiohttp.ClientError, OSError):
             return False
@@ -151,7 +158,8 @@ class UpstreamClient:
     async def post(self, url: str, body: bytes, headers: dict[str, str], timeouts: Timeouts) -> UpstreamResponse:
         """Send a request; return once 2xx headers arrived. Anything else raises `UpstreamError`."""
         assert self._session is not None, "UpstreamClient used outside the app lifespan"
-        deadline = time.monotonic() + timeouts.total
+        start = time.monotonic()
+        deadline = start + timeouts.total
         first_byte = min(timeouts.first_byte, timeouts.total)
         timeout = aiohttp.ClientTimeout(total=None, sock_connect=timeouts.connect, connect=timeouts.connect)
         try:
@@ -171,7 +179,7 @@ class UpstreamClient:
         except aiohttp.ClientError as exc:
             raise UpstreamError("upstream sent an invalid response", kind="protocol", retryable=False) from exc
         if resp.status < 300:
-            return UpstreamResponse(resp, timeouts.idle, deadline)
+            return UpstreamResponse(resp, timeouts.idle, start + first_byte, deadline)
         try:
             async with asyncio.timeout(max(0.1, min(timeouts.idle, deadline - time.monotonic()))):
                 err_body = await resp.content.read(_MAX_ERROR_BODY)

@@ -72,6 +72,7 @@ class FakeUpstream:
         self.scripts.extend(scripts)
 
     def reset(self) -> None:
+        self.default = Script()
         self.scripts.clear()
         self.requests.clear()
         self.disconnects = 0
