@@ -43,7 +43,9 @@ def main(argv: list[str]) -> int:
           f"gateway p50 {ms(median(p50_g))} p99 {ms(median(p99_g))}, upstream p50 {ms(median(p50_d))} p99 {ms(median(p99_d))}")
 
     with stream_mock() as upstream, gateway(upstream) as gw:
-        asyncio.run(stream_ttfb(gw + "/v1/chat/completions", 20))  # warm-up
+        # Warm-up at full width, so both sides measure kept-alive upstream connections.
+        asyncio.run(stream_ttfb(gw + "/v1/chat/completions", 200))
+        asyncio.run(stream_ttfb(upstream + "/chat/completions", 200))
         d = asyncio.run(stream_ttfb(upstream + "/chat/completions", 200))
         g = asyncio.run(stream_ttfb(gw + "/v1/chat/completions", 200))
     print(f"streaming, 200 concurrent: added TTFB p50 {ms(g['ttfb_p50'] - d['ttfb_p50'])} "

@@ -1,14 +1,14 @@
-"""The pooled HTTP client (aiohttp) and the mapping of everything that can go wrong upstream.
+"""The upstream client and the mapping of everything that can go wrong upstream to `UpstreamError`.
 
-aiohttp was chosen by measurement (bench/bench_gateway.py; see docs/architecture.md): at 32 connections on
-loopback it sustains several times the request rate of httpx's default pool in the same process. Everything
-aiohttp-specific stays in this module so the library can be swapped.
+The transport is gateway/upstream/http1.py (a kept-alive HTTP/1.1 pool written for this hot path; see its
+docstring for the measurement behind it). This module is the one place where transport errors are
+translated, always `from exc`.
 
 Timeouts are explicit and enforced here, not left to library defaults:
-  connect     TCP connect                      -> kind "timeout_connect"   (retryable: nothing was sent)
-  first_byte  request sent -> first body byte  -> kind "timeout_first_byte"
-  idle        silence between body chunks      -> kind "timeout_idle"
-  total       the whole exchange (a deadline)  -> kind "timeout_total"
+  connect     TCP (and TLS) connect             -> kind "timeout_connect"   (retryable: nothing was sent)
+  first_byte  request sent -> first body byte   -> kind "timeout_first_byte"
+  idle        silence between body chunks       -> kind "timeout_idle"
+  total       the whole exchange (a deadline)   -> kind "timeout_total"
 """
 
 from __future__ import annotations
@@ -19,11 +19,11 @@ import time
 from collections.abc import AsyncIterator, Iterable
 from email.utils import parsedate_to_datetime
 
-import aiohttp
 import orjson
 
 from gateway.config import Timeouts
 from gateway.errors import UpstreamError
+from gateway.upstream.http1 import Connection, Pool, ProtocolError, StaleConnection
 
 __all__ = ["UpstreamClient", "UpstreamResponse", "sanitize"]
 
@@ -69,19 +69,21 @@ def _upstream_message(body: bytes) -> str:
 
 
 class UpstreamResponse:
-    """An upstream response whose headers have arrived with a 2xx status. Always `close()` it."""
+    """An upstream response whose headers arrived with a 2xx status. Always `close()` it, exactly once."""
 
-    __slots__ = ("_deadline", "_first_by", "_idle", "_resp", "headers", "status")
+    __slots__ = ("_closed", "_conn", "_deadline", "_first_by", "_idle", "_pool", "headers", "status")
 
-    def __init__(self, resp: aiohttp.ClientResponse, idle: float, first_by: float, deadline: float) -> None:
-        self._resp = resp
+    def __init__(self, pool: Pool, conn: Connection, idle: float, first_by: float, deadline: float) -> None:
+        self._pool = pool
+        self._conn = conn
         self._idle = idle
-        # Until the first body byte, the first-byte deadline applies: a stream's headers come at once,
-        # its first chunk only after the prompt is processed.
+        # Until the first body byte the first-byte deadline applies: a stream's headers come at once, its
+        # first chunk only after the prompt is processed.
         self._first_by: float | None = first_by
         self._deadline = deadline
-        self.status = resp.status
-        self.headers = resp.headers
+        self._closed = False
+        self.status = conn.status
+        self.headers = {k.decode("latin-1").lower(): v.decode("latin-1") for k, v in conn.headers}
 
     def _budget(self) -> tuple[float, str]:
         now = time.monotonic()
@@ -92,36 +94,37 @@ class UpstreamResponse:
             return max(left, 0.0), "timeout_total"
         return self._idle, "timeout_idle"
 
-    async def read(self) -> bytes:
+    async def _next(self) -> bytes:
         budget, kind = self._budget()
         try:
             async with asyncio.timeout(budget):
-                return await self._resp.read()
+                chunk = await self._conn.read_chunk()
         except TimeoutError as exc:
-            raise UpstreamError("upstream stopped sending the response", kind=kind, retryable=False, status=504) from exc
-        except aiohttp.ClientError as exc:
-            raise UpstreamError("upstream connection broke while sending the response",
-                                kind="protocol", retryable=False) from exc
+            raise UpstreamError("upstream went silent", kind=kind, retryable=False, status=504) from exc
+        except (OSError, ProtocolError) as exc:
+            if self._closed:
+                raise UpstreamError("upstream response closed by the gateway", kind="closed", retryable=False) from exc
+            raise UpstreamError("upstream connection broke mid-response", kind="protocol", retryable=False) from exc
+        self._first_by = None
+        return chunk
+
+    async def read(self) -> bytes:
+        parts = []
+        while chunk := await self._next():
+            parts.append(chunk)
+        return b"".join(parts)
 
     async def chunks(self) -> AsyncIterator[bytes]:
-        content = self._resp.content
-        while True:
-            budget, kind = self._budget()
-            try:
-                async with asyncio.timeout(budget):
-                    chunk = await content.readany()
-            except TimeoutError as exc:
-                raise UpstreamError("upstream stream went silent", kind=kind, retryable=False, status=504) from exc
-            except aiohttp.ClientError as exc:
-                raise UpstreamError("upstream connection broke mid-stream", kind="protocol", retryable=False) from exc
-            if not chunk:
-                return
-            self._first_by = None
+        while chunk := await self._next():
             yield chunk
 
     def close(self) -> None:
-        # close(), not release(): a half-read stream must not go back to the pool.
-        self._resp.close()
+        """Idempotent. A complete keep-alive response returns its connection to the pool; else it closes."""
+        if not self._closed:
+            self._closed = True
+            if not self._conn.complete:
+                self._conn.close()
+            self._pool.release(self._conn)
 
 
 class UpstreamClient:
@@ -130,64 +133,87 @@ class UpstreamClient:
     def __init__(self, *, pool_limit: int = 1024, keepalive: float = 60.0) -> None:
         self._pool_limit = pool_limit
         self._keepalive = keepalive
-        self._session: aiohttp.ClientSession | None = None
+        self._pool: Pool | None = None
         self.secrets: tuple[str, ...] = ()
 
     async def start(self) -> None:
-        connector = aiohttp.TCPConnector(
-            limit=self._pool_limit, limit_per_host=0, keepalive_timeout=self._keepalive, ttl_dns_cache=300
-        )
-        self._session = aiohttp.ClientSession(
-            connector=connector, auto_decompress=False, skip_auto_headers=("User-Agent",)
-        )
+        self._pool = Pool(self._pool_limit, self._keepalive)
 
     async def close(self) -> None:
-        if self._session is not None:
-            await self._session.close()
-            self._session = None
+        if self._pool is not None:
+            self._pool.close()
+            self._pool = None
 
     async def get_ok(self, url: str, limit_s: float) -> bool:
         """A health probe: True on any 2xx within `limit_s` seconds."""
-        assert self._session is not None
         try:
-            async with asyncio.timeout(limit_s), self._session.get(url) as resp:
-                return 200 <= resp.status < 300
-        except (TimeoutError, aiohttp.ClientError, OSError):
+            resp = await self._send(b"GET", url, b"", {}, Timeouts(connect=limit_s, first_byte=limit_s, total=limit_s))
+        except UpstreamError:
             return False
+        try:
+            await resp.read()
+        except UpstreamError:
+            return False
+        finally:
+            resp.close()
+        return True
 
     async def post(self, url: str, body: bytes, headers: dict[str, str], timeouts: Timeouts) -> UpstreamResponse:
         """Send a request; return once 2xx headers arrived. Anything else raises `UpstreamError`."""
-        assert self._session is not None, "UpstreamClient used outside the app lifespan"
+        return await self._send(b"POST", url, body, headers, timeouts)
+
+    async def _send(self, method: bytes, url: str, body: bytes, headers: dict[str, str],
+                    timeouts: Timeouts) -> UpstreamResponse:
+        pool = self._pool
+        assert pool is not None, "UpstreamClient used outside the app lifespan"
         start = time.monotonic()
         deadline = start + timeouts.total
         first_byte = min(timeouts.first_byte, timeouts.total)
-        timeout = aiohttp.ClientTimeout(total=None, sock_connect=timeouts.connect, connect=timeouts.connect)
+        connect = min(timeouts.connect, timeouts.total)
+        conn: Connection | None = None
         try:
-            async with asyncio.timeout(first_byte):
-                resp = await self._session.post(url, data=body, headers=headers, timeout=timeout)
-        except (aiohttp.ConnectionTimeoutError, aiohttp.ServerTimeoutError) as exc:
-            # Before TimeoutError: aiohttp's timeouts subclass it.
-            raise UpstreamError("upstream connect timed out", kind="timeout_connect", retryable=True, status=504) from exc
+            async with asyncio.timeout(max(0.0, start + first_byte - time.monotonic())):
+                conn = await pool.request(method, url, headers, body, connect)
+                try:
+                    await conn.wait_headers()
+                except StaleConnection:
+                    if not conn.reused:
+                        raise
+                    # The server had closed this pooled connection: nothing was answered, send again.
+                    pool.discard_idle(conn)
+                    conn = None
+                    conn = await pool.request(method, url, headers, body, connect)
+                    await conn.wait_headers()
         except TimeoutError as exc:
+            if conn is None:
+                raise UpstreamError("upstream connect timed out", kind="timeout_connect", retryable=True,
+                                    status=504) from exc
+            pool.discard(conn)
             kind = "timeout_first_byte" if first_byte < timeouts.total else "timeout_total"
             raise UpstreamError("upstream did not answer in time", kind=kind, retryable=False, status=504) from exc
-        except aiohttp.ClientConnectorError as exc:
-            raise UpstreamError("upstream refused the connection", kind="connect", retryable=True) from exc
-        except (aiohttp.ServerDisconnectedError, aiohttp.ClientOSError) as exc:
-            # A kept-alive connection the upstream had closed, or a reset before any byte: safe to retry.
+        except StaleConnection as exc:
+            assert conn is not None
+            pool.discard(conn)
             raise UpstreamError("upstream closed the connection", kind="connect", retryable=True) from exc
-        except aiohttp.ClientError as exc:
+        except OSError as exc:
+            if conn is None:
+                raise UpstreamError("upstream refused the connection", kind="connect", retryable=True) from exc
+            pool.discard(conn)
+            raise UpstreamError("upstream connection broke", kind="protocol", retryable=False) from exc
+        except ProtocolError as exc:
+            assert conn is not None
+            pool.discard(conn)
             raise UpstreamError("upstream sent an invalid response", kind="protocol", retryable=False) from exc
+        resp = UpstreamResponse(pool, conn, timeouts.idle, start + first_byte, deadline)
         if resp.status < 300:
-            return UpstreamResponse(resp, timeouts.idle, start + first_byte, deadline)
+            return resp
         try:
-            async with asyncio.timeout(max(0.1, min(timeouts.idle, deadline - time.monotonic()))):
-                err_body = await resp.content.read(_MAX_ERROR_BODY)
-        except (TimeoutError, aiohttp.ClientError):
+            err_body = (await resp.read())[:_MAX_ERROR_BODY]
+        except UpstreamError:
             err_body = b""
         finally:
             resp.close()
-        raise self._status_error(resp.status, resp.headers.get("Retry-After"), err_body)
+        raise self._status_error(resp.status, resp.headers.get("retry-after"), err_body)
 
     def _status_error(self, status: int, retry_after_header: str | None, body: bytes) -> UpstreamError:
         detail = sanitize(_upstream_message(body), self.secrets)
