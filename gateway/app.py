@@ -13,6 +13,7 @@ from __future__ import annotations
 
 import contextlib
 import logging
+import time
 from collections.abc import AsyncIterator
 from typing import Any
 
@@ -23,8 +24,9 @@ from starlette.responses import Response
 
 from gateway.config import load_config
 from gateway.errors import GatewayError, envelope
+from gateway.metrics import observe
 from gateway.protocol import Endpoint
-from gateway.routes import health, models, proxy_doc
+from gateway.routes import health, metrics, models, proxy_doc
 from gateway.runtime import Runtime
 from gateway.serving import handle
 from gateway.settings import Settings
@@ -79,7 +81,8 @@ class Gateway:
             endpoint = HOT_ROUTES.get(scope["path"])
             if endpoint is not None:
                 try:
-                    await handle(self.runtime, endpoint, scope, receive, send)
+                    x = await handle(self.runtime, endpoint, scope, receive, send)
+                    observe(self.runtime.metrics, x, time.perf_counter())
                 except Exception as exc:  # a bug: answer with the envelope if we still can, never a trace
                     log.error("unhandled error in %s: %s", scope["path"], type(exc).__name__, exc_info=exc)
                     with contextlib.suppress(Exception):
@@ -109,6 +112,7 @@ def create_app(settings: Settings | None = None) -> Gateway:
     api.include_router(models.router)
     api.include_router(health.router)
     api.include_router(proxy_doc.router)
+    api.include_router(metrics.router)
     return Gateway(runtime, api)
 
 

@@ -13,6 +13,7 @@ from dataclasses import dataclass, field
 
 from gateway.breaker import Breaker, BreakerState
 from gateway.config import Backend, FleetConfig
+from gateway.metrics import Metrics
 from gateway.routing import BackendState, TierResolver
 from gateway.settings import Settings
 from gateway.upstream import UpstreamClient
@@ -37,6 +38,7 @@ class Runtime:
     breakers: dict[str, Breaker] = field(init=False)
     backend_keys: dict[str, str | None] = field(init=False)
     started_at: int = field(default_factory=lambda: int(time.time()), init=False)
+    metrics: Metrics = field(default_factory=Metrics, init=False)
     _prober: asyncio.Task[None] | None = field(default=None, init=False)
 
     def __post_init__(self) -> None:
@@ -92,6 +94,8 @@ class Runtime:
             elif not ok and br.state is not BreakerState.OPEN:
                 br.trip(now)
             out[key] = ok
+            tier_name, backend_name = key.split("/", 1)
+            self.metrics.backend_up.labels(tier_name, backend_name).set(1 if ok else 0)
         return out
 
     async def _probe_loop(self) -> None:

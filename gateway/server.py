@@ -5,6 +5,8 @@ from __future__ import annotations
 import argparse
 import logging
 import os
+import tempfile
+from pathlib import Path
 
 import uvicorn
 
@@ -24,6 +26,15 @@ def main(argv: list[str]) -> int:
     p.add_argument("--access-log", action="store_true", help="log every request (costs throughput)")
     args = p.parse_args(argv)
     os.environ["QLP_CONFIG"] = args.config  # workers are fresh processes: hand settings over by environment
+    if args.workers > 1 and not os.environ.get("PROMETHEUS_MULTIPROC_DIR"):
+        # Each worker writes its samples here; /metrics (served by any worker) aggregates them.
+        mp_dir = tempfile.mkdtemp(prefix="qlp-metrics-")
+        os.environ["PROMETHEUS_MULTIPROC_DIR"] = mp_dir
+    elif os.environ.get("PROMETHEUS_MULTIPROC_DIR"):
+        mp = Path(os.environ["PROMETHEUS_MULTIPROC_DIR"])
+        mp.mkdir(parents=True, exist_ok=True)
+        for stale in mp.glob("*.db"):  # samples of a previous run's processes
+            stale.unlink()
     logging.basicConfig(level=args.log_level.upper(), format="%(asctime)s %(levelname)s %(name)s %(message)s")
     uvicorn.run(
         "gateway.app:create_app_from_env",
