@@ -140,3 +140,34 @@ async def test_connect_refused_is_retryable(client: UpstreamClient) -> None:
     with pytest.raises(UpstreamError) as e:
         await client.post(url, b"{}", {}, T)
     assert e.value.kind == "connect" and e.value.retryable
+
+
+async def test_connect_timeout_trips_on_time_and_is_retryable(client: UpstreamClient) -> None:
+    import socket
+    import time
+
+    # A listener whose accept queue is full: the kernel drops further SYNs, so connect() hangs.
+    listener = socket.socket()
+    listener.bind(("127.0.0.1", 0))
+    listener.listen(0)
+    port = listener.getsockname()[1]
+    fillers = []
+    for _ in range(3):
+        c = socket.socket()
+        c.setblocking(False)
+        try:
+            c.connect(("127.0.0.1", port))
+        except BlockingIOError:
+            pass
+        fillers.append(c)
+    try:
+        t0 = time.monotonic()
+        with pytest.raises(UpstreamError) as e:
+            await client.post(f"http://127.0.0.1:{port}/v1/x", b"{}", {},
+                              Timeouts(connect=0.3, first_byte=5, idle=5, total=10))
+        assert 0.25 < time.monotonic() - t0 < 1.5
+        assert e.value.kind == "timeout_connect" and e.value.retryable
+    finally:
+        for c in fillers:
+            c.close()
+        listener.close()
