@@ -108,7 +108,9 @@ def gateway(base_url: str, workers: int = 1, env: dict[str, str] | None = None,
     port = free_port()
     args = [PY, "-m", "gateway.cli", "gateway", "--port", str(port), "--workers", str(workers),
             "--config", str(cfg), "--log-level", "warning"]
-    with process(args, env={"QLP_SECRETS_DIR": str(d), **(env or {})}, health=f"http://127.0.0.1:{port}/healthz"):
+    # Metering is off unless the caller turns it on (bench_metering does, with a Redis of its own).
+    env = {"QLP_SECRETS_DIR": str(d), "QLP_METERING": "false", **(env or {})}
+    with process(args, env=env, health=f"http://127.0.0.1:{port}/healthz"):
         yield f"http://127.0.0.1:{port}"
     shutil.rmtree(d, ignore_errors=True)
 

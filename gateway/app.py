@@ -6,7 +6,8 @@
     (measured: bench/bench_gateway.py, docs/architecture.md);
   * everything else (models, health, and later ledger and admin routes) is a FastAPI app with typed
     dependencies, OpenAPI docs and OpenAI-style error handlers.
-Nothing happens at import time; the lifespan owns the HTTP pool and the prober.
+Nothing happens at import time; the lifespan owns the HTTP pool, the prober and the meter (Redis pool,
+spool replayer).
 """
 
 from __future__ import annotations
@@ -24,6 +25,7 @@ from starlette.responses import Response
 
 from gateway.config import load_config
 from gateway.errors import GatewayError, envelope
+from gateway.metering import routes as ledger_routes
 from gateway.metrics import observe
 from gateway.protocol import Endpoint
 from gateway.routes import health, metrics, models, proxy_doc
@@ -112,6 +114,7 @@ def create_app(settings: Settings | None = None) -> Gateway:
     api.include_router(models.router)
     api.include_router(health.router)
     api.include_router(proxy_doc.router)
+    api.include_router(ledger_routes.router)
     api.include_router(metrics.router)
     return Gateway(runtime, api)
 

@@ -64,8 +64,9 @@ class Metrics:
                                    ("tier", "backend"), registry=r, multiprocess_mode="max")
         self.backend_up = Gauge("qlp_backend_up", "Last health probe succeeded (1) or not (0)",
                                 ("tier", "backend"), registry=r, multiprocess_mode="min")
+        # The spool file is shared by the workers: the latest reading is the truth, not a sum.
         self.spool_depth = Gauge("qlp_ledger_spool_depth", "Ledger charges waiting in the local spool",
-                                 registry=r, multiprocess_mode="livesum")
+                                 registry=r, multiprocess_mode="livemostrecent")
 
 
 def render(metrics: Metrics) -> bytes:
@@ -102,6 +103,13 @@ def observe(m: Metrics, x: Any, now: float) -> None:
         m.fallbacks.labels(x.requested_tier or "none", to_tier).inc()
     if x.error_kind in UPSTREAM_KINDS:
         m.upstream_errors.labels(tier, backend, x.error_kind).inc()
+    if x.cost_micros is not None and x.model is not None:
+        m.cost.labels(tier, x.model).inc(x.cost_micros / 1e6)
+        m.reference_cost.labels(tier, x.model).inc((x.reference_cost_micros or 0) / 1e6)
+    if x.error_kind == "budget_exceeded":
+        m.budget_rejections.labels(tier).inc()
+    elif x.error_kind == "rate_limit_exceeded":
+        m.rate_limit_rejections.labels(tier).inc()
     usage = x.usage
     if isinstance(usage, dict) and x.model is not None:
         for kind in ("prompt", "completion"):

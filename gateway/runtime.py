@@ -1,4 +1,5 @@
-"""What the gateway process holds while it runs: config, the HTTP pool, breakers, secrets, the prober.
+"""What the gateway process holds while it runs: config, the HTTP pool, breakers, secrets, the prober,
+and the meter (Redis pool, ledger, spool) when metering is on.
 
 Built by `create_app`, started and stopped by the app's lifespan; handlers receive it, never a global.
 """
@@ -13,6 +14,8 @@ from dataclasses import dataclass, field
 
 from gateway.breaker import Breaker, BreakerState
 from gateway.config import Backend, FleetConfig
+from gateway.metering.meter import Meter
+from gateway.metering.pricing import load_pricing
 from gateway.metrics import Metrics
 from gateway.routing import BackendState, TierResolver
 from gateway.settings import Settings
@@ -37,6 +40,7 @@ class Runtime:
     client: UpstreamClient = field(init=False)
     breakers: dict[str, Breaker] = field(init=False)
     backend_keys: dict[str, str | None] = field(init=False)
+    meter: Meter | None = field(default=None, init=False)
     started_at: int = field(default_factory=lambda: int(time.time()), init=False)
     metrics: Metrics = field(default_factory=Metrics, init=False)
     _prober: asyncio.Task[None] | None = field(default=None, init=False)
@@ -54,6 +58,8 @@ class Runtime:
             for be in t.backends:
                 self.backend_keys[self.key(t, be)] = self.settings.secret(be.api_key_secret) if be.api_key_secret else None
         self.client.secrets = tuple(v for v in self.backend_keys.values() if v)
+        if self.settings.metering:
+            self.meter = Meter(self.settings, self.config, load_pricing(self.settings.pricing))
 
     @staticmethod
     def key(tier: object, backend: Backend) -> str:
@@ -64,6 +70,8 @@ class Runtime:
 
     async def start(self) -> None:
         await self.client.start()
+        if self.meter is not None:
+            await self.meter.start()
         self._prober = asyncio.create_task(self._probe_loop(), name="qlp-health-prober")
 
     async def stop(self) -> None:
@@ -71,6 +79,8 @@ class Runtime:
             self._prober.cancel()
             with contextlib.suppress(asyncio.CancelledError):
                 await self._prober
+        if self.meter is not None:
+            await self.meter.stop()
         await self.client.close()
 
     async def probe_once(self) -> dict[str, bool]:

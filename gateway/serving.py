@@ -1,10 +1,14 @@
 """The request path of the proxy routes, top to bottom:
 
-    read body -> parse -> resolve tier -> [attempt loop: choose backend -> upstream call] -> respond
+    key present? -> read body -> parse -> resolve tier -> admit (metering: key, limits, budget reserve)
+    -> [attempt loop: choose backend -> upstream call] -> respond -> settle (metering: book the cost)
 
 The attempt loop retries (same tier) and falls back (next tier in the chain) only while nothing has been
 sent to the client; one budget (`retry.max_attempts`) covers both. Once the first byte went out, an upstream
 failure ends the stream with an in-band error event.
+
+With metering on, every admitted request is settled exactly once (try/finally), whether it was served,
+failed, or lost its client: what reached the client is charged, a reservation for nothing is released.
 """
 
 from __future__ import annotations
@@ -24,6 +28,8 @@ import orjson
 from gateway.config import Backend, Tier
 from gateway.errors import GatewayError, ServiceUnavailable, UpstreamError, envelope
 from gateway.http import ClientDisconnected, Headers, read_body, send_error, send_json
+from gateway.metering.estimate import completion_tokens_of_body
+from gateway.metering.meter import Ticket
 from gateway.protocol import Endpoint, ParsedRequest, parse_request
 from gateway.routing import Target, choose_backend, target_in
 from gateway.runtime import Runtime
@@ -52,11 +58,15 @@ class Exchange:
     model: str | None = None
     agent: str | None = None
     workflow: str | None = None
+    tenant: str | None = None
     attempts: int = 0
     fallbacks: list[str] = field(default_factory=list)
     status: int = 0
     error_kind: str | None = None
     usage: dict[str, Any] | None = None
+    output_estimate: int | None = None  # completion tokens counted locally, for when usage is missing
+    cost_micros: int | None = None  # set by metering when the request is settled (served: > 0)
+    reference_cost_micros: int | None = None  # the same tokens at the reference model's price
     upstream_seconds: float = 0.0  # time spent waiting on upstreams (for the gateway-overhead figure)
     first_byte_at: float | None = None
 
@@ -82,7 +92,11 @@ async def handle(rt: Runtime, endpoint: Endpoint, scope: dict[str, Any], receive
         started=time.perf_counter(),
         endpoint=endpoint,
     )
+    meter = rt.meter
+    ticket: Ticket | None = None
     try:
+        # A missing key is refused before the body is read; the key itself is checked by `admit`.
+        auth = meter.authenticate(hdrs.get(b"authorization")) if meter is not None else None
         raw = await read_body(receive, scope["headers"], rt.settings.max_body_bytes)
         req = parse_request(raw, endpoint, max_n=rt.config.max_n, max_tokens_limit=rt.config.max_tokens_limit)
         x.stream = req.stream
@@ -93,13 +107,21 @@ async def handle(rt: Runtime, endpoint: Endpoint, scope: dict[str, Any], receive
         x.workflow = wf_h.decode("latin-1")[:128] if wf_h else None
         target = rt.resolver.resolve(tier_h.decode("latin-1") if tier_h else None, req.model, x.agent)
         x.requested_tier = target.tier.name
+        if meter is not None and auth is not None:
+            ticket = await meter.admit(auth, req, target.tier)
+            x.tenant = ticket.principal.tenant
         await _proxy(rt, req, target, x, receive, send)
     except ClientDisconnected:
         x.status = 499
     except GatewayError as exc:
         x.status = exc.status
-        x.error_kind = exc.code if isinstance(exc, UpstreamError) else exc.type
+        # Upstream failures by kind; the gateway's own refusals by code (budget_exceeded,
+        # rate_limit_exceeded, invalid_api_key, ...: a fixed set), else by type.
+        x.error_kind = exc.code if isinstance(exc, UpstreamError) else (exc.code or exc.type)
         await send_error(send, exc, _response_headers(x))
+    finally:
+        if ticket is not None and meter is not None:
+            meter.settle(ticket, x)
     return x
 
 
@@ -232,8 +254,10 @@ async def _respond(
         try:
             parsed = orjson.loads(data)
             x.usage = parsed.get("usage") if isinstance(parsed, dict) else None
+            if x.usage is None:
+                x.output_estimate = completion_tokens_of_body(parsed)
         except orjson.JSONDecodeError:
-            pass
+            x.output_estimate = max(1, len(data) // 4)
         await send_json(send, resp.status, data, _response_headers(x))
         return True
 
@@ -300,6 +324,10 @@ async def _relay_stream(
         x.status = 499  # the client went away while we were sending
     finally:
         x.usage = sse.usage
+        if sse.usage is None:
+            # No usage chunk (the upstream sent none, the stream broke, or the client left): about one
+            # token per content event relayed, so what was produced is charged, never zero.
+            x.output_estimate = max(1, sse.events)
         watcher.cancel()
         with contextlib.suppress(asyncio.CancelledError, Exception):
             await watcher

@@ -1,4 +1,5 @@
-"""GET /healthz (the process is alive) and GET /readyz (every tier has a reachable backend)."""
+"""GET /healthz (the process is alive) and GET /readyz (every tier has a reachable backend and, with
+metering on, requests can be admitted: Redis answers, or admission fails open)."""
 
 from __future__ import annotations
 
@@ -45,5 +46,9 @@ async def readyz(request: Request) -> JSONResponse:
             continue
         ready = ready and tier_ok
         tiers[name] = {"ready": tier_ok, "state": "ready" if tier_ok else "down", "backends": backends}
-    return JSONResponse({"status": "ready" if ready else "not_ready", "tiers": tiers},
-                          status_code=200 if ready else 503)
+    body: dict[str, Any] = {"tiers": tiers}
+    if rt.meter is not None:
+        ledger = await rt.meter.status()
+        ready = ready and bool(ledger.pop("ready"))
+        body["ledger"] = ledger
+    return JSONResponse({"status": "ready" if ready else "not_ready", **body}, status_code=200 if ready else 503)

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import asyncio
 import time
 
 from fastapi import APIRouter, Request
@@ -24,4 +25,6 @@ async def metrics(request: Request) -> Response:
     for tier in rt.config.tiers.values():
         for b in tier.backends:
             m.backend_state.labels(tier.name, b.name).set(int(rt.breakers[f"{tier.name}/{b.name}"].current(now)))
+    if rt.meter is not None:
+        m.spool_depth.set(await asyncio.to_thread(rt.meter.spool.depth))
     return Response(render(m), media_type=CONTENT_TYPE_LATEST)

@@ -45,8 +45,11 @@ class RunningGateway:
 
 
 def start_gateway(config: dict[str, Any], tmp_path: Path, **settings: Any) -> RunningGateway:
+    """Metering is off unless a test turns it on (`metering=True`, with `redis_url` and `pricing`)."""
     cfg = tmp_path / f"tiers-{time.monotonic_ns()}.yaml"
     cfg.write_text(yaml.safe_dump(config))
+    settings.setdefault("metering", False)
+    settings.setdefault("spool_path", tmp_path / "spool" / "ledger.jsonl")
     s = Settings(config=cfg, secrets_dir=tmp_path / "secrets", **settings)
     app = create_app(s)
     port = free_port()

@@ -33,6 +33,9 @@ class Script:
     usage_in_stream: bool = True
     done: bool = True  # stream ends with [DONE]
     content: str = "hello"
+    prompt_tokens: int = 5  # usage reported
+    completion_tokens: int | None = None  # None: 3 (non-stream), n_chunks (stream)
+    usage_in_body: bool = True  # non-stream: include `usage`
 
 
 def completion(model: str, content: str, prompt_tokens: int = 5, completion_tokens: int = 3) -> dict[str, Any]:
@@ -126,18 +129,21 @@ class FakeUpstream:
             raw = payload if isinstance(payload, bytes) else orjson.dumps(payload)
             return web.Response(status=s.status, body=raw, headers={"Content-Type": "application/json", **s.headers})
         if not body.get("stream"):
-            return web.Response(body=orjson.dumps(completion(model, s.content)),
-                                headers={"Content-Type": "application/json", **s.headers})
+            doc = completion(model, s.content, s.prompt_tokens, 3 if s.completion_tokens is None else s.completion_tokens)
+            if not s.usage_in_body:
+                del doc["usage"]
+            return web.Response(body=orjson.dumps(doc), headers={"Content-Type": "application/json", **s.headers})
         resp = web.StreamResponse(headers={"Content-Type": "text/event-stream", **s.headers})
         await resp.prepare(request)
         chunks = [chunk(model, {"role": "assistant", "content": ""})]
         chunks += [chunk(model, {"content": f"{s.content}{i} "}) for i in range(s.n_chunks)]
         chunks.append(chunk(model, {}, "stop"))
         if s.usage_in_stream and (body.get("stream_options") or {}).get("include_usage"):
+            ct = s.n_chunks if s.completion_tokens is None else s.completion_tokens
             chunks.append(b"data: " + orjson.dumps({
                 "id": "chatcmpl-fake", "object": "chat.completion.chunk", "created": 1, "model": model,
-                "choices": [], "usage": {"prompt_tokens": 5, "completion_tokens": s.n_chunks,
-                                         "total_tokens": 5 + s.n_chunks}}) + b"\n\n")
+                "choices": [], "usage": {"prompt_tokens": s.prompt_tokens, "completion_tokens": ct,
+                                         "total_tokens": s.prompt_tokens + ct}}) + b"\n\n")
         if s.done:
             chunks.append(b"data: [DONE]\n\n")
         try:

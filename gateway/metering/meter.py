@@ -1,0 +1,281 @@
+"""The meter: what the request path calls. `admit` before the upstream call, `settle` after it.
+
+    authenticate(header)  local: 401 for a missing key; the bootstrap admin key is recognised here
+    admit(...)            one Redis round trip (ADMIT): key, revocation, requests/min, tokens/min, and a
+                          reservation of the worst case against the key's budgets
+    settle(ticket, x)     prices the request and queues its charge (one CHARGE script each); queued charges
+                          go out with the next admission's write, or on their own within 2 ms: one round
+                          trip after the response, off the request's path. Never raises; when Redis is
+                          unreachable a served request's charge goes to the spool (fsync) and is replayed
+                          later.
+
+Redis down: admission fails closed (503) or open (keys seen in the last minutes, up to a per-process cap
+per outage), per `admission_when_redis_down`. Booking, the spool and its replay: booking.py.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import hmac
+import logging
+import os
+import time
+from dataclasses import dataclass
+from typing import TYPE_CHECKING, Any
+
+from redis.asyncio import Redis
+from redis.asyncio.retry import Retry
+from redis.backoff import NoBackoff
+from redis.exceptions import ConnectionError as RedisConnectionError
+
+from gateway.config import FleetConfig, Tier
+from gateway.errors import AuthenticationError, GatewayError, RateLimited, ServiceUnavailable
+from gateway.metering import estimate
+from gateway.metering.booking import UNAVAILABLE, Booker, Health
+from gateway.metering.keys import Credential, KeyStore, Principal, bearer, digest
+from gateway.metering.layout import ADMIN_KEY_ID
+from gateway.metering.ledger import SEP, Charge, Ledger, LedgerPolicy
+from gateway.metering.pipe import RedisPipe
+from gateway.metering.pricing import Pricing, Tokens, tokens_from_usage
+from gateway.metering.spool import Spool
+from gateway.protocol import ParsedRequest
+from gateway.settings import Settings
+
+if TYPE_CHECKING:
+    from gateway.serving import Exchange
+
+__all__ = ["UNAVAILABLE", "Meter", "Ticket", "connect"]
+
+log = logging.getLogger("qlp.metering")
+
+KNOWN_KEY_SECONDS = 600.0  # how long a verified key may be admitted without Redis (fail open)
+
+
+def connect(settings: Settings) -> Redis:
+    """A pooled asyncio client. One immediate retry on a broken connection (a pooled connection that died
+    with a restarted server); none on a timeout, so a hung Redis costs one `redis_timeout`, not several.
+    Retrying is safe: the charge scripts are idempotent and ADMIT does not reserve twice."""
+    t = settings.redis_timeout
+    return Redis.from_url(settings.redis_url, socket_timeout=t, socket_connect_timeout=t,
+                          retry=Retry(NoBackoff(), 1, supported_errors=(RedisConnectionError,)))
+
+
+@dataclass(slots=True)
+class Ticket:
+    """An admitted request, until it is settled."""
+
+    charge_id: str
+    ts_ms: int
+    principal: Principal
+    prompt_estimate: int
+    window_tokens: int  # tokens counted in the rate window at admission (corrected at settle)
+    minute: int
+    key_state: bool = True  # the key has a budget or a tokens/min limit to correct (unknown: True)
+    reserved: int = 0  # micro-dollars reserved against the key's budgets
+
+
+class Meter:
+    def __init__(self, settings: Settings, config: FleetConfig, pricing: Pricing) -> None:
+        pricing.check(config)
+        self.settings = settings
+        self.config = config
+        self.pricing = pricing
+        admin = settings.secret("admin_key")
+        if admin and len(admin) < 24 and settings.environment != "development":
+            raise ValueError("the admin key is too short: use `qlp keys`-style random keys (32+ characters)")
+        self._admin_sha = digest(admin) if admin else None
+        self._worst = {name: pricing.worst(config, name) for name in config.tiers}
+        longest = max((t.timeouts.total for t in config.tiers.values()), default=900.0)
+        self._reservation_ttl_ms = int((longest * config.retry.max_attempts + 60) * 1000)
+        self.redis = connect(settings)  # key admin and ledger reading
+        self.pipe = RedisPipe(settings.redis_url, settings.redis_timeout)  # the request path
+        self.ledger = Ledger(self.pipe, LedgerPolicy(settings.ledger_stream_maxlen, settings.ledger_days,
+                                                      settings.idempotency_days))
+        self.keys = KeyStore(self.redis)
+        self.spool = Spool(settings.spool_path)
+        self.health = Health(settings.spool_path, self._redis_back)
+        self.booker = Booker(self.ledger, self.spool, self.health)
+        self.open_admitted = 0
+        self._known: dict[str, tuple[Principal, float]] = {}
+        self._replayer: asyncio.Task[None] | None = None
+
+    @property
+    def up(self) -> bool:
+        return self.health.up
+
+    def _redis_back(self) -> None:
+        self.open_admitted = 0  # the fail-open cap counts per outage
+
+    # -- lifecycle -------------------------------------------------------------------------------------
+    async def start(self) -> None:
+        try:
+            await self.ledger.load_scripts()
+            self.health.mark_up()
+        except UNAVAILABLE as exc:
+            self.health.mark_down(exc)
+            log.warning("Redis at %s is unreachable at start-up; admission is %s until it answers",
+                        _safe_url(self.settings.redis_url), self.settings.admission_when_redis_down)
+        self._replayer = asyncio.create_task(self.booker.replay_loop(self.settings.spool_replay_interval),
+                                             name="qlp-spool-replayer")
+
+    async def stop(self) -> None:
+        if self._replayer is not None:
+            self._replayer.cancel()
+            with contextlib.suppress(asyncio.CancelledError):
+                await self._replayer
+        await self.booker.drain()
+        self.pipe.close()
+        with contextlib.suppress(*UNAVAILABLE):
+            await self.redis.aclose()
+
+    # -- identity --------------------------------------------------------------------------------------
+    def authenticate(self, header: bytes | str | None) -> Credential | Principal:
+        """Local checks only: the key's presence and the bootstrap admin key. 401 when absent."""
+        key = bearer(header)
+        if key is None:
+            raise AuthenticationError("no API key provided: send 'Authorization: Bearer <key>'", code="missing_api_key")
+        cred = Credential.of(key)
+        if self._admin_sha is not None and hmac.compare_digest(cred.sha256, self._admin_sha):
+            return Principal("admin", "admin", None)
+        return cred
+
+    async def principal(self, header: bytes | str | None) -> Principal:
+        """The caller of a non-proxy route (ledger, admin): one Redis read; no limits apply."""
+        auth = self.authenticate(header)
+        if isinstance(auth, Principal):
+            return auth
+        try:
+            info = await self.keys.lookup(auth)
+        except UNAVAILABLE as exc:
+            raise ServiceUnavailable("the ledger store is unreachable", code="ledger_unavailable") from exc
+        if info is None or info.revoked:
+            raise AuthenticationError("invalid API key")
+        return Principal(info.tenant, info.role, info.id)
+
+    # -- admission -------------------------------------------------------------------------------------
+    async def admit(self, auth: Credential | Principal, req: ParsedRequest, tier: Tier) -> Ticket:
+        now_ms = time.time_ns() // 1_000_000
+        minute = now_ms // 60_000
+        charge_id = os.urandom(12).hex()
+        prompt = estimate.prompt_tokens(req)
+        max_out = min(req.max_tokens or tier.max_tokens_default, self.config.max_tokens_limit) * req.n
+        if isinstance(auth, Principal):  # the bootstrap admin key: no record, no limits
+            return Ticket(charge_id, now_ms, auth, prompt, 0, minute, key_state=False)
+        worst_tokens = prompt + max_out
+        worst = self._worst[tier.name].cost(Tokens(prompt, max_out))
+        if self.health.usable():
+            try:
+                r = await self.ledger.admit(auth.sha256, auth.key_id, charge_id, worst, worst_tokens, now_ms,
+                                            self._reservation_ttl_ms)
+            except UNAVAILABLE as exc:
+                self.health.mark_down(exc)
+            else:
+                self.health.mark_up()
+                if r.code == 0:
+                    p = Principal(r.tenant, "admin" if r.role == "admin" else "user", auth.key_id)
+                    self._remember(auth, p)
+                    return Ticket(charge_id, now_ms, p, prompt, worst_tokens, minute, key_state=r.flags != 0,
+                                  reserved=worst if r.flags & 1 else 0)
+                raise _rejection(r.code, r.retry_after, r.period)
+        return self._admit_without_redis(auth, charge_id, now_ms, prompt, minute)
+
+    def _remember(self, cred: Credential, p: Principal) -> None:
+        if self.settings.admission_when_redis_down == "open":
+            if len(self._known) > 100_000:
+                self._known.clear()
+            self._known[cred.sha256] = (p, time.monotonic() + KNOWN_KEY_SECONDS)
+
+    def _admit_without_redis(self, cred: Credential, charge_id: str, now_ms: int, prompt: int, minute: int) -> Ticket:
+        if self.settings.admission_when_redis_down == "closed":
+            raise ServiceUnavailable("the usage ledger is unreachable; try again shortly", code="ledger_unavailable",
+                                     headers={"Retry-After": "1"})
+        known = self._known.get(cred.sha256)
+        if known is None or known[1] < time.monotonic():
+            raise ServiceUnavailable("the usage ledger is unreachable and this key cannot be verified without it",
+                                     code="ledger_unavailable", headers={"Retry-After": "1"})
+        if self.open_admitted >= self.settings.fail_open_cap:
+            raise ServiceUnavailable("the usage ledger is unreachable and this process admitted all it may "
+                                     "without it", code="ledger_unavailable", headers={"Retry-After": "1"})
+        self.open_admitted += 1
+        return Ticket(charge_id, now_ms, known[0], prompt, 0, minute)
+
+    # -- settlement ------------------------------------------------------------------------------------
+    def settle(self, ticket: Ticket, x: Exchange) -> None:
+        """Book what was served (or release the reservation). Call exactly once per ticket; never raises.
+        The charge is queued and booked right after, together with those of concurrent requests."""
+        try:
+            charge = self.charge(ticket, x)
+        except Exception:  # a bug here must not break the response that was already sent
+            log.exception("could not price request %s", x.request_id)
+            return
+        if charge.record is not None:  # for the metrics, which read the exchange after this
+            x.cost_micros = charge.cost_micros
+            x.reference_cost_micros = charge.record["reference_cost_micros"]
+        if charge.record is None and not charge.key_state:
+            return  # nothing served and no limit state to correct
+        self.booker.queue(charge)
+
+    async def drain(self) -> None:
+        """Book every queued charge now (shutdown; tests that read the ledger at once)."""
+        await self.booker.drain()
+
+    def charge(self, ticket: Ticket, x: Exchange) -> Charge:
+        p = ticket.principal
+        key_id = p.key_id or ADMIN_KEY_ID
+        if x.first_byte_at is None or x.tier is None:  # nothing reached the client: release only
+            return Charge(ticket.charge_id, ticket.ts_ms, p.tenant, key_id, ticket.key_state, ticket.reserved, 0,
+                          -ticket.window_tokens, ticket.minute)
+        toks = tokens_from_usage(x.usage)
+        estimated = toks is None
+        if toks is None:
+            toks = Tokens(ticket.prompt_estimate, max(1, x.output_estimate or 1))
+        cost = self.pricing.price(self.config.tiers[x.tier], x.model).cost(toks)
+        record: dict[str, Any] = {
+            "id": ticket.charge_id, "request_id": x.request_id, "ts": ticket.ts_ms, "tenant": p.tenant,
+            "key_id": p.key_id, "workflow": x.workflow, "agent": x.agent,
+            "tier": x.tier, "requested_tier": x.requested_tier, "backend": x.backend, "model": x.model,
+            "endpoint": x.endpoint, "stream": x.stream,
+            "prompt_tokens": toks.prompt, "completion_tokens": toks.completion, "cached_tokens": toks.cached,
+            "cost_micros": cost, "reference_cost_micros": self.pricing.reference.cost(toks),
+            "reference_model": self.pricing.reference_model,
+            "latency_ms": round((time.perf_counter() - x.started) * 1000),
+            "status": x.status, "estimated": estimated, "attempts": x.attempts,
+            "fallback": [t for t in (x.requested_tier, *x.fallbacks) if t],
+        }
+        parts = (x.tier, f"{x.backend}/{x.model}", x.agent or "", x.workflow or "")
+        group = SEP.join(v.replace(SEP, " ") for v in parts)
+        return Charge(ticket.charge_id, ticket.ts_ms, p.tenant, key_id, ticket.key_state, ticket.reserved, cost,
+                      toks.prompt + toks.completion - ticket.window_tokens, ticket.minute, record, group)
+
+    # -- readiness ---------------------------------------------------------------------------------------
+    async def status(self) -> dict[str, Any]:
+        try:
+            await self.pipe.call("PING")
+            self.health.mark_up()
+        except UNAVAILABLE as exc:
+            self.health.mark_down(exc)
+        mode = self.settings.admission_when_redis_down
+        return {"redis": "up" if self.up else "down", "admission_when_redis_down": mode,
+                "spool_depth": await asyncio.to_thread(self.spool.depth),
+                "admitted_without_redis": self.open_admitted,
+                "ready": self.up or mode == "open"}
+
+
+def _rejection(code: int, retry_after: int, period: str) -> GatewayError:
+    if code in (1, 2):
+        return AuthenticationError("invalid API key" if code == 1 else "this API key was revoked")
+    if code == 3:
+        return RateLimited("requests per minute limit reached for this API key",
+                           headers={"Retry-After": str(retry_after)})
+    if code == 4:
+        return RateLimited("tokens per minute limit reached for this API key",
+                           headers={"Retry-After": str(retry_after)})
+    return RateLimited(f"the {'daily' if period == 'day' else 'monthly'} budget of this API key is spent",
+                       code="budget_exceeded", headers={"Retry-After": str(retry_after)})
+
+
+def _safe_url(url: str) -> str:
+    """The Redis URL without its password, for logs."""
+    scheme, sep, rest = url.partition("://")
+    return scheme + sep + rest.rpartition("@")[2]

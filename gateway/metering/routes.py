@@ -1,0 +1,152 @@
+"""Ledger and key routes (FastAPI): who may read what is decided here, the reading is in reader.py.
+
+    GET    /v1/ledger/summary?group_by=tier|model|agent|workflow|day|tenant&since=&until=&tenant=
+    GET    /v1/ledger/workflows/{id}
+    POST   /v1/admin/keys            GET /v1/admin/keys            DELETE /v1/admin/keys/{id}
+
+A tenant's key reads its own tenant's ledger; an admin key reads every tenant's (or one, `tenant=`) and
+manages keys. Any other use is 403.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import datetime as dt
+from collections.abc import Iterator
+from decimal import Decimal
+from typing import Annotated, Any
+
+from fastapi import APIRouter, Depends, Query, Request
+from pydantic import BaseModel, ConfigDict, Field
+
+from gateway.errors import InvalidRequest, NotFound, PermissionDenied, ServiceUnavailable
+from gateway.metering import reader
+from gateway.metering.keys import KeyLimits, Principal, Role
+from gateway.metering.layout import TENANT_NAME
+from gateway.metering.meter import UNAVAILABLE, Meter
+from gateway.metering.pricing import micros_of_usd
+
+__all__ = ["router"]
+
+router = APIRouter(tags=["ledger"])
+
+
+def _meter(request: Request) -> Meter:
+    meter: Meter | None = request.app.state.runtime.meter
+    if meter is None:
+        raise NotFound("metering is off on this gateway (QLP_METERING=false)", code="not_found")
+    return meter
+
+
+MeterDep = Annotated[Meter, Depends(_meter)]
+
+
+async def _principal(request: Request, meter: MeterDep) -> Principal:
+    return await meter.principal(request.headers.get("authorization"))
+
+
+PrincipalDep = Annotated[Principal, Depends(_principal)]
+
+
+async def _admin(p: PrincipalDep) -> Principal:
+    if not p.is_admin:
+        raise PermissionDenied("this route needs an admin key", code="admin_only")
+    return p
+
+
+AdminDep = Annotated[Principal, Depends(_admin)]
+
+
+@contextlib.contextmanager
+def _store() -> Iterator[None]:
+    try:
+        yield
+    except UNAVAILABLE as exc:
+        raise ServiceUnavailable("the ledger store is unreachable", code="ledger_unavailable") from exc
+
+
+async def _tenants(meter: Meter, p: Principal, tenant: str | None) -> list[str]:
+    if tenant is not None and not TENANT_NAME.match(tenant):
+        raise InvalidRequest("invalid tenant name", param="tenant", code="invalid_value")
+    if not p.is_admin:
+        if tenant is not None and tenant != p.tenant:
+            raise PermissionDenied("a key reads only its own tenant's ledger", code="forbidden_tenant")
+        return [p.tenant]
+    if tenant is not None:
+        return [tenant]
+    with _store():
+        known = await meter.keys.tenants()
+    return sorted({*known, "admin"})  # "admin": the bootstrap admin key's own requests
+
+
+def _range(since: str | None, until: str | None) -> tuple[dt.date, dt.date]:
+    today = dt.datetime.now(dt.UTC).date()
+    try:
+        return reader.parse_day(since, today), reader.parse_day(until, today)
+    except ValueError as exc:
+        raise InvalidRequest("since/until must be dates (YYYY-MM-DD, UTC)", param="since", code="invalid_value") from exc
+
+
+@router.get("/v1/ledger/summary", summary="Cost, tokens and savings grouped by tier, model, agent, workflow or day")
+async def ledger_summary(
+    p: PrincipalDep,
+    meter: MeterDep,
+    group_by: reader.GroupBy = "tier",
+    since: Annotated[str | None, Query(description="first UTC day, YYYY-MM-DD (default today)")] = None,
+    until: Annotated[str | None, Query(description="last UTC day, inclusive (default today)")] = None,
+    tenant: Annotated[str | None, Query(description="admin: one tenant (default all)")] = None,
+) -> dict[str, Any]:
+    first, last = _range(since, until)
+    tenants = await _tenants(meter, p, tenant)
+    try:
+        with _store():
+            return await reader.summary(meter.redis, tenants, group_by, first, last)
+    except ValueError as exc:
+        raise InvalidRequest(str(exc), param="until", code="invalid_value") from exc
+
+
+@router.get("/v1/ledger/workflows/{workflow_id}", summary="Cost of one workflow and every request in it")
+async def ledger_workflow(p: PrincipalDep, meter: MeterDep, workflow_id: str,
+                          tenant: str | None = None) -> dict[str, Any]:
+    with _store():
+        for t in await _tenants(meter, p, tenant):
+            found = await reader.workflow(meter.redis, t, workflow_id)
+            if found is not None:
+                return found
+    raise NotFound(f"no workflow {workflow_id[:128]!r} in the ledger", code="workflow_not_found")
+
+
+class KeyRequest(BaseModel):
+    model_config = ConfigDict(extra="forbid")
+    tenant: str = Field(pattern=TENANT_NAME.pattern)
+    name: str = Field("", max_length=200)
+    role: Role = "user"
+    budget_day_usd: Decimal = Field(Decimal(0), ge=0, description="0: no daily budget")
+    budget_month_usd: Decimal = Field(Decimal(0), ge=0, description="0: no monthly budget")
+    requests_per_minute: int = Field(0, ge=0)
+    tokens_per_minute: int = Field(0, ge=0)
+
+
+@router.post("/v1/admin/keys", summary="Create an API key (shown once)", status_code=201)
+async def create_key(_: AdminDep, meter: MeterDep, body: KeyRequest) -> dict[str, Any]:
+    limits = KeyLimits(micros_of_usd(body.budget_day_usd), micros_of_usd(body.budget_month_usd),
+                       body.requests_per_minute, body.tokens_per_minute)
+    with _store():
+        key, info = await meter.keys.create(body.tenant, name=body.name, role=body.role, limits=limits)
+    return {"key": key, **info.as_dict()}
+
+
+@router.get("/v1/admin/keys", summary="List API keys (never the keys themselves)")
+async def list_keys(_: AdminDep, meter: MeterDep, tenant: str | None = None) -> dict[str, Any]:
+    with _store():
+        keys = await meter.keys.list_keys(tenant)
+    return {"object": "list", "data": [k.as_dict() for k in keys]}
+
+
+@router.delete("/v1/admin/keys/{key_id}", summary="Revoke an API key")
+async def revoke_key(_: AdminDep, meter: MeterDep, key_id: str) -> dict[str, Any]:
+    with _store():
+        info = await meter.keys.revoke(key_id)
+    if info is None:
+        raise NotFound(f"no key {key_id[:32]!r}", code="key_not_found")
+    return info.as_dict()
