@@ -13,7 +13,9 @@ from typing import Any
 import yaml
 from pydantic import BaseModel, ConfigDict, Field, field_validator, model_validator
 
-__all__ = ["Backend", "FleetConfig", "Kind", "Policy", "RetryConfig", "Tier", "Timeouts", "load_config"]
+from gateway.providers import Provider, provider_for
+
+__all__ = ["Backend", "FleetConfig", "Kind", "Policy", "RetryConfig", "Tier", "Timeouts", "backend_provider", "load_config"]
 
 TIER_NAME = re.compile(r"^T[0-9]$")
 
@@ -25,6 +27,8 @@ class _Model(BaseModel):
 class Kind(enum.StrEnum):
     LOCAL = "local"  # a model server of ours (vLLM or the CPU reference server)
     OPENAI = "openai"  # an external OpenAI-compatible API
+    AZURE = "azure"  # Azure OpenAI: deployment URLs, api-version, api-key header
+    ANTHROPIC = "anthropic"  # Anthropic Messages API, translated to and from OpenAI's
 
 
 class Policy(enum.StrEnum):
@@ -60,6 +64,8 @@ class Backend(_Model):
     model: str | None = Field(None, description="model name the backend serves; defaults to the tier's")
     api_key_secret: str | None = Field(None, description="secret holding this backend's API key")
     health_path: str | None = Field(None, description="GET path (from the host root) probed for readiness")
+    deployment: str | None = Field(None, description="Azure OpenAI deployment name (kind: azure; required there)")
+    api_version: str | None = Field(None, description="Azure `api-version` query / Anthropic `anthropic-version` header")
 
     @field_validator("base_url")
     @classmethod
@@ -120,6 +126,10 @@ class FleetConfig(_Model):
                 if b.name in seen:
                     raise ValueError(f"tier {name}: duplicate backend name {b.name!r}")
                 seen.add(b.name)
+                try:
+                    backend_provider(tier, b)
+                except ValueError as exc:
+                    raise ValueError(f"tier {name} backend {b.name!r}: {exc}") from exc
         if self.default_tier is not None and self.default_tier not in names:
             raise ValueError(f"default_tier {self.default_tier!r} is not a configured tier")
         keys: dict[str, str] = {}
@@ -128,6 +138,12 @@ class FleetConfig(_Model):
                 if keys.setdefault(key, name) != name:
                     raise ValueError(f"model name {key!r} is claimed by tiers {keys[key]} and {name}")
         return self
+
+
+def backend_provider(tier: Tier, backend: Backend) -> Provider:
+    """The backend's provider, from configuration only (see gateway/providers)."""
+    return provider_for(tier.kind, {"deployment": backend.deployment, "api_version": backend.api_version,
+                                    "max_tokens_default": tier.max_tokens_default})
 
 
 def load_config(path: Path) -> FleetConfig:

@@ -13,10 +13,11 @@ import time
 from dataclasses import dataclass, field
 
 from gateway.breaker import Breaker, BreakerState
-from gateway.config import Backend, FleetConfig
+from gateway.config import Backend, FleetConfig, backend_provider
 from gateway.metering.meter import Meter
 from gateway.metering.pricing import load_pricing
 from gateway.metrics import Metrics
+from gateway.providers import Provider
 from gateway.routing import BackendState, TierResolver
 from gateway.settings import Settings
 from gateway.upstream import UpstreamClient
@@ -40,6 +41,7 @@ class Runtime:
     client: UpstreamClient = field(init=False)
     breakers: dict[str, Breaker] = field(init=False)
     backend_keys: dict[str, str | None] = field(init=False)
+    providers: dict[str, Provider] = field(init=False)
     meter: Meter | None = field(default=None, init=False)
     started_at: int = field(default_factory=lambda: int(time.time()), init=False)
     metrics: Metrics = field(default_factory=Metrics, init=False)
@@ -58,6 +60,7 @@ class Runtime:
             for be in t.backends:
                 self.backend_keys[self.key(t, be)] = self.settings.secret(be.api_key_secret) if be.api_key_secret else None
         self.client.secrets = tuple(v for v in self.backend_keys.values() if v)
+        self.providers = {self.key(t, be): backend_provider(t, be) for t in self.config.tiers.values() for be in t.backends}
         if self.settings.metering:
             self.meter = Meter(self.settings, self.config, load_pricing(self.settings.pricing))
 

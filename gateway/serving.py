@@ -26,7 +26,7 @@ from typing import Any
 import orjson
 
 from gateway.config import Backend, Tier
-from gateway.errors import GatewayError, ServiceUnavailable, UpstreamError, envelope
+from gateway.errors import GatewayError, InvalidRequest, ServiceUnavailable, UpstreamError, envelope
 from gateway.http import ClientDisconnected, Headers, read_body, send_error, send_json
 from gateway.metering.estimate import completion_tokens_of_body
 from gateway.metering.meter import Ticket
@@ -40,7 +40,6 @@ __all__ = ["Exchange", "handle"]
 log = logging.getLogger("qlp.gateway")
 
 _REQUEST_ID = re.compile(rb"^[A-Za-z0-9._:\-]{1,128}$")
-_PATHS: dict[Endpoint, str] = {"chat": "/chat/completions", "completions": "/completions"}
 SSE_HEADERS: Headers = [(b"content-type", b"text/event-stream"), (b"cache-control", b"no-cache")]
 
 
@@ -130,26 +129,12 @@ def _backoff(rt: Runtime, retry_no: int) -> float:
     return random.uniform(0, min(r.backoff_max, r.backoff_base * (2 ** (retry_no - 1))))
 
 
-def _upstream_body(req: ParsedRequest, model: str) -> bytes:
-    body = dict(req.body)
-    body["model"] = model
-    if req.stream:
-        # Always ask for usage: metering needs exact counts. SSEFilter hides the chunk if the client
-        # did not ask for it.
-        opts = dict(body.get("stream_options") or {})
-        opts["include_usage"] = True
-        body["stream_options"] = opts
-    return orjson.dumps(body)
-
-
-def _upstream_headers(rt: Runtime, tier: Tier, backend: Backend, x: Exchange) -> dict[str, str] | None:
-    h = {"Content-Type": "application/json", "Accept-Encoding": "identity", "X-Request-Id": x.request_id}
-    if backend.api_key_secret:
-        key = rt.backend_keys[f"{tier.name}/{backend.name}"]
-        if key is None:
-            return None
-        h["Authorization"] = f"Bearer {key}"
-    return h
+def _upstream_key(rt: Runtime, tier: Tier, backend: Backend) -> tuple[bool, str | None]:
+    """(configured?, key): a backend that names a secret is usable only once the secret is set."""
+    if not backend.api_key_secret:
+        return True, None
+    key = rt.backend_keys[f"{tier.name}/{backend.name}"]
+    return key is not None, key
 
 
 async def _proxy(rt: Runtime, req: ParsedRequest, target: Target, x: Exchange, receive: Any, send: Any) -> None:
@@ -178,8 +163,23 @@ async def _proxy(rt: Runtime, req: ParsedRequest, target: Target, x: Exchange, r
                     code="no_healthy_backend",
                 )
                 break
-            headers = _upstream_headers(rt, tier, backend, x)
-            if headers is None:
+            provider = rt.providers[f"{tier.name}/{backend.name}"]
+            if req.endpoint not in provider.endpoints:
+                unsupported = InvalidRequest(f"tier {tier.name} serves only /v1/chat/completions",
+                                             code="unsupported_endpoint")
+                if i == 0:
+                    raise unsupported
+                last = last or unsupported
+                break  # a fallback tier that cannot serve this endpoint is skipped
+            try:
+                body = provider.request_body(req.body, tgt.model, req.stream)
+            except InvalidRequest as exc:
+                if i == 0:
+                    raise
+                last = last or exc
+                break  # the request cannot be expressed for this fallback's provider: skip it
+            configured, key = _upstream_key(rt, tier, backend)
+            if not configured:
                 last = ServiceUnavailable(
                     f"tier {tier.name} upstream {backend.name!r} is not configured: set QLP_{backend.api_key_secret.upper()}"  # type: ignore[union-attr]
                     f" or the file {rt.settings.secrets_dir}/{backend.api_key_secret}",
@@ -198,9 +198,8 @@ async def _proxy(rt: Runtime, req: ParsedRequest, target: Target, x: Exchange, r
             breaker.acquire(now)
             t_up = time.perf_counter()
             try:
-                resp = await rt.client.post(
-                    backend.base_url + _PATHS[req.endpoint], _upstream_body(req, tgt.model), headers, tier.timeouts
-                )
+                resp = await rt.client.post(backend.base_url + provider.path(req.endpoint, tgt.model), body,
+                                            provider.headers(key, x.request_id), tier.timeouts, provider)
             except UpstreamError as exc:
                 x.upstream_seconds += time.perf_counter() - t_up
                 breaker.release()

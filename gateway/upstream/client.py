@@ -1,8 +1,9 @@
 """The upstream client and the mapping of everything that can go wrong upstream to `UpstreamError`.
 
 The transport is gateway/upstream/http1.py (a kept-alive HTTP/1.1 pool written for this hot path; see its
-docstring for the measurement behind it). This module is the one place where transport errors are
-translated, always `from exc`.
+docstring for the measurement behind it). This module is the one place where transport errors, error
+statuses (classified by the backend's provider, gateway/providers) and translation failures become
+`UpstreamError`, always `from exc`.
 
 Timeouts are explicit and enforced here, not left to library defaults:
   connect     TCP (and TLS) connect             -> kind "timeout_connect"   (retryable: nothing was sent)
@@ -16,13 +17,11 @@ from __future__ import annotations
 import asyncio
 import re
 import time
-from collections.abc import AsyncIterator, Iterable
-from email.utils import parsedate_to_datetime
-
-import orjson
+from collections.abc import AsyncIterator, Callable, Iterable
 
 from gateway.config import Timeouts
 from gateway.errors import UpstreamError
+from gateway.providers import Provider, ProviderError, classify_openai
 from gateway.upstream.http1 import Connection, Pool, ProtocolError, StaleConnection
 
 __all__ = ["UpstreamClient", "UpstreamResponse", "sanitize"]
@@ -39,42 +38,18 @@ def sanitize(message: str, secrets: Iterable[str] = ()) -> str:
     return _KEYLIKE.sub("[redacted]", message)[:500]
 
 
-def _retry_after(value: str | None) -> float | None:
-    if not value:
-        return None
-    try:
-        return max(0.0, float(value))
-    except ValueError:
-        pass
-    try:
-        return max(0.0, parsedate_to_datetime(value).timestamp() - time.time())
-    except (TypeError, ValueError):
-        return None
-
-
-def _upstream_message(body: bytes) -> str:
-    try:
-        obj = orjson.loads(body)
-    except orjson.JSONDecodeError:
-        return ""
-    if isinstance(obj, dict):
-        err = obj.get("error")
-        if isinstance(err, dict) and isinstance(err.get("message"), str):
-            return str(err["message"])
-        if isinstance(err, str):
-            return err
-        if isinstance(obj.get("message"), str):
-            return str(obj["message"])
-    return ""
-
-
 class UpstreamResponse:
     """An upstream response whose headers arrived with a 2xx status. Always `close()` it, exactly once."""
 
-    __slots__ = ("_closed", "_conn", "_deadline", "_first_by", "_idle", "_pool", "headers", "status")
+    __slots__ = ("_closed", "_conn", "_deadline", "_first_by", "_idle", "_pool", "_provider", "_sanitize", "headers",
+                 "status")
 
-    def __init__(self, pool: Pool, conn: Connection, idle: float, first_by: float, deadline: float) -> None:
+    def __init__(self, pool: Pool, conn: Connection, idle: float, first_by: float, deadline: float,
+                 provider: Provider | None = None, sanitize: Callable[[str], str] = str) -> None:
         self._pool = pool
+        # Only a translating provider is kept: OpenAI-compatible bytes pass untouched on the hot path.
+        self._provider = provider if provider is not None and provider.translates else None
+        self._sanitize = sanitize
         self._conn = conn
         self._idle = idle
         # Until the first body byte the first-byte deadline applies: a stream's headers come at once, its
@@ -108,15 +83,38 @@ class UpstreamResponse:
         self._first_by = None
         return chunk
 
-    async def read(self) -> bytes:
+    async def read_raw(self) -> bytes:
+        """The body as the upstream sent it (error bodies are read this way, for classification)."""
         parts = []
         while chunk := await self._next():
             parts.append(chunk)
         return b"".join(parts)
 
+    async def read(self) -> bytes:
+        """The body as OpenAI's: translated by the backend's provider when it is not OpenAI-compatible."""
+        raw = await self.read_raw()
+        if self._provider is None:
+            return raw
+        try:
+            return self._provider.response_body(raw)[0]
+        except ProviderError as exc:
+            raise exc.error.to_error(self._sanitize) from exc
+
     async def chunks(self) -> AsyncIterator[bytes]:
+        if self._provider is None:
+            while chunk := await self._next():
+                yield chunk
+            return
+        translator = self._provider.stream_translator()
         while chunk := await self._next():
-            yield chunk
+            try:
+                out = translator.feed(chunk)
+            except ProviderError as exc:
+                if exc.pending:
+                    yield exc.pending
+                raise exc.error.to_error(self._sanitize) from exc
+            if out:  # nothing yet (a ping, a held-back role chunk): nothing reached the client
+                yield out
 
     def close(self) -> None:
         """Idempotent. A complete keep-alive response returns its connection to the pool; else it closes."""
@@ -158,12 +156,14 @@ class UpstreamClient:
             resp.close()
         return True
 
-    async def post(self, url: str, body: bytes, headers: dict[str, str], timeouts: Timeouts) -> UpstreamResponse:
-        """Send a request; return once 2xx headers arrived. Anything else raises `UpstreamError`."""
-        return await self._send(b"POST", url, body, headers, timeouts)
+    async def post(self, url: str, body: bytes, headers: dict[str, str], timeouts: Timeouts,
+                   provider: Provider | None = None) -> UpstreamResponse:
+        """Send a request; return once 2xx headers arrived. Anything else raises `UpstreamError`, classified
+        by `provider` (OpenAI's rules without one); a translating provider's answer is read as OpenAI's."""
+        return await self._send(b"POST", url, body, headers, timeouts, provider)
 
     async def _send(self, method: bytes, url: str, body: bytes, headers: dict[str, str],
-                    timeouts: Timeouts) -> UpstreamResponse:
+                    timeouts: Timeouts, provider: Provider | None = None) -> UpstreamResponse:
         pool = self._pool
         assert pool is not None, "UpstreamClient used outside the app lifespan"
         start = time.monotonic()
@@ -204,34 +204,17 @@ class UpstreamClient:
             assert conn is not None
             pool.discard(conn)
             raise UpstreamError("upstream sent an invalid response", kind="protocol", retryable=False) from exc
-        resp = UpstreamResponse(pool, conn, timeouts.idle, start + first_byte, deadline)
+        resp = UpstreamResponse(pool, conn, timeouts.idle, start + first_byte, deadline, provider, self._sanitize)
         if resp.status < 300:
             return resp
         try:
-            err_body = (await resp.read())[:_MAX_ERROR_BODY]
+            err_body = (await resp.read_raw())[:_MAX_ERROR_BODY]
         except UpstreamError:
             err_body = b""
         finally:
             resp.close()
-        raise self._status_error(resp.status, resp.headers.get("retry-after"), err_body)
+        classify = provider.classify_error if provider is not None else classify_openai
+        raise classify(resp.status, resp.headers, err_body).to_error(self._sanitize)
 
-    def _status_error(self, status: int, retry_after_header: str | None, body: bytes) -> UpstreamError:
-        detail = sanitize(_upstream_message(body), self.secrets)
-        if status == 429:
-            ra = _retry_after(retry_after_header)
-            return UpstreamError(
-                "upstream rate limit" + (f": {detail}" if detail else ""),
-                kind="status_429", retryable=ra is not None, status=429, upstream_status=status, retry_after=ra,
-            )
-        if status in (401, 403):
-            # The caller's key was fine (we checked it); the gateway's own upstream credentials were refused.
-            return UpstreamError("upstream refused the gateway's credentials", kind="upstream_auth",
-                                 retryable=False, status=502, upstream_status=status)
-        if 400 <= status < 500:
-            return UpstreamError(detail or f"upstream rejected the request ({status})", kind="rejected",
-                                 retryable=False, status=status, upstream_status=status, upstream_body=body)
-        if status in (502, 503, 504):
-            return UpstreamError(f"upstream unavailable ({status})", kind="status_5xx", retryable=True,
-                                 status=status, upstream_status=status, retry_after=_retry_after(retry_after_header))
-        return UpstreamError(f"upstream failed ({status})", kind="status_5xx", retryable=False,
-                             status=502, upstream_status=status)
+    def _sanitize(self, message: str) -> str:
+        return sanitize(message, self.secrets)

@@ -16,7 +16,7 @@ import httpx
 import openai
 import pytest
 
-WIRED = False
+WIRED = True
 if not WIRED:
     pytest.skip("gateway/providers is not wired into the request path yet", allow_module_level=True)
 
