@@ -60,10 +60,12 @@ class Settings(BaseSettings):
 
     def secret(self, name: str) -> str | None:
         """The value of a named secret, or None when neither the variable nor the file is set."""
-        value = os.environ.get(f"QLP_{name.upper()}")
+        # An empty variable counts as unset (compose and k8s often define QLP_X= with no value), so the
+        # secrets-file fallback still applies.
+        value = os.environ.get(f"QLP_{name.upper()}") or None
         field_value = getattr(self, name, None) if name in type(self).model_fields else None
         if value is None and isinstance(field_value, SecretStr):
-            value = field_value.get_secret_value()
+            value = field_value.get_secret_value() or None
         if value is None:
             path = self.secrets_dir / name
             if path.is_file():
