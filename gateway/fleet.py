@@ -9,6 +9,7 @@ from __future__ import annotations
 import argparse
 import contextlib
 import http.client
+import json
 import os
 import shutil
 import signal
@@ -143,6 +144,12 @@ def main(argv: list[str]) -> int:
             raise SystemExit(f"port {args.redis_port} is taken; pass --redis-port")
         fleet.start("redis", [redis_binary(), "--port", str(args.redis_port), "--bind", "127.0.0.1",
                               "--dir", str(var / "redis"), "--appendonly", "yes", "--save", ""])
+        deadline = time.monotonic() + 20
+        while not _port_open(args.redis_port):
+            if time.monotonic() > deadline:
+                raise SystemExit(f"Redis did not start; see {var}/logs/redis.log")
+            time.sleep(0.05)
+        api_key = bootstrap_key(var, env["QLP_REDIS_URL"], qlp)
         if not args.no_model_servers:
             if not (Path(args.model) / "config.json").is_file():
                 raise SystemExit(f"no base model at {args.model}: run `make model` (or `make up`) first")
@@ -154,7 +161,7 @@ def main(argv: list[str]) -> int:
                                 "--config", args.config], env=env)
         gw = f"http://127.0.0.1:{s.port}"
         fleet.wait_until("gateway", gw + "/readyz", {200}, args.ready_timeout)
-        print(_banner(gw), flush=True)
+        print(_banner(gw, api_key), flush=True)
         while True:
             for name, p in fleet.procs:
                 if p.poll() is not None:
@@ -167,17 +174,33 @@ def main(argv: list[str]) -> int:
     return 0
 
 
-def _banner(gw: str) -> str:
+def bootstrap_key(var: Path, redis_url: str, qlp: list[str]) -> str:
+    """The local fleet's API key: created once (tenant `local`, admin) and kept in var/bootstrap_key (0600);
+    Redis keeps only its hash, in its append-only file under var/redis, so the key survives restarts."""
+    path = var / "bootstrap_key"
+    if path.is_file():
+        return path.read_text().strip()
+    out = subprocess.run([*qlp, "keys", "--redis-url", redis_url, "create", "--tenant", "local", "--name", "bootstrap",
+                          "--admin", "--json"], capture_output=True, text=True, check=True)
+    key = str(json.loads(out.stdout.strip().splitlines()[-1])["key"])
+    fd = os.open(path, os.O_WRONLY | os.O_CREAT | os.O_TRUNC, 0o600)
+    with os.fdopen(fd, "w") as f:
+        f.write(key + "\n")
+    return key
+
+
+def _banner(gw: str, key: str) -> str:
     return f"""
 QLP fleet is up.
   gateway      {gw}/v1   (metrics {gw}/metrics, readiness {gw}/readyz)
+  API key      {key}   (tenant "local", admin; kept in var/bootstrap_key)
   logs         var/logs/
 
 Try it:
-  curl -s {gw}/v1/chat/completions -H 'Content-Type: application/json' -H 'X-QLP-Tier: T0' \\
+  curl -s {gw}/v1/chat/completions -H 'Authorization: Bearer {key}' -H 'Content-Type: application/json' -H 'X-QLP-Tier: T0' \\
        -d '{{"model": "qlp-t0", "messages": [{{"role": "user", "content": "Say hello"}}], "max_tokens": 32}}'
 
-  python -c "import openai; c = openai.OpenAI(base_url='{gw}/v1', api_key='local');
+  python -c "import openai; c = openai.OpenAI(base_url='{gw}/v1', api_key='{key}');
 print(c.chat.completions.create(model='qlp-t0', messages=[{{'role': 'user', 'content': 'Say hello'}}]).choices[0].message.content)"
 
 Ctrl-C stops everything.
