@@ -122,16 +122,23 @@ def _seconds(text: str) -> float:
     return float(m.group(1)) * _UNITS[m.group(2)]
 
 
-def wrk(url: str, connections: int, duration: int = 8, threads: int = 1, env: dict[str, str] | None = None) -> dict[str, float]:
-    """requests/s and latency percentiles (seconds) from wrk."""
+def wrk(url: str, connections: int, duration: int = 8, threads: int = 1, env: dict[str, str] | None = None,
+        timeout: int | None = None) -> dict[str, float]:
+    """requests/s and latency percentiles (seconds) from wrk; also `requests` (completed) and `errors` (socket
+    errors and timeouts). `timeout` (seconds) overrides wrk's 2 s, past which it records no latency."""
     if not shutil.which("wrk"):
         raise SystemExit("wrk is not installed (make sysdeps)")
     out = subprocess.run(
         ["wrk", "-t", str(threads), "-c", str(connections), "-d", f"{duration}s", "--latency",
+         *(["--timeout", f"{timeout}s"] if timeout else []),
          "-s", str(ROOT / "bench/mock/post.lua"), url],
         capture_output=True, text=True, check=True, env={**os.environ, **(env or {})},
     ).stdout
     res: dict[str, float] = {"rps": float(re.search(r"Requests/sec:\s+([\d.]+)", out).group(1))}  # type: ignore[union-attr]
+    total = re.search(r"(\d+) requests in", out)
+    res["requests"] = float(total.group(1)) if total else res["rps"] * duration
+    sock = re.search(r"Socket errors: connect (\d+), read (\d+), write (\d+), timeout (\d+)", out)
+    res["errors"] = float(sum(int(g) for g in sock.groups())) if sock else 0.0
     for pct in ("50", "75", "90", "99"):
         m = re.search(rf"^\s+{pct}%\s+(\S+)", out, re.M)
         if m:
@@ -213,3 +220,104 @@ def median(xs: list[float]) -> float:
 
 def ms(x: float) -> str:
     return f"{x * 1000:.3f} ms"
+
+
+# -- helpers for the side-by-side benchmarks (bench_litellm, bench_scale, bench_llamacpp) --------------------
+
+RESULTS = ROOT / "bench" / "results"
+
+
+def cpu_seconds(pid: int) -> float:
+    """utime + stime of a process and its live descendants (CPU seconds so far); gone processes count 0."""
+    total = 0
+    for p in [pid, *_children(pid)]:
+        with contextlib.suppress(FileNotFoundError, ProcessLookupError):
+            fields = Path(f"/proc/{p}/stat").read_text().rsplit(")", 1)[1].split()
+            total += int(fields[11]) + int(fields[12])
+    return total / os.sysconf("SC_CLK_TCK")
+
+
+def pid_on_port(port: int) -> int:
+    """The pid of the process listening on a loopback TCP port (a server that a launcher started)."""
+    inode = None
+    for table in ("/proc/net/tcp", "/proc/net/tcp6"):
+        with contextlib.suppress(FileNotFoundError):
+            for line in Path(table).read_text().splitlines()[1:]:
+                f = line.split()
+                if int(f[1].rsplit(":", 1)[1], 16) == port and f[3] == "0A":  # 0A: LISTEN
+                    inode = f[9]
+    if inode is None:
+        raise RuntimeError(f"nothing listens on port {port}")
+    for d in Path("/proc").iterdir():
+        if d.name.isdigit():
+            with contextlib.suppress(OSError):
+                for fd in (d / "fd").iterdir():
+                    if os.readlink(fd) == f"socket:[{inode}]":
+                        return int(d.name)
+    raise RuntimeError(f"no process holds the socket of port {port}")
+
+
+def raise_nofile(want: int = 65536) -> int:
+    """Raise this process's open-file limit (children inherit it) towards `want`; returns the new soft limit."""
+    import resource
+
+    soft, hard = resource.getrlimit(resource.RLIMIT_NOFILE)
+    target = want if hard == resource.RLIM_INFINITY else min(want, hard)
+    if soft < target:
+        resource.setrlimit(resource.RLIMIT_NOFILE, (target, hard))
+    return resource.getrlimit(resource.RLIMIT_NOFILE)[0]
+
+
+def ensure_venv(path: Path, requirements: list[str], env: dict[str, str] | None = None,
+                timeout: float | None = None) -> Path:
+    """The python of a bench-only virtual environment at `path`, created and filled with `requirements` (pip
+    specifiers, pinned by the caller) when missing. Raises RuntimeError with pip's last lines on failure."""
+    python = path / "bin" / "python"
+    stamp = path / ".bench-requirements"
+    wanted = "\n".join(requirements)
+    if python.exists() and stamp.exists() and stamp.read_text() == wanted:
+        return python
+    if not python.exists():
+        subprocess.run([sys.executable if sys.prefix == sys.base_prefix else _base_python(), "-m", "venv",
+                        str(path)], check=True)
+    where = path.relative_to(ROOT) if path.is_relative_to(ROOT) else path
+    print(f"installing {' '.join(requirements)} into {where} (once)", flush=True)
+    try:
+        r = subprocess.run([str(python), "-m", "pip", "install", "-q", *requirements], capture_output=True,
+                           text=True, env={**os.environ, **(env or {})}, timeout=timeout)
+    except subprocess.TimeoutExpired as exc:
+        raise RuntimeError(f"pip install took longer than {timeout:.0f} s") from exc
+    if r.returncode != 0:
+        tail = "\n".join((r.stdout + r.stderr).strip().splitlines()[-8:])
+        raise RuntimeError(f"pip install {' '.join(requirements)} failed:\n{tail}")
+    stamp.write_text(wanted)
+    return python
+
+
+def _base_python() -> str:
+    """The interpreter this venv was made from (a new venv must not nest inside ours)."""
+    exe = Path(sys.base_prefix) / "bin" / f"python{sys.version_info.major}.{sys.version_info.minor}"
+    return str(exe) if exe.exists() else "python3"
+
+
+def machine_note() -> str:
+    """What else the machine was doing: cores and load average at the time of the run."""
+    one, five, _ = os.getloadavg()
+    return f"{os.cpu_count()} cores, load average {one:.1f} (1 min) {five:.1f} (5 min) at {time.strftime('%Y-%m-%d %H:%M')}"
+
+
+def write_results(name: str, data: dict[str, Any], table: str) -> None:
+    """bench/results/<name>.json and <name>.md (the table), then the plots (bench/plot.py) where it can."""
+    import json
+
+    RESULTS.mkdir(parents=True, exist_ok=True)
+    (RESULTS / f"{name}.json").write_text(json.dumps(data, indent=2, default=float) + "\n")
+    (RESULTS / f"{name}.md").write_text(table)
+    print(f"results: {(RESULTS / f'{name}.json').relative_to(ROOT)}, {(RESULTS / f'{name}.md').relative_to(ROOT)}")
+    plot_python = ROOT / "bench" / ".venv-litellm" / "bin" / "python"  # bench-only venv that has matplotlib
+    if not plot_python.exists():
+        print("plots skipped: bench/.venv-litellm is missing (python -m bench bench_litellm creates it)")
+        return
+    r = subprocess.run([str(plot_python), str(ROOT / "bench" / "plot.py"), str(RESULTS), name],
+                       capture_output=True, text=True)
+    print((r.stdout + r.stderr).strip() or "plots: nothing to plot")
