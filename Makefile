@@ -8,13 +8,15 @@ STAMP := $(VENV)/.installed
 TORCH ?= torch==2.13.0
 SYS_PKGS := redis-server prometheus wrk docker-compose nginx
 
-.PHONY: up test lint bench venv sysdeps model clean help
+.PHONY: up test lint bench soak fuzz venv sysdeps model clean help
 
 help:
 	@echo "make up     - start the local fleet (Redis, CPU model server for T0-T2, gateway on :8080)"
 	@echo "make test   - install what is needed and run the test suite"
 	@echo "make lint   - ruff + mypy"
 	@echo "make bench  - run the benchmarks under bench/"
+	@echo "make soak   - 10-minute soak of the gateway (QLP_SOAK_SECONDS)"
+	@echo "make fuzz   - long schemathesis run against the gateway's OpenAPI description"
 
 venv: $(STAMP)
 
@@ -58,6 +60,13 @@ lint: $(STAMP)
 
 bench: $(STAMP) model sysdeps
 	$(BIN)/python -m bench
+
+# Long reliability runs, never part of `make test` (docs/reliability.md).
+soak: $(STAMP) sysdeps
+	$(BIN)/python -m bench.soak
+
+fuzz: $(STAMP) sysdeps
+	QLP_FUZZ_EXAMPLES=1000 $(BIN)/python -m pytest -q tests/reliability/test_fuzz_openapi.py
 
 clean:
 	rm -rf $(VENV) models/base var

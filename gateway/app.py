@@ -22,9 +22,12 @@ from fastapi import FastAPI, Request
 from fastapi.exceptions import RequestValidationError
 from starlette.exceptions import HTTPException
 from starlette.responses import Response
+from starlette.routing import Match
+from starlette.types import Scope
 
 from gateway.config import load_config
-from gateway.errors import GatewayError, envelope
+from gateway.errors import BodyTooLarge, GatewayError, envelope
+from gateway.http import header, send_error
 from gateway.metering import routes as ledger_routes
 from gateway.metrics import observe
 from gateway.protocol import Endpoint
@@ -49,15 +52,33 @@ def _error_response(status: int, message: str, code: str | None = None, param: s
                     headers=headers)
 
 
+def _allowed_methods(app: FastAPI, scope: Scope) -> list[str]:
+    """Every method some route serves at the scope's path (routers included by FastAPI walked too)."""
+    methods: set[str] = set()
+    stack: list[Any] = list(app.router.routes)
+    while stack:
+        route = stack.pop()
+        nested = getattr(route, "original_router", None)  # newer FastAPI keeps an included router whole
+        if nested is not None:
+            stack.extend(nested.routes)
+        elif getattr(route, "methods", None) and route.matches(scope)[0] is not Match.NONE:
+            methods |= set(route.methods)
+    return sorted(methods)
+
+
 def _install_error_handlers(app: FastAPI) -> None:
     @app.exception_handler(GatewayError)
     async def _gateway_error(_: Request, exc: GatewayError) -> Response:
         return Response(exc.body(), status_code=exc.status, media_type="application/json", headers=exc.headers)
 
     @app.exception_handler(HTTPException)
-    async def _http_error(_: Request, exc: HTTPException) -> Response:
-        code = {404: "not_found", 405: "method_not_allowed"}.get(exc.status_code)
-        return _error_response(exc.status_code, str(exc.detail), code, headers=getattr(exc, "headers", None))
+    async def _http_error(request: Request, exc: HTTPException) -> Response:
+        code = {404: "not_found", 405: "method_not_allowed", 413: "request_too_large"}.get(exc.status_code)
+        headers = getattr(exc, "headers", None)
+        if exc.status_code == 405:
+            # Starlette names only the first route that matched the path; RFC 9110 wants every method.
+            headers = {**(headers or {}), "Allow": ", ".join(_allowed_methods(app, request.scope))}
+        return _error_response(exc.status_code, str(exc.detail), code, headers=headers)
 
     @app.exception_handler(RequestValidationError)
     async def _validation_error(_: Request, exc: RequestValidationError) -> Response:
@@ -93,7 +114,31 @@ class Gateway:
                         await send({"type": "http.response.body",
                                     "body": envelope("internal error", "internal_error", None, "internal_error")})
                 return
+        if scope["type"] == "http":
+            await self._bounded_api(scope, receive, send)
+            return
         await self.api(scope, receive, send)
+
+    async def _bounded_api(self, scope: dict[str, Any], receive: Any, send: Any) -> None:
+        """FastAPI routes under the same body limit as the proxy routes (FastAPI has none of its own: a
+        request to, say, POST /v1/admin/keys would be read whole into memory, key or no key)."""
+        limit = self.runtime.settings.max_body_bytes
+        declared = header(scope["headers"], b"content-length")
+        if declared is not None and declared.isdigit() and int(declared) > limit:
+            too_large = BodyTooLarge(f"request body of {int(declared)} bytes exceeds the limit of {limit} bytes")
+            await send_error(send, too_large, [])
+            return
+        seen = 0
+
+        async def bounded_receive() -> Any:
+            nonlocal seen
+            message = await receive()
+            seen += len(message.get("body", b""))
+            if seen > limit:  # a chunked body, no length declared: refused once it passes the limit
+                raise HTTPException(413, f"request body exceeds the limit of {limit} bytes")
+            return message
+
+        await self.api(scope, bounded_receive, send)
 
 
 def create_app(settings: Settings | None = None) -> Gateway:

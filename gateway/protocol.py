@@ -21,6 +21,7 @@ log = logging.getLogger("qlp.gateway")
 
 Endpoint = Literal["chat", "completions"]
 
+MAX_TOKEN_ID = 2**32 - 1  # token ids index a vocabulary
 ROLES = frozenset({"system", "developer", "user", "assistant", "tool", "function"})
 # Fields some gateways read to choose where to connect or which key to send. We never honour them; we drop
 # them so they cannot reach an upstream either.
@@ -42,6 +43,9 @@ def _int_field(body: dict[str, Any], name: str, lo: int, hi: int) -> int | None:
     v = body.get(name)
     if v is None:
         return None
+    if isinstance(v, float) and v.is_integer():
+        # JSON has one number type: 7.0 is the integer 7 (as JSON Schema says); the upstream gets 7.
+        v = body[name] = int(v)
     if isinstance(v, bool) or not isinstance(v, int):
         raise InvalidRequest(f"'{name}' must be an integer", param=name, code="invalid_type")
     if not lo <= v <= hi:
@@ -56,7 +60,7 @@ def _check_messages(messages: Any) -> None:
         if not isinstance(m, dict):
             raise InvalidRequest(f"messages[{i}] must be an object", param=f"messages[{i}]", code="invalid_type")
         role = m.get("role")
-        if role not in ROLES:
+        if not isinstance(role, str) or role not in ROLES:  # an object or array is unhashable: no set lookup
             raise InvalidRequest(
                 f"messages[{i}].role must be one of {sorted(ROLES)}, got {role!r}"[:300],
                 param=f"messages[{i}].role",
@@ -77,10 +81,20 @@ def _check_messages(messages: Any) -> None:
             )
 
 
-def _check_prompt(prompt: Any) -> None:
-    ok = (isinstance(prompt, str) and prompt != "") or (
-        isinstance(prompt, list) and prompt and all(isinstance(p, str | int) and not isinstance(p, bool) for p in prompt)
-    )
+def _token_id(p: Any) -> int | None:
+    if isinstance(p, float) and p.is_integer():
+        p = int(p)  # 5.0 is the token id 5 in JSON (see _int_field)
+    return p if isinstance(p, int) and not isinstance(p, bool) and 0 <= p <= MAX_TOKEN_ID else None
+
+
+def _check_prompt(body: dict[str, Any]) -> None:
+    prompt = body.get("prompt")
+    ok = isinstance(prompt, str) and prompt != ""
+    if isinstance(prompt, list) and prompt:
+        items = [p if isinstance(p, str) else _token_id(p) for p in prompt]
+        ok = None not in items
+        if ok and any(isinstance(p, float) for p in prompt):
+            body["prompt"] = items  # the upstream gets 5, not 5.0
     if not ok:
         raise InvalidRequest(
             "'prompt' must be a non-empty string or array of strings or token ids", param="prompt", code="invalid_value"
@@ -112,7 +126,7 @@ def parse_request(raw: bytes, endpoint: Endpoint, *, max_n: int, max_tokens_limi
     if endpoint == "chat":
         _check_messages(body.get("messages"))
     else:
-        _check_prompt(body.get("prompt"))
+        _check_prompt(body)
     n = _int_field(body, "n", 1, max_n) or 1
     max_tokens = _int_field(body, "max_tokens", 1, max_tokens_limit)
     mct = _int_field(body, "max_completion_tokens", 1, max_tokens_limit)

@@ -173,6 +173,10 @@ async def _proxy(rt: Runtime, req: ParsedRequest, target: Target, x: Exchange, r
                 break  # a fallback tier that cannot serve this endpoint is skipped
             try:
                 body = provider.request_body(req.body, tgt.model, req.stream)
+            except orjson.JSONEncodeError as exc:
+                # orjson reads 1024 levels of nesting but writes only 254: such a body is no request for
+                # any upstream (and was a 500).
+                raise InvalidRequest("request body is nested too deeply", code="invalid_json") from exc
             except InvalidRequest as exc:
                 if i == 0:
                     raise

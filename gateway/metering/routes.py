@@ -12,12 +12,13 @@ from __future__ import annotations
 
 import contextlib
 import datetime as dt
+import re
 from collections.abc import Iterator
 from decimal import Decimal
 from typing import Annotated, Any
 
-from fastapi import APIRouter, Depends, Query, Request
-from pydantic import BaseModel, ConfigDict, Field
+from fastapi import APIRouter, Depends, Query, Request, Security
+from pydantic import BaseModel, BeforeValidator, ConfigDict, Field, WithJsonSchema
 
 from gateway.errors import InvalidRequest, NotFound, PermissionDenied, ServiceUnavailable
 from gateway.metering import reader
@@ -25,10 +26,23 @@ from gateway.metering.keys import KeyLimits, Principal, Role
 from gateway.metering.layout import TENANT_NAME
 from gateway.metering.meter import UNAVAILABLE, Meter
 from gateway.metering.pricing import micros_of_usd
+from gateway.routes.responses import bearer, errors
 
 __all__ = ["router"]
 
-router = APIRouter(tags=["ledger"])
+
+async def _single_valued_query(request: Request) -> None:
+    """A parameter given twice is refused, not resolved to one of its values: a proxy in front that checks
+    the first `tenant=` must not be overruled by a second one (HTTP parameter pollution)."""
+    seen: set[str] = set()
+    for name, _ in request.query_params.multi_items():
+        if name in seen:
+            raise InvalidRequest(f"query parameter {name[:64]!r} is given more than once", param=name[:64],
+                                 code="invalid_value")
+        seen.add(name)
+
+
+router = APIRouter(tags=["ledger"], dependencies=[Security(bearer), Depends(_single_valued_query)])
 
 
 def _meter(request: Request) -> Meter:
@@ -87,14 +101,23 @@ def _range(since: str | None, until: str | None) -> tuple[dt.date, dt.date]:
         raise InvalidRequest("since/until must be dates (YYYY-MM-DD, UTC)", param="since", code="invalid_value") from exc
 
 
-@router.get("/v1/ledger/summary", summary="Cost, tokens and savings grouped by tier, model, agent, workflow or day")
+# A UTC day; empty is the same as absent (today).
+_DAY: dict[str, Any] = {"anyOf": [{"type": "string", "format": "date"}, {"type": "string", "maxLength": 0},
+                                  {"type": "null"}]}
+
+
+@router.get("/v1/ledger/summary", summary="Cost, tokens and savings grouped by tier, model, agent, workflow or day",
+            responses=errors(400, 401, 403, 404, 503))
 async def ledger_summary(
     p: PrincipalDep,
     meter: MeterDep,
     group_by: reader.GroupBy = "tier",
-    since: Annotated[str | None, Query(description="first UTC day, YYYY-MM-DD (default today)")] = None,
-    until: Annotated[str | None, Query(description="last UTC day, inclusive (default today)")] = None,
-    tenant: Annotated[str | None, Query(description="admin: one tenant (default all)")] = None,
+    since: Annotated[str | None, Query(description="first UTC day, YYYY-MM-DD (default today)",
+                                       json_schema_extra=_DAY)] = None,
+    until: Annotated[str | None, Query(description="last UTC day, inclusive (default today)",
+                                       json_schema_extra=_DAY)] = None,
+    tenant: Annotated[str | None, Query(description="admin: one tenant (default all)",
+                                        pattern=TENANT_NAME.pattern)] = None,
 ) -> dict[str, Any]:
     first, last = _range(since, until)
     tenants = await _tenants(meter, p, tenant)
@@ -105,9 +128,10 @@ async def ledger_summary(
         raise InvalidRequest(str(exc), param="until", code="invalid_value") from exc
 
 
-@router.get("/v1/ledger/workflows/{workflow_id}", summary="Cost of one workflow and every request in it")
+@router.get("/v1/ledger/workflows/{workflow_id}", summary="Cost of one workflow and every request in it",
+            responses=errors(400, 401, 403, 404, 503))
 async def ledger_workflow(p: PrincipalDep, meter: MeterDep, workflow_id: str,
-                          tenant: str | None = None) -> dict[str, Any]:
+                          tenant: Annotated[str | None, Query(pattern=TENANT_NAME.pattern)] = None) -> dict[str, Any]:
     with _store():
         for t in await _tenants(meter, p, tenant):
             found = await reader.workflow(meter.redis, t, workflow_id)
@@ -116,18 +140,42 @@ async def ledger_workflow(p: PrincipalDep, meter: MeterDep, workflow_id: str,
     raise NotFound(f"no workflow {workflow_id[:128]!r} in the ledger", code="workflow_not_found")
 
 
+_USD_TEXT = r"^[0-9]{1,15}(\.[0-9]{1,6})?$"
+
+
+def _usd_text(v: Any) -> Any:
+    if isinstance(v, str) and not re.fullmatch(_USD_TEXT, v):
+        raise ValueError('a text amount is decimal USD, like "12.50"')
+    return v
+
+
+# USD as a JSON number or a decimal string (exact). The description says so; the API accepts nothing else.
+Usd = Annotated[Decimal, BeforeValidator(_usd_text), Field(ge=0),
+                WithJsonSchema({"anyOf": [{"type": "number", "minimum": 0}, {"type": "string", "pattern": _USD_TEXT}]})]
+
+
+def _json_int(v: Any) -> Any:
+    if isinstance(v, str | bool):
+        raise ValueError("must be a JSON integer")  # lax int would take "5" and true
+    return v
+
+
+Count = Annotated[int, Field(ge=0), BeforeValidator(_json_int)]  # 5 and 5.0 (one JSON number), not "5"
+
+
 class KeyRequest(BaseModel):
     model_config = ConfigDict(extra="forbid")
     tenant: str = Field(pattern=TENANT_NAME.pattern)
     name: str = Field("", max_length=200)
     role: Role = "user"
-    budget_day_usd: Decimal = Field(Decimal(0), ge=0, description="0: no daily budget")
-    budget_month_usd: Decimal = Field(Decimal(0), ge=0, description="0: no monthly budget")
-    requests_per_minute: int = Field(0, ge=0)
-    tokens_per_minute: int = Field(0, ge=0)
+    budget_day_usd: Usd = Field(Decimal(0), description="0: no daily budget")
+    budget_month_usd: Usd = Field(Decimal(0), description="0: no monthly budget")
+    requests_per_minute: Count = 0
+    tokens_per_minute: Count = 0
 
 
-@router.post("/v1/admin/keys", summary="Create an API key (shown once)", status_code=201)
+@router.post("/v1/admin/keys", summary="Create an API key (shown once)", status_code=201,
+             responses=errors(400, 401, 403, 404, 503))
 async def create_key(_: AdminDep, meter: MeterDep, body: KeyRequest) -> dict[str, Any]:
     limits = KeyLimits(micros_of_usd(body.budget_day_usd), micros_of_usd(body.budget_month_usd),
                        body.requests_per_minute, body.tokens_per_minute)
@@ -136,14 +184,15 @@ async def create_key(_: AdminDep, meter: MeterDep, body: KeyRequest) -> dict[str
     return {"key": key, **info.as_dict()}
 
 
-@router.get("/v1/admin/keys", summary="List API keys (never the keys themselves)")
+@router.get("/v1/admin/keys", summary="List API keys (never the keys themselves)",
+            responses=errors(400, 401, 403, 404, 503))
 async def list_keys(_: AdminDep, meter: MeterDep, tenant: str | None = None) -> dict[str, Any]:
     with _store():
         keys = await meter.keys.list_keys(tenant)
     return {"object": "list", "data": [k.as_dict() for k in keys]}
 
 
-@router.delete("/v1/admin/keys/{key_id}", summary="Revoke an API key")
+@router.delete("/v1/admin/keys/{key_id}", summary="Revoke an API key", responses=errors(400, 401, 403, 404, 503))
 async def revoke_key(_: AdminDep, meter: MeterDep, key_id: str) -> dict[str, Any]:
     with _store():
         info = await meter.keys.revoke(key_id)

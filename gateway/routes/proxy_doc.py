@@ -7,66 +7,100 @@ FastAPI sees the request. These declarations only put them in the OpenAPI docume
 
 from __future__ import annotations
 
-from typing import Annotated, Any
+from typing import Annotated, Any, Literal
 
-from fastapi import APIRouter, Header
-from pydantic import BaseModel, ConfigDict
+from fastapi import APIRouter, Header, Security
+from pydantic import BaseModel, ConfigDict, Field
+
+from gateway.config import FleetConfig
+from gateway.protocol import MAX_TOKEN_ID
+from gateway.routes.responses import bearer, errors
 
 __all__ = ["router"]
 
-router = APIRouter(tags=["proxy"])
+router = APIRouter(tags=["proxy"], dependencies=[Security(bearer)])
+
+# The models below say exactly what gateway/protocol.py accepts, so that a request valid by this
+# description is served and an invalid one is refused (tests/reliability/test_fuzz_openapi.py checks both).
+# Limits are the fleet defaults; a fleet config may set others (`max_n`, `max_tokens_limit`).
+MAX_N: int = FleetConfig.model_fields["max_n"].default
+MAX_TOKENS: int = FleetConfig.model_fields["max_tokens_limit"].default
+NOptional = Annotated[int, Field(ge=1, le=MAX_N)] | None
+TokensOptional = Annotated[int, Field(ge=1, le=MAX_TOKENS)] | None
+TokenId = Annotated[int, Field(ge=0, le=MAX_TOKEN_ID)]
 
 
 class ChatMessage(BaseModel):
     model_config = ConfigDict(extra="allow")
-    role: str
-    content: str | list[dict[str, Any]] | None = None
+    role: Literal["system", "developer", "user", "tool"]
+    content: str | list[Any]
+
+
+class AssistantMessage(BaseModel):
+    model_config = ConfigDict(extra="allow")
+    role: Literal["assistant", "function"]
+    content: str | list[Any] | None = None
 
 
 class ChatCompletionRequest(BaseModel):
     model_config = ConfigDict(extra="allow")
     model: str | None = None
-    messages: list[ChatMessage]
-    stream: bool = False
-    n: int | None = None
-    max_tokens: int | None = None
+    messages: Annotated[list[ChatMessage | AssistantMessage], Field(min_length=1)]
+    stream: bool | None = False
+    stream_options: dict[str, Any] | None = None
+    n: NOptional = None
+    max_tokens: TokensOptional = None
+    max_completion_tokens: TokensOptional = None
 
 
 class CompletionRequest(BaseModel):
     model_config = ConfigDict(extra="allow")
     model: str | None = None
-    prompt: str | list[str] | list[int]
-    stream: bool = False
-    max_tokens: int | None = None
+    prompt: Annotated[str, Field(min_length=1)] | Annotated[list[str | TokenId], Field(min_length=1)]
+    stream: bool | None = False
+    stream_options: dict[str, Any] | None = None
+    n: NOptional = None
+    max_tokens: TokensOptional = None
+    max_completion_tokens: TokensOptional = None
 
 
-TierH = Annotated[str | None, Header(description="T0..T3; else `model` decides; else the default tier")]
-AgentH = Annotated[str | None, Header(description="agent role; picks its adapter within the tier")]
-WorkflowH = Annotated[str | None, Header(description="groups requests for cost per workflow")]
-RequestIdH = Annotated[str | None, Header(description="idempotency and correlation key; echoed")]
+# Optional headers: an empty one is the same as none (hence the "" defaults). The fleet's tiers are T0..T3;
+# case and surrounding blanks do not matter.
+TierH = Annotated[str, Header(description="T0..T3; else `model` decides; else the default tier",
+                                     pattern=r"^\s*([Tt][0-3])?\s*$")]
+AgentH = Annotated[str, Header(description="agent role; picks its adapter within the tier")]
+WorkflowH = Annotated[str, Header(description="groups requests for cost per workflow")]
+RequestIdH = Annotated[str, Header(description="idempotency and correlation key; echoed")]
+# 200: JSON, or server-sent events when `stream` is true (the schema describes each event, as before OpenAPI
+# 3.2: its data is a chunk object as JSON, or [DONE]; a failure after the stream started is an error envelope).
+SSE_EVENT = {"type": "object", "required": ["data"], "properties": {"data": {"type": "string"}}}
+PROXY_RESPONSES: dict[int | str, dict[str, Any]] = {
+    200: {"content": {"text/event-stream": {"schema": SSE_EVENT}}},
+    **errors(400, 401, 404, 413, 429, 502, 503, 504),
+}
 
 
 def _unreachable() -> dict[str, Any]:
     raise RuntimeError("proxy routes are dispatched by gateway.app.Gateway")
 
 
-@router.post("/v1/chat/completions", summary="OpenAI chat completions, routed by tier")
+@router.post("/v1/chat/completions", summary="OpenAI chat completions, routed by tier", responses=PROXY_RESPONSES)
 async def chat_completions(
     body: ChatCompletionRequest,
-    x_qlp_tier: TierH = None,
-    x_qlp_agent: AgentH = None,
-    x_qlp_workflow_id: WorkflowH = None,
-    x_request_id: RequestIdH = None,
+    x_qlp_tier: TierH = "",
+    x_qlp_agent: AgentH = "",
+    x_qlp_workflow_id: WorkflowH = "",
+    x_request_id: RequestIdH = "",
 ) -> dict[str, Any]:
     return _unreachable()
 
 
-@router.post("/v1/completions", summary="OpenAI completions, routed by tier")
+@router.post("/v1/completions", summary="OpenAI completions, routed by tier", responses=PROXY_RESPONSES)
 async def completions(
     body: CompletionRequest,
-    x_qlp_tier: TierH = None,
-    x_qlp_agent: AgentH = None,
-    x_qlp_workflow_id: WorkflowH = None,
-    x_request_id: RequestIdH = None,
+    x_qlp_tier: TierH = "",
+    x_qlp_agent: AgentH = "",
+    x_qlp_workflow_id: WorkflowH = "",
+    x_request_id: RequestIdH = "",
 ) -> dict[str, Any]:
     return _unreachable()
