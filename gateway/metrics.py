@@ -65,8 +65,19 @@ class Metrics:
         self.backend_up = Gauge("qlp_backend_up", "Last health probe succeeded (1) or not (0)",
                                 ("tier", "backend"), registry=r, multiprocess_mode="min")
         # The spool file is shared by the workers: the latest reading is the truth, not a sum.
+        # labels() costs microseconds (lock, validation); the label sets are bounded, so keep the children.
+        self._children: dict[tuple[int, tuple[str, ...]], Any] = {}
         self.spool_depth = Gauge("qlp_ledger_spool_depth", "Ledger charges waiting in the local spool",
                                  registry=r, multiprocess_mode="livemostrecent")
+
+
+def child(m: Metrics, metric: Any, *labels: str) -> Any:
+    """`metric.labels(*labels)`, memoised per process."""
+    key = (id(metric), labels)
+    c = m._children.get(key)
+    if c is None:
+        c = m._children[key] = metric.labels(*labels)
+    return c
 
 
 def render(metrics: Metrics) -> bytes:
@@ -90,29 +101,29 @@ def observe(m: Metrics, x: Any, now: float) -> None:
     stream = "true" if x.stream else "false"
     total = now - x.started
     status = x.status or 500
-    m.requests.labels(tier, backend, STATUS_CLASSES[min(2, max(0, status // 100 - 2))]).inc()
+    child(m, m.requests, tier, backend, STATUS_CLASSES[min(2, max(0, status // 100 - 2))]).inc()
     if status < 400:
-        m.latency.labels(tier, backend, stream).observe(total)
+        child(m, m.latency, tier, backend, stream).observe(total)
     if x.first_byte_at is not None:
-        m.ttft.labels(tier, backend, stream).observe(x.first_byte_at - x.started)
+        child(m, m.ttft, tier, backend, stream).observe(x.first_byte_at - x.started)
     if x.backend is not None:
-        m.overhead.labels(tier, stream).observe(max(0.0, total - x.upstream_seconds))
+        child(m, m.overhead, tier, stream).observe(max(0.0, total - x.upstream_seconds))
     if x.attempts > 1:
-        m.retries.labels(tier).inc(x.attempts - 1)
+        child(m, m.retries, tier).inc(x.attempts - 1)
     for to_tier in x.fallbacks:
-        m.fallbacks.labels(x.requested_tier or "none", to_tier).inc()
+        child(m, m.fallbacks, x.requested_tier or "none", to_tier).inc()
     if x.error_kind in UPSTREAM_KINDS:
-        m.upstream_errors.labels(tier, backend, x.error_kind).inc()
+        child(m, m.upstream_errors, tier, backend, x.error_kind).inc()
     if x.cost_micros is not None and x.model is not None:
-        m.cost.labels(tier, x.model).inc(x.cost_micros / 1e6)
-        m.reference_cost.labels(tier, x.model).inc((x.reference_cost_micros or 0) / 1e6)
+        child(m, m.cost, tier, x.model).inc(x.cost_micros / 1e6)
+        child(m, m.reference_cost, tier, x.model).inc((x.reference_cost_micros or 0) / 1e6)
     if x.error_kind == "budget_exceeded":
-        m.budget_rejections.labels(tier).inc()
+        child(m, m.budget_rejections, tier).inc()
     elif x.error_kind == "rate_limit_exceeded":
-        m.rate_limit_rejections.labels(tier).inc()
+        child(m, m.rate_limit_rejections, tier).inc()
     usage = x.usage
     if isinstance(usage, dict) and x.model is not None:
         for kind in ("prompt", "completion"):
             n = usage.get(f"{kind}_tokens")
             if isinstance(n, int) and n > 0:
-                m.tokens.labels(tier, x.model, kind).inc(n)
+                child(m, m.tokens, tier, x.model, kind).inc(n)
