@@ -10,6 +10,7 @@ import pytest
 from gateway.config import Timeouts
 from gateway.errors import UpstreamError
 from gateway.upstream import UpstreamClient
+from tests.fakes.listeners import full_accept_queue
 
 Handler = Callable[[asyncio.StreamReader, asyncio.StreamWriter], Awaitable[None]]
 T = Timeouts(connect=1, first_byte=2, idle=2, total=5)
@@ -143,31 +144,12 @@ async def test_connect_refused_is_retryable(client: UpstreamClient) -> None:
 
 
 async def test_connect_timeout_trips_on_time_and_is_retryable(client: UpstreamClient) -> None:
-    import socket
     import time
 
-    # A listener whose accept queue is full: the kernel drops further SYNs, so connect() hangs.
-    listener = socket.socket()
-    listener.bind(("127.0.0.1", 0))
-    listener.listen(0)
-    port = listener.getsockname()[1]
-    fillers = []
-    for _ in range(3):
-        c = socket.socket()
-        c.setblocking(False)
-        try:
-            c.connect(("127.0.0.1", port))
-        except BlockingIOError:
-            pass
-        fillers.append(c)
-    try:
+    with full_accept_queue() as port:
         t0 = time.monotonic()
         with pytest.raises(UpstreamError) as e:
             await client.post(f"http://127.0.0.1:{port}/v1/x", b"{}", {},
                               Timeouts(connect=0.3, first_byte=5, idle=5, total=10))
         assert 0.25 < time.monotonic() - t0 < 1.5
         assert e.value.kind == "timeout_connect" and e.value.retryable
-    finally:
-        for c in fillers:
-            c.close()
-        listener.close()

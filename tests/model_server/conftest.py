@@ -7,12 +7,8 @@ carries the port) and then for /health, and stops it at the end of the session.
 from __future__ import annotations
 
 import json
-import os
-import queue
-import signal
 import subprocess
 import sys
-import threading
 import warnings
 from collections.abc import Iterator
 from dataclasses import dataclass
@@ -22,6 +18,8 @@ from typing import Any
 import httpx
 import openai
 import pytest
+
+from tests.fakes.model_server import start_model_server, stop_model_server
 
 ROOT = Path(__file__).resolve().parents[2]
 MODEL_DIR = ROOT / "models" / "base"
@@ -102,44 +100,17 @@ def adapters(tmp_path_factory: pytest.TempPathFactory) -> Adapters:
 
 def start_server(args: list[str], log: Path) -> RunningServer:
     """Start `qlp model-server --port 0 ARGS`; return once it printed its ready line and /health is 200."""
-    env = {**os.environ, "PYTHONUNBUFFERED": "1"}
-    with log.open("w") as log_file:
-        proc = subprocess.Popen(
-            [str(QLP), "model-server", "--port", "0", "--model", str(MODEL_DIR), *args],
-            cwd=ROOT, stdout=subprocess.PIPE, stderr=log_file, text=True, env=env,
-        )  # fmt: skip
-    lines: queue.Queue[str] = queue.Queue()
-
-    def pump() -> None:
-        assert proc.stdout is not None
-        for line in proc.stdout:
-            lines.put(line)
-        lines.put("")  # EOF: the process ended
-
-    threading.Thread(target=pump, daemon=True).start()
+    srv = start_model_server(args, log, timeout=START_TIMEOUT_S)
     try:
-        while True:
-            line = lines.get(timeout=START_TIMEOUT_S)
-            if not line:
-                raise RuntimeError(f"model server exited before ready:\n{log.read_text()[-3000:]}")
-            if line.startswith("model-server ready on "):
-                url = line.split(" on ", 1)[1].strip()
-                break
-        assert httpx.get(f"{url}/health", timeout=10).status_code == 200
+        assert httpx.get(f"{srv.url}/health", timeout=10).status_code == 200
     except BaseException:
-        stop_server(proc)
+        stop_server(srv.proc)
         raise
-    return RunningServer(url, proc, log)
+    return RunningServer(srv.url, srv.proc, log)
 
 
 def stop_server(proc: subprocess.Popen[str]) -> None:
-    if proc.poll() is None:
-        proc.send_signal(signal.SIGTERM)
-        try:
-            proc.wait(timeout=20)
-        except subprocess.TimeoutExpired:
-            proc.kill()
-            proc.wait(timeout=10)
+    stop_model_server(proc, timeout=20)
 
 
 @pytest.fixture(scope="session")

@@ -16,12 +16,7 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import math
-import os
-import queue
-import signal
-import subprocess
 import sys
-import threading
 import time
 from collections.abc import Iterator
 from concurrent.futures import ThreadPoolExecutor
@@ -38,6 +33,7 @@ from openai.types.chat import ChatCompletionMessageParam
 
 from gateway.metering.keys import KeyLimits, KeyStore
 from tests.fakes.gateway import RunningGateway, free_port, start_gateway
+from tests.fakes.model_server import start_model_server, stop_model_server
 from tests.fakes.upstream import FakeUpstream, Script
 from tests.observability import exprs
 from tests.observability.prom import Prometheus, eventually, loopback_config, require_binary, running
@@ -57,40 +53,11 @@ MODEL_REQUESTS_PER_ROUND = 2  # of which the model server serves (each costs sec
 @contextlib.contextmanager
 def model_server(log: Path) -> Iterator[str]:
     """`qlp model-server --port 0 --model models/base`; yields its URL once it printed its ready line."""
-    with log.open("w") as err:
-        proc = subprocess.Popen(
-            [str(QLP), "model-server", "--port", "0", "--model", str(MODEL_DIR), "--max-model-len", "512",
-             "--max-batch-size", "8"],
-            cwd=ROOT, stdout=subprocess.PIPE, stderr=err, text=True, start_new_session=True,
-            env={**os.environ, "PYTHONUNBUFFERED": "1"},
-        )  # fmt: skip
-    lines: queue.Queue[str] = queue.Queue()
-
-    def pump() -> None:
-        assert proc.stdout is not None
-        for line in proc.stdout:
-            lines.put(line)
-        lines.put("")
-
-    threading.Thread(target=pump, daemon=True, name="model-server-stdout").start()
+    srv = start_model_server(["--max-model-len", "512", "--max-batch-size", "8"], log, timeout=120)
     try:
-        deadline = time.monotonic() + 120
-        while True:
-            line = lines.get(timeout=max(0.1, deadline - time.monotonic()))
-            if not line:
-                raise RuntimeError(f"model server exited before ready:\n{log.read_text()[-3000:]}")
-            if line.startswith("model-server ready on "):
-                url = line.split(" on ", 1)[1].strip()
-                break
-        yield url
+        yield srv.url
     finally:
-        with contextlib.suppress(ProcessLookupError):
-            os.killpg(proc.pid, signal.SIGTERM)
-        try:
-            proc.wait(20)
-        except subprocess.TimeoutExpired:
-            os.killpg(proc.pid, signal.SIGKILL)
-            proc.wait()
+        stop_model_server(srv.proc, timeout=20)
 
 
 def _create_keys(redis_url: str) -> dict[str, str]:

@@ -7,7 +7,6 @@ half-open probe. Timings allow for a slow shared machine: never early, at most T
 from __future__ import annotations
 
 import json
-import socket
 import time
 from collections.abc import Callable, Iterator
 from typing import Any
@@ -18,6 +17,7 @@ import pytest
 from gateway.breaker import BreakerState
 from tests.fakes.faultproxy import FaultProxy
 from tests.fakes.gateway import RunningGateway
+from tests.fakes.listeners import full_accept_queue
 from tests.fakes.upstream import Script
 from tests.reliability.conftest import MSG, eventually
 
@@ -68,24 +68,9 @@ def gw_via(proxy: FaultProxy, gateway_factory: Callable[..., RunningGateway]) ->
 
 @pytest.fixture
 def full_listener() -> Iterator[str]:
-    """A listener whose accept queue is full: the kernel drops further SYNs, so connect() hangs."""
-    listener = socket.socket()
-    listener.bind(("127.0.0.1", 0))
-    listener.listen(0)
-    port = listener.getsockname()[1]
-    fillers = []
-    for _ in range(3):
-        c = socket.socket()
-        c.setblocking(False)
-        try:
-            c.connect(("127.0.0.1", port))
-        except BlockingIOError:
-            pass
-        fillers.append(c)
-    yield f"http://127.0.0.1:{port}/v1"
-    for c in fillers:
-        c.close()
-    listener.close()
+    """A listener whose accept queue is full: connect() to it hangs."""
+    with full_accept_queue() as port:
+        yield f"http://127.0.0.1:{port}/v1"
 
 
 # -- timeouts ---------------------------------------------------------------------------------------------

@@ -10,18 +10,15 @@ The learning rate is high so that 6 steps visibly change the model.
 from __future__ import annotations
 
 import json
-import os
-import queue
-import signal
-import subprocess
 import sys
-import threading
 from collections.abc import Iterator
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
 import pytest
+
+from tests.fakes.model_server import RunningModelServer, start_model_server, stop_model_server
 
 ROOT = Path(__file__).resolve().parents[2]
 MODEL_DIR = ROOT / "models" / "base"
@@ -109,47 +106,9 @@ def exported(trained: TrainedRun) -> Exported:
 
 # ---- a real model server process ----
 
-@dataclass
-class ModelServer:
-    url: str
-    proc: subprocess.Popen[str]
-
-
-def start_model_server(args: list[str], log: Path, timeout: float = 180.0) -> ModelServer:
-    """`qlp model-server --port 0 ARGS`; returns once its ready line (which carries the URL) is printed."""
-    with log.open("w") as log_file:
-        proc = subprocess.Popen([str(QLP), "model-server", "--port", "0", "--model", str(MODEL_DIR), *args],
-                                cwd=ROOT, stdout=subprocess.PIPE, stderr=log_file, text=True,
-                                env={**os.environ, "PYTHONUNBUFFERED": "1"})
-    lines: queue.Queue[str] = queue.Queue()
-
-    def pump() -> None:
-        assert proc.stdout is not None
-        for line in proc.stdout:
-            lines.put(line)
-        lines.put("")
-
-    threading.Thread(target=pump, daemon=True).start()
-    try:
-        while True:
-            line = lines.get(timeout=timeout)
-            if not line:
-                raise RuntimeError(f"model server exited before ready:\n{log.read_text()[-3000:]}")
-            if line.startswith("model-server ready on "):
-                return ModelServer(line.split(" on ", 1)[1].strip(), proc)
-    except BaseException:
-        stop_process(proc)
-        raise
-
-
-def stop_process(proc: subprocess.Popen[str]) -> None:
-    if proc.poll() is None:
-        proc.send_signal(signal.SIGTERM)
-        try:
-            proc.wait(timeout=30)
-        except subprocess.TimeoutExpired:
-            proc.kill()
-            proc.wait(timeout=10)
+# The trainer's tests use the shared helper (tests/fakes/model_server.py).
+ModelServer = RunningModelServer
+stop_process = stop_model_server
 
 
 @pytest.fixture(scope="session")
