@@ -25,7 +25,7 @@ from typing import Any
 
 import orjson
 
-from gateway.config import Backend, Tier
+from gateway.config import Backend
 from gateway.errors import GatewayError, InvalidRequest, ServiceUnavailable, UpstreamError, envelope
 from gateway.http import ClientDisconnected, Headers, read_body, send_error, send_json
 from gateway.metering.estimate import completion_tokens_of_body
@@ -129,11 +129,11 @@ def _backoff(rt: Runtime, retry_no: int) -> float:
     return random.uniform(0, min(r.backoff_max, r.backoff_base * (2 ** (retry_no - 1))))
 
 
-def _upstream_key(rt: Runtime, tier: Tier, backend: Backend) -> tuple[bool, str | None]:
+def _upstream_key(rt: Runtime, bkey: str, backend: Backend) -> tuple[bool, str | None]:
     """(configured?, key): a backend that names a secret is usable only once the secret is set."""
     if not backend.api_key_secret:
         return True, None
-    key = rt.backend_keys[f"{tier.name}/{backend.name}"]
+    key = rt.backend_keys[bkey]
     return key is not None, key
 
 
@@ -163,7 +163,8 @@ async def _proxy(rt: Runtime, req: ParsedRequest, target: Target, x: Exchange, r
                     code="no_healthy_backend",
                 )
                 break
-            provider = rt.providers[f"{tier.name}/{backend.name}"]
+            bkey = f"{tier.name}/{backend.name}"  # breakers, providers and keys are all keyed by it
+            provider = rt.providers[bkey]
             if req.endpoint not in provider.endpoints:
                 unsupported = InvalidRequest(f"tier {tier.name} serves only /v1/chat/completions",
                                              code="unsupported_endpoint")
@@ -182,7 +183,7 @@ async def _proxy(rt: Runtime, req: ParsedRequest, target: Target, x: Exchange, r
                     raise
                 last = last or exc
                 break  # the request cannot be expressed for this fallback's provider: skip it
-            configured, key = _upstream_key(rt, tier, backend)
+            configured, key = _upstream_key(rt, bkey, backend)
             if not configured:
                 last = ServiceUnavailable(
                     f"tier {tier.name} upstream {backend.name!r} is not configured: set QLP_{backend.api_key_secret.upper()}"  # type: ignore[union-attr]
@@ -198,7 +199,7 @@ async def _proxy(rt: Runtime, req: ParsedRequest, target: Target, x: Exchange, r
                 x.fallbacks.append(tier.name)
             tried.add(backend.name)
             x.tier, x.backend, x.model = tier.name, backend.name, tgt.model
-            breaker = rt.breakers[f"{tier.name}/{backend.name}"]
+            breaker = rt.breakers[bkey]
             breaker.acquire(now)
             t_up = time.perf_counter()
             try:
