@@ -13,7 +13,9 @@ from typing import Any
 import yaml
 from pydantic import BaseModel, ConfigDict, Field, field_validator, model_validator
 
+from gateway.capture.config import CaptureConfig
 from gateway.providers import Provider, provider_for
+from gateway.rollout.model import Rollout, RolloutError, check_rollout
 
 __all__ = ["Backend", "FleetConfig", "Kind", "Policy", "RetryConfig", "Tier", "Timeouts", "backend_provider", "load_config"]
 
@@ -98,6 +100,9 @@ class FleetConfig(_Model):
     breaker: BreakerConfig = BreakerConfig()
     health_interval: float = Field(5.0, gt=0, description="seconds between active backend probes")
     tiers: dict[str, Tier]
+    capture: CaptureConfig = CaptureConfig()
+    rollouts: dict[str, Rollout] = Field(default_factory=dict,
+                                         description="'<tier>/<agent>' -> arms and shadow (docs/rollout.md)")
 
     @model_validator(mode="before")
     @classmethod
@@ -130,6 +135,17 @@ class FleetConfig(_Model):
                     backend_provider(tier, b)
                 except ValueError as exc:
                     raise ValueError(f"tier {name} backend {b.name!r}: {exc}") from exc
+        for tier_name in self.capture.targets:
+            if tier_name not in names:
+                raise ValueError(f"capture.targets: {tier_name!r} is not a configured tier")
+        for key, rollout in self.rollouts.items():
+            tier_name, sep, agent = key.partition("/")
+            try:
+                if not sep:
+                    raise RolloutError("keys are '<tier>/<agent>', e.g. 'T0/developer'")
+                check_rollout(self, tier_name, agent, rollout)
+            except RolloutError as exc:
+                raise ValueError(f"rollouts[{key!r}]: {exc}") from exc
         if self.default_tier is not None and self.default_tier not in names:
             raise ValueError(f"default_tier {self.default_tier!r} is not a configured tier")
         keys: dict[str, str] = {}

@@ -57,6 +57,7 @@ class Exchange:
     model: str | None = None
     agent: str | None = None
     workflow: str | None = None
+    arm: str | None = None  # the rollout arm that served (gateway/rollout), None: no rollout applies
     tenant: str | None = None
     attempts: int = 0
     fallbacks: list[str] = field(default_factory=list)

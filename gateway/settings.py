@@ -48,6 +48,7 @@ class Settings(BaseSettings):
     ledger_stream_maxlen: int = Field(1_000_000, ge=1000, description="ledger records kept per tenant (approx.)")
     ledger_days: int = Field(400, ge=1, description="days that daily counters and workflow records are kept")
     idempotency_days: int = Field(3, ge=1, description="days a charge id is remembered (spool replays)")
+    request_index_days: int = Field(30, ge=1, description="days a request id can be found (feedback)")
 
     @model_validator(mode="after")
     def _refuse_placeholders(self) -> Settings:

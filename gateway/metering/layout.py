@@ -71,3 +71,8 @@ class KeyKeys:
 
     def workflow_records(self, workflow: str) -> str:  # LIST of the workflow's ledger records (JSON)
         return f"{self.p}:wf:{workflow}"
+
+    def request(self, request_id: str) -> str:
+        """STRING: the ledger stream entry id of the request's record (feedback finds requests by it).
+        A request id reused by the client points at its latest record."""
+        return f"{self.p}:rq:{request_id}"

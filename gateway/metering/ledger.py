@@ -50,6 +50,7 @@ class LedgerPolicy:
     stream_maxlen: int = 1_000_000
     ledger_days: int = 400
     idempotency_days: int = 3
+    request_index_days: int = 30
 
 
 @dataclass(slots=True)
@@ -129,13 +130,14 @@ class Ledger:
         r = c.record
         wf = (r.get("workflow") or "") if r is not None else ""
         resv = f"{c.id}:{c.reserved_micros}" if c.reserved_micros else ""
-        head = ("EVALSHA", CHARGE.sha, 7, k.done(day), k.record, k.reservations, k.window(c.minute), k.counters(day),
-                k.stream, k.workflow_records(wf), c.id, c.cost_micros, c.token_delta, p.idempotency_days * _DAY,
+        rid = (r.get("request_id") or "") if r is not None else ""
+        head = ("EVALSHA", CHARGE.sha, 8, k.done(day), k.record, k.reservations, k.window(c.minute), k.counters(day),
+                k.stream, k.workflow_records(wf), k.request(rid), c.id, c.cost_micros, c.token_delta, p.idempotency_days * _DAY,
                 1 if c.key_state else 0, resv, c.reserved_micros, day, month, p.ledger_days * _DAY, p.stream_maxlen)
         if r is None:
-            return (*head, "", "", 0, 0, 0, 0, 0, 0, 0)
+            return (*head, "", "", 0, 0, 0, 0, 0, 0, 0, 0)
         return (*head, orjson.dumps(r), c.group, 1 if wf else 0, 1, r["prompt_tokens"], r["completion_tokens"],
-                r["cost_micros"], r["reference_cost_micros"], 1 if r["estimated"] else 0)
+                r["cost_micros"], r["reference_cost_micros"], 1 if r["estimated"] else 0, p.request_index_days * _DAY)
 
     async def apply(self, charges: list[Charge]) -> list[int | Exception]:
         """Apply charges in one round trip. Per charge: 1 booked now, 0 booked before (a replay), or the

@@ -29,7 +29,7 @@ from gateway.settings import Settings
 
 __all__ = ["main"]
 
-CSV_FIELDS = ["id", "request_id", "time", "tenant", "key_id", "workflow", "agent", "tier", "requested_tier",
+CSV_FIELDS = ["id", "request_id", "time", "tenant", "key_id", "workflow", "agent", "arm", "tier", "requested_tier",
               "backend", "model", "endpoint", "stream", "prompt_tokens", "completion_tokens", "cached_tokens",
               "cost_micros", "reference_cost_micros", "reference_model", "latency_ms", "status", "estimated",
               "attempts", "fallback"]

@@ -91,7 +91,7 @@ class Meter:
         self.redis = connect(settings)  # key admin and ledger reading
         self.pipe = RedisPipe(settings.redis_url, settings.redis_timeout)  # the request path
         self.ledger = Ledger(self.pipe, LedgerPolicy(settings.ledger_stream_maxlen, settings.ledger_days,
-                                                      settings.idempotency_days))
+                                                      settings.idempotency_days, settings.request_index_days))
         self.keys = KeyStore(self.redis)
         self.spool = Spool(settings.spool_path)
         self.health = Health(settings.spool_path, self._redis_back)
@@ -233,7 +233,7 @@ class Meter:
         cost = self.pricing.price(self.config.tiers[x.tier], x.model).cost(toks)
         record: dict[str, Any] = {
             "id": ticket.charge_id, "request_id": x.request_id, "ts": ticket.ts_ms, "tenant": p.tenant,
-            "key_id": p.key_id, "workflow": x.workflow, "agent": x.agent,
+            "key_id": p.key_id, "workflow": x.workflow, "agent": x.agent, "arm": x.arm,
             "tier": x.tier, "requested_tier": x.requested_tier, "backend": x.backend, "model": x.model,
             "endpoint": x.endpoint, "stream": x.stream,
             "prompt_tokens": toks.prompt, "completion_tokens": toks.completion, "cached_tokens": toks.cached,

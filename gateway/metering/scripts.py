@@ -106,14 +106,14 @@ return {0, rec[3], rec[4], flags}
 """)
 
 # KEYS: 1 charge ids seen (day), 2 key record, 3 reservations, 4 the window the request was admitted in,
-#       5 day counters, 6 ledger stream, 7 workflow records
+#       5 day counters, 6 ledger stream, 7 workflow records, 8 the request's index entry
 # ARGV: 1 charge id, 2 cost (micro-dollars), 3 token correction (actual - counted at admission),
 #       4 ttl of charge ids (s), 5 correct the key's limit state ('1': it has a budget or tokens/min),
 #       6 reservation ('<charge id>:<micro-dollars>', '' when none), 7 its amount, 8 day (YYYYMMDD),
 #       9 month (YYYYMM), 10 ttl of counters and workflows (s), 11 stream MAXLEN,
 #       12 record (JSON; '' when nothing was served: only the key's state is corrected),
 #       13 group ('tier<US>backend/model<US>agent<US>workflow', US = \\x1f), 14 has workflow ('1'/'0'),
-#       15..20 metric values (req pt ct cost ref est)
+#       15..20 metric values (req pt ct cost ref est), 21 ttl of the request index (s)
 # Counter fields are '<group><US><metric>': one field per combination of tier, model, agent and workflow,
 # so a charge is five or six HINCRBY; summaries by any one of them add the combinations up when read.
 # Returns 1 applied, 0 applied before.
@@ -141,7 +141,8 @@ if ARGV[12] ~= '' then
     if ARGV[14 + j] ~= '0' then redis.call('HINCRBY', KEYS[5], ARGV[13] .. '\\031' .. metrics[j], ARGV[14 + j]) end
   end
   redis.call('EXPIRE', KEYS[5], ARGV[10])
-  redis.call('XADD', KEYS[6], 'MAXLEN', '~', ARGV[11], '*', 'r', ARGV[12])
+  local entry = redis.call('XADD', KEYS[6], 'MAXLEN', '~', ARGV[11], '*', 'r', ARGV[12])
+  redis.call('SET', KEYS[8], entry, 'EX', ARGV[21])
   if ARGV[14] == '1' then
     redis.call('RPUSH', KEYS[7], ARGV[12])
     redis.call('EXPIRE', KEYS[7], ARGV[10])
