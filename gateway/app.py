@@ -27,10 +27,13 @@ from starlette.types import Scope
 
 from gateway.config import load_config
 from gateway.errors import BodyTooLarge, GatewayError, envelope
+from gateway.feedback import routes as feedback_routes
 from gateway.http import header, send_error
 from gateway.metering import routes as ledger_routes
 from gateway.metrics import observe
 from gateway.protocol import Endpoint
+from gateway.report import routes as report_routes
+from gateway.rollout import routes as rollout_routes
 from gateway.routes import health, metrics, models, proxy_doc
 from gateway.runtime import Runtime
 from gateway.serving import handle
@@ -160,6 +163,9 @@ def create_app(settings: Settings | None = None) -> Gateway:
     api.include_router(health.router)
     api.include_router(proxy_doc.router)
     api.include_router(ledger_routes.router)
+    api.include_router(feedback_routes.router)
+    api.include_router(report_routes.router)
+    api.include_router(rollout_routes.router)
     api.include_router(metrics.router)
     return Gateway(runtime, api)
 

@@ -20,7 +20,10 @@ COMMANDS: dict[str, tuple[str, str]] = {
     "prepare-model": ("services.model_server.prepare:main", "convert the GGUF base model to safetensors"),
     "keys": ("gateway.metering.keys_cli:main", "create, list and revoke API keys"),
     "ledger": ("gateway.metering.ledger_cli:main", "read the cost ledger"),
+    "capture": ("gateway.capture.cli:main", "export captured exchanges as the trainer's JSONL"),
+    "report": ("gateway.report.cli:main", "rollout report: quality, latency, cost and savings per arm"),
     "train": ("trainer.cli:main", "build datasets, train, evaluate, export and publish adapters"),
+    "loop": ("trainer.loop:main", "captured successes -> train -> evaluate -> canary -> report, in one go"),
 }
 
 

@@ -57,6 +57,10 @@ class Metrics:
                                              ("tier",), registry=r)
         self.feedback = Counter("qlp_feedback_total", "Feedback outcomes", ("tier", "backend", "model", "outcome"),
                                 registry=r)
+        self.capture = Counter("qlp_capture_total", "Exchanges offered to the capture, by outcome "
+                               "(captured|too_large|dropped|failed)", ("tier", "outcome"), registry=r)
+        self.shadow = Counter("qlp_shadow_requests_total", "Shadow (mirrored) requests by target tier, backend "
+                              "and result (ok|error|dropped)", ("tier", "backend", "result"), registry=r)
         self.inflight = Gauge("qlp_inflight_requests", "Requests in flight", ("tier",), registry=r,
                               multiprocess_mode="livesum")
         self.backend_state = Gauge("qlp_backend_breaker_state",

@@ -13,11 +13,14 @@ import time
 from dataclasses import dataclass, field
 
 from gateway.breaker import Breaker, BreakerState
+from gateway.capture.capture import Capture
 from gateway.config import Backend, FleetConfig, backend_provider
-from gateway.metering.meter import Meter
+from gateway.metering.meter import Meter, connect
 from gateway.metering.pricing import load_pricing
 from gateway.metrics import Metrics
 from gateway.providers import Provider
+from gateway.rollout.registry import Rollouts
+from gateway.rollout.shadow import ShadowRunner
 from gateway.routing import BackendState, TierResolver
 from gateway.settings import Settings
 from gateway.upstream import UpstreamClient
@@ -43,9 +46,13 @@ class Runtime:
     backend_keys: dict[str, str | None] = field(init=False)
     providers: dict[str, Provider] = field(init=False)
     meter: Meter | None = field(default=None, init=False)
+    rollouts: Rollouts = field(init=False)
+    shadow: ShadowRunner = field(init=False)
+    capture: Capture | None = field(default=None, init=False)
     started_at: int = field(default_factory=lambda: int(time.time()), init=False)
     metrics: Metrics = field(default_factory=Metrics, init=False)
     _prober: asyncio.Task[None] | None = field(default=None, init=False)
+    _refresher: asyncio.Task[None] | None = field(default=None, init=False)
 
     def __post_init__(self) -> None:
         self.resolver = TierResolver(self.config)
@@ -63,6 +70,13 @@ class Runtime:
         self.providers = {self.key(t, be): backend_provider(t, be) for t in self.config.tiers.values() for be in t.backends}
         if self.settings.metering:
             self.meter = Meter(self.settings, self.config, load_pricing(self.settings.pricing))
+        # Runtime rollout changes and capture live in Redis: with metering off, only the config's rollouts.
+        self.rollouts = Rollouts(self.config, self.meter.redis if self.meter is not None else None)
+        self.shadow = ShadowRunner(self)
+        if self.config.capture.targets:
+            admin = self.settings.secret("admin_key")
+            self.capture = Capture(self.config.capture, connect(self.settings),
+                                   (*self.client.secrets, *((admin,) if admin else ())))
 
     @staticmethod
     def key(tier: object, backend: Backend) -> str:
@@ -75,13 +89,21 @@ class Runtime:
         await self.client.start()
         if self.meter is not None:
             await self.meter.start()
+        if self.capture is not None:
+            await self.capture.start()
+        if self.rollouts.redis is not None:
+            self._refresher = asyncio.create_task(self.rollouts.refresh_loop(), name="qlp-rollout-refresher")
         self._prober = asyncio.create_task(self._probe_loop(), name="qlp-health-prober")
 
     async def stop(self) -> None:
-        if self._prober is not None:
-            self._prober.cancel()
-            with contextlib.suppress(asyncio.CancelledError):
-                await self._prober
+        for task in (self._prober, self._refresher):
+            if task is not None:
+                task.cancel()
+                with contextlib.suppress(asyncio.CancelledError):
+                    await task
+        await self.shadow.drain()
+        if self.capture is not None:
+            await self.capture.stop()
         if self.meter is not None:
             await self.meter.stop()
         await self.client.close()

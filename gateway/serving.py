@@ -69,6 +69,8 @@ class Exchange:
     reference_cost_micros: int | None = None  # the same tokens at the reference model's price
     upstream_seconds: float = 0.0  # time spent waiting on upstreams (for the gateway-overhead figure)
     first_byte_at: float | None = None
+    captured: list[bytes] | None = None  # the response as sent, when the capture wants this exchange
+    capture_limit: int = 0  # bytes: collecting stops past it (the capture then refuses the exchange)
 
 
 def _scope_headers(scope: dict[str, Any]) -> dict[bytes, bytes]:
@@ -94,6 +96,7 @@ async def handle(rt: Runtime, endpoint: Endpoint, scope: dict[str, Any], receive
     )
     meter = rt.meter
     ticket: Ticket | None = None
+    req: ParsedRequest | None = None
     try:
         # A missing key is refused before the body is read; the key itself is checked by `admit`.
         auth = meter.authenticate(hdrs.get(b"authorization")) if meter is not None else None
@@ -107,6 +110,10 @@ async def handle(rt: Runtime, endpoint: Endpoint, scope: dict[str, Any], receive
         x.workflow = wf_h.decode("latin-1")[:128] if wf_h else None
         target = rt.resolver.resolve(tier_h.decode("latin-1") if tier_h else None, req.model, x.agent)
         x.requested_tier = target.tier.name
+        if rt.rollouts.active:  # the arm, sticky per workflow (gateway/rollout)
+            target, x.arm = rt.rollouts.assign(target, req.model, x.agent, x.workflow or x.request_id)
+        if rt.capture is not None and rt.capture.wants(x.requested_tier, x.agent):
+            x.captured, x.capture_limit = [], rt.capture.config.max_bytes
         if meter is not None and auth is not None:
             ticket = await meter.admit(auth, req, target.tier)
             x.tenant = ticket.principal.tenant
@@ -122,7 +129,20 @@ async def handle(rt: Runtime, endpoint: Endpoint, scope: dict[str, Any], receive
     finally:
         if ticket is not None and meter is not None:
             meter.settle(ticket, x)
+        if x.status == 200 and req is not None:  # after the response: nothing here delays the caller
+            if x.captured is not None and rt.capture is not None:
+                rt.capture.submit(x, req, b"".join(x.captured))
+            if rt.rollouts.shadowing:
+                rt.shadow.maybe_mirror(x, req)
     return x
+
+
+def _collect(x: Exchange, data: bytes) -> None:
+    """Keep what was sent for the capture, up to one byte past its limit (which marks it too large)."""
+    cap = x.captured
+    if cap is not None and x.capture_limit >= 0:
+        cap.append(data[: x.capture_limit + 1])
+        x.capture_limit -= len(data)
 
 
 def _backoff(rt: Runtime, retry_no: int) -> float:
@@ -264,6 +284,8 @@ async def _respond(
         except orjson.JSONDecodeError:
             x.output_estimate = max(1, len(data) // 4)
         await send_json(send, resp.status, data, _response_headers(x))
+        if x.captured is not None:
+            _collect(x, data)
         return True
 
     sse = SSEFilter(strip_usage=not req.client_wants_usage)
@@ -300,15 +322,20 @@ async def _relay_stream(
     watcher = asyncio.create_task(_watch_disconnect(receive, resp, gone))
     try:
         await send({"type": "http.response.start", "status": 200, "headers": [*SSE_HEADERS, *_response_headers(x)]})
+        capturing = x.captured is not None
         out = sse.feed(first)
         if out:
             await send({"type": "http.response.body", "body": out, "more_body": True})
+            if capturing:
+                _collect(x, out)
         error: UpstreamError | None = None
         try:
             async for chunk in chunks:
                 out = sse.feed(chunk)
                 if out:
                     await send({"type": "http.response.body", "body": out, "more_body": True})
+                    if capturing:
+                        _collect(x, out)
         except UpstreamError as exc:
             error = exc
         if gone.is_set():

@@ -1,0 +1,7 @@
+"""Rollout admin routes (stub; the implementation follows)."""
+
+from fastapi import APIRouter
+
+__all__ = ["router"]
+
+router = APIRouter(tags=["rollouts"])
