@@ -57,7 +57,8 @@ def counts(m: Metrics) -> dict[tuple[str, str], float]:
 
 
 async def entries(r: Redis, agent: str = "developer") -> list[dict[str, Any]]:
-    return [json.loads(f[b"r"]) for _, f in await r.xrange(stream_key(agent))]
+    got: Any = await r.xrange(stream_key(agent))
+    return [json.loads(f[b"r"]) for _, f in got]
 
 
 @pytest.fixture
