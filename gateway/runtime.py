@@ -76,7 +76,7 @@ class Runtime:
         if self.config.capture.targets:
             admin = self.settings.secret("admin_key")
             self.capture = Capture(self.config.capture, connect(self.settings),
-                                   (*self.client.secrets, *((admin,) if admin else ())))
+                                   (*self.client.secrets, *((admin,) if admin else ())), metrics=self.metrics)
 
     @staticmethod
     def key(tier: object, backend: Backend) -> str:
@@ -104,6 +104,8 @@ class Runtime:
         await self.shadow.drain()
         if self.capture is not None:
             await self.capture.stop()
+            with contextlib.suppress(Exception):
+                await self.capture.redis.aclose()
         if self.meter is not None:
             await self.meter.stop()
         await self.client.close()
