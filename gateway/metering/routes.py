@@ -79,7 +79,8 @@ def _store() -> Iterator[None]:
         raise ServiceUnavailable("the ledger store is unreachable", code="ledger_unavailable") from exc
 
 
-async def _tenants(meter: Meter, p: Principal, tenant: str | None) -> list[str]:
+async def tenants_for(meter: Meter, p: Principal, tenant: str | None) -> list[str]:
+    """The tenants a caller may read (user: its own; admin: one, or all); the feedback and report use it too."""
     if tenant is not None and not TENANT_NAME.match(tenant):
         raise InvalidRequest("invalid tenant name", param="tenant", code="invalid_value")
     if not p.is_admin:
@@ -120,7 +121,7 @@ async def ledger_summary(
                                         pattern=TENANT_NAME.pattern)] = None,
 ) -> dict[str, Any]:
     first, last = _range(since, until)
-    tenants = await _tenants(meter, p, tenant)
+    tenants = await tenants_for(meter, p, tenant)
     try:
         with _store():
             return await reader.summary(meter.redis, tenants, group_by, first, last)
@@ -133,7 +134,7 @@ async def ledger_summary(
 async def ledger_workflow(p: PrincipalDep, meter: MeterDep, workflow_id: str,
                           tenant: Annotated[str | None, Query(pattern=TENANT_NAME.pattern)] = None) -> dict[str, Any]:
     with _store():
-        for t in await _tenants(meter, p, tenant):
+        for t in await tenants_for(meter, p, tenant):
             found = await reader.workflow(meter.redis, t, workflow_id)
             if found is not None:
                 return found
