@@ -31,7 +31,7 @@ from gateway.routes.responses import bearer, errors
 __all__ = ["router"]
 
 
-async def _single_valued_query(request: Request) -> None:
+async def single_valued_query(request: Request) -> None:
     """A parameter given twice is refused, not resolved to one of its values: a proxy in front that checks
     the first `tenant=` must not be overruled by a second one (HTTP parameter pollution)."""
     seen: set[str] = set()
@@ -42,7 +42,7 @@ async def _single_valued_query(request: Request) -> None:
         seen.add(name)
 
 
-router = APIRouter(tags=["ledger"], dependencies=[Security(bearer), Depends(_single_valued_query)])
+router = APIRouter(tags=["ledger"], dependencies=[Security(bearer), Depends(single_valued_query)])
 
 
 def _meter(request: Request) -> Meter:

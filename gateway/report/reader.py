@@ -18,10 +18,10 @@ from redis.asyncio import Redis
 from gateway.feedback import store
 from gateway.metering.reader import export
 from gateway.report import compute
+from gateway.rollout.shadow import SHADOW_STREAM
 
-__all__ = ["SHADOW_STREAM", "Selection", "load", "shadow_records"]
+__all__ = ["Selection", "load", "shadow_records"]
 
-SHADOW_STREAM = "qlp:shadow:ledger"  # gateway/rollout/shadow.py writes it: field "r", one JSON record each
 _PAGE = 1000
 _HOUR_MS = 3_600_000
 

@@ -22,14 +22,14 @@ from gateway.errors import InvalidRequest, ServiceUnavailable
 from gateway.metering.layout import TENANT_NAME
 from gateway.metering.meter import UNAVAILABLE
 from gateway.metering.reader import parse_day
-from gateway.metering.routes import MeterDep, PrincipalDep, _single_valued_query, tenants_for
+from gateway.metering.routes import MeterDep, PrincipalDep, single_valued_query, tenants_for
 from gateway.report import reader, render
 from gateway.routes.responses import bearer, errors
 
 __all__ = ["router"]
 
 # `?tenant=b&tenant=a` is refused as on the ledger routes (a proxy that checked the first must not be overruled).
-router = APIRouter(tags=["report"], dependencies=[Security(bearer), Depends(_single_valued_query)])
+router = APIRouter(tags=["report"], dependencies=[Security(bearer), Depends(single_valued_query)])
 
 # A UTC day; empty is the same as absent (today). As /v1/ledger/summary's.
 _DAY: dict[str, Any] = {"anyOf": [{"type": "string", "format": "date"}, {"type": "string", "maxLength": 0},

@@ -24,6 +24,7 @@ if TYPE_CHECKING:
 
 __all__ = ["Arm", "Rollout", "RolloutError", "Shadow", "check_rollout", "rollout_key"]
 
+TIER = r"^T[0-9]$"
 NAME = r"^[A-Za-z0-9][A-Za-z0-9._-]{0,63}$"
 ADAPTER = r"^[A-Za-z0-9][A-Za-z0-9._:/@+-]{0,127}$"
 AGENT = re.compile(r"^(\*|[A-Za-z0-9][A-Za-z0-9._-]{0,63})$")
@@ -42,11 +43,11 @@ class Arm(_Model):
     weight: float = Field(ge=0, le=1_000_000, description="relative share of workflows; 0: none")
     adapter: str | None = Field(None, pattern=ADAPTER,
                                 description="model/adapter sent upstream; none: the tier's usual choice")
-    tier: str | None = Field(None, description="serve this arm from another tier (e.g. T3); none: this tier")
+    tier: str | None = Field(None, pattern=TIER, description="serve this arm from another tier (e.g. T3); none: this tier")
 
 
 class Shadow(_Model):
-    tier: str = Field(description="the tier that receives the mirrored requests")
+    tier: str = Field(pattern=TIER, description="the tier that receives the mirrored requests")
     adapter: str | None = Field(None, pattern=ADAPTER, description="model/adapter there; none: the tier's usual")
     share: float = Field(ge=0, le=1, description="share of the requests mirrored, 0..1")
 

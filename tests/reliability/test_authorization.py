@@ -10,6 +10,7 @@ import httpx
 import pytest
 
 from tests.fakes.gateway import RunningGateway
+from tests.metering.conftest import ADMIN_KEY
 from tests.reliability.conftest import MSG, Tenants, auth, create_key, eventually
 
 CALLERS = ("anonymous", "tenant_a", "tenant_b", "admin", "revoked")
@@ -35,6 +36,14 @@ MATRIX: dict[tuple[str, str], tuple[int, ...]] = {
     ("POST", "/v1/admin/keys"): (401, 403, 403, 201, 401),
     ("GET", "/v1/admin/keys"): (401, 403, 403, 200, 401),
     ("DELETE", "/v1/admin/keys/{key_id}"): (401, 403, 403, 200, 401),
+    ("GET", "/v1/admin/rollouts"): (401, 403, 403, 200, 401),
+    ("PUT", "/v1/admin/rollouts/{tier}/{agent}"): (401, 403, 403, 200, 401),
+    ("DELETE", "/v1/admin/rollouts/{tier}/{agent}"): (401, 403, 403, 200, 401),
+    ("POST", "/v1/admin/routes"): (401, 403, 403, 200, 401),
+    # Feedback is written within the caller's tenant: B (and the admin, who names no tenant here) cannot
+    # find A's workflow, and is not told that it exists.
+    ("POST", "/v1/feedback"): (401, 200, 404, 404, 401),
+    ("GET", "/v1/report"): (401, 200, 200, 200, 401),
 }
 
 
@@ -78,12 +87,21 @@ def call(gw: RunningGateway, method: str, path: str, key: str | None, redis_url:
         _, victim = create_key(redis_url, "victims")  # each cell revokes a key of its own
         path = f"/v1/admin/keys/{victim.id}"
     json: dict[str, Any] | None = None
+    if path == "/v1/admin/rollouts/{tier}/{agent}":
+        path = "/v1/admin/rollouts/T0/matrix"
+        json = {"arms": [{"name": "m", "weight": 1}]}
+        if method == "DELETE":  # each cell deletes a rollout of its own
+            assert httpx.put(gw.url + path, json=json, headers=auth(ADMIN_KEY), timeout=10).status_code == 200
     if path == "/v1/chat/completions":
         json = {"model": "qlp-t0", "messages": MSG}
     elif path == "/v1/completions":
         json = {"model": "qlp-t0", "prompt": "def f():"}
     elif method == "POST" and path == "/v1/admin/keys":
         json = {"tenant": "new-tenant", "name": "made by the matrix"}
+    elif path == "/v1/admin/routes":
+        json = {"tier": "T0", "agent": "matrix", "adapter": "dev-v9", "weight": 10}
+    elif path == "/v1/feedback":
+        json = {"workflow_id": WF, "outcome": "success"}
     return httpx.request(method, gw.url + path, json=json, headers=headers, timeout=20)
 
 

@@ -22,7 +22,8 @@ from tests.reliability.rawhttp import RawResponse, exchange
 
 LIMIT = 64 * 1024
 CHAT = "/v1/chat/completions"
-BODY_ROUTES = [CHAT, "/v1/completions", "/v1/admin/keys"]  # every route that reads a body
+# Every route that reads a body (PUT /v1/admin/rollouts/... reads it the same way as POST /v1/admin/routes).
+BODY_ROUTES = [CHAT, "/v1/completions", "/v1/admin/keys", "/v1/admin/routes", "/v1/feedback"]
 
 
 def nested(depth: int) -> bytes:
@@ -79,7 +80,7 @@ def test_chunked_body_over_the_limit_is_413_on_every_route(gw, tenants: Tenants,
 # -- structure ------------------------------------------------------------------------------------------
 
 @pytest.mark.parametrize("depth", [300, 1_100, 10_000])
-@pytest.mark.parametrize("path", [CHAT, "/v1/admin/keys"])
+@pytest.mark.parametrize("path", [CHAT, "/v1/admin/keys", "/v1/feedback", "/v1/admin/routes"])
 def test_deeply_nested_json_is_400(gw, tenants: Tenants, upstreams, depth, path) -> None:
     # 300: deeper than orjson writes (254), shallower than it reads (1024): it was a 500 on the proxy path.
     key = tenants.admin if path.startswith("/v1/admin") else tenants.a
@@ -89,7 +90,7 @@ def test_deeply_nested_json_is_400(gw, tenants: Tenants, upstreams, depth, path)
 
 
 @pytest.mark.parametrize("raw", [b'{"model": "\xff\xfe", "messages": []}', b'\xc3\x28', b'{"messages": [{"role": "user", "content": "\xed\xa0\x80"}]}'])
-@pytest.mark.parametrize("path", [CHAT, "/v1/admin/keys"])
+@pytest.mark.parametrize("path", [CHAT, "/v1/admin/keys", "/v1/feedback", "/v1/admin/routes"])
 def test_invalid_utf8_in_the_body_is_400(gw, tenants: Tenants, upstreams, raw, path) -> None:
     key = tenants.admin if path.startswith("/v1/admin") else tenants.a
     envelope(httpx.post(gw.url + path, content=raw, headers={**auth(key), "content-type": "application/json"}), 400)

@@ -16,6 +16,7 @@ import redis.asyncio as aredis
 from gateway.feedback import keys as fb
 from gateway.metering.layout import KeyKeys
 from gateway.report import compute, reader
+from gateway.rollout.shadow import SHADOW_STREAM
 from tests.metering.conftest import create_key
 
 DAY = dt.date(2025, 6, 10)
@@ -45,7 +46,7 @@ async def _write(url: str, ledger: dict[str, list[dict[str, Any]]], shadows: lis
             for x in recs:
                 await r.xadd(KeyKeys(key_id).stream, {"r": orjson.dumps(x)})
         for s in shadows:
-            await r.xadd(reader.SHADOW_STREAM, {"r": orjson.dumps(s)})
+            await r.xadd(SHADOW_STREAM, {"r": orjson.dumps(s)})
         for k, v in outcomes.items():
             await r.set(k, orjson.dumps(v))
     finally:
