@@ -118,7 +118,7 @@ def _legend(items: list[tuple[str, str]]) -> list[str]:
 
 
 def _svg(title: str, body: list[str], height: int) -> str:
-    w = _LABEL_W + _PLOT_W + 40
+    w = _LABEL_W + _PLOT_W + 180  # room for the value labels right of the longest bar or whisker
     return (f'<svg xmlns="http://www.w3.org/2000/svg" width="{w}" height="{height}" viewBox="0 0 {w} {height}" '
             f'role="img" aria-label="{html.escape(title)}"><text x="4" y="16" class="title">{html.escape(title)}</text>'
             + "".join(body) + "</svg>")
