@@ -19,7 +19,6 @@ from __future__ import annotations
 import argparse
 import json
 import logging
-import os
 import sys
 import time
 from pathlib import Path
@@ -28,7 +27,7 @@ from typing import Any
 from .config import TrainConfig, add_config_arguments, config_from_args
 from .errors import TrainerError, TrainingInterrupted
 
-__all__ = ["main"]
+__all__ = ["build_card", "dataset_stage", "eval_stage", "export_stage", "fit_stage", "main"]
 
 log = logging.getLogger("qlp.trainer")
 
@@ -74,9 +73,9 @@ def _parser() -> argparse.ArgumentParser:
     return p
 
 
-# ---- stages ----
+# ---- stages (also used by `qlp loop`, trainer/loop.py) ----
 
-def _dataset(cfg: TrainConfig, out: Path | None = None) -> Any:
+def dataset_stage(cfg: TrainConfig, out: Path | None = None) -> Any:
     from .data import build_dataset, load_dataset
     from .train import dist_setup
 
@@ -93,7 +92,7 @@ def _dataset(cfg: TrainConfig, out: Path | None = None) -> Any:
     return ds
 
 
-def _fit(cfg: TrainConfig, dataset: Any, fresh: bool) -> Any:
+def fit_stage(cfg: TrainConfig, dataset: Any, fresh: bool) -> Any:
     from .train import dist_setup, train
 
     result = train(cfg, dataset, resume=not fresh, handle_signals=True, progress=sys.stderr.isatty())
@@ -105,7 +104,7 @@ def _fit(cfg: TrainConfig, dataset: Any, fresh: bool) -> Any:
     return result
 
 
-def _eval(cfg: TrainConfig, dataset: Any, adapter: Path, report_file: Path) -> dict[str, Any]:
+def eval_stage(cfg: TrainConfig, dataset: Any, adapter: Path, report_file: Path) -> dict[str, Any]:
     from .evaluate import evaluate, format_report
     from .files import write_json
 
@@ -116,7 +115,7 @@ def _eval(cfg: TrainConfig, dataset: Any, adapter: Path, report_file: Path) -> d
     return report
 
 
-def _export(cfg: TrainConfig, adalora: Path, out: Path, check: bool) -> Any:
+def export_stage(cfg: TrainConfig, adalora: Path, out: Path, check: bool) -> Any:
     from .export import export_lora
 
     result = export_lora(cfg.base_model, adalora, out, replace=True, check=check)
@@ -162,7 +161,7 @@ def build_card(cfg: TrainConfig, lora: Path, adalora: Path | None) -> dict[str, 
 
 
 def _publish(cfg: TrainConfig, args: argparse.Namespace) -> int:
-    from .publish import load_into_server, publish_folder, route_gateway
+    from .publish import admin_key, load_into_server, publish_folder, route_gateway
 
     lora = args.lora or cfg.output_path / "lora"
     adalora = args.adalora or cfg.output_path / "adalora"
@@ -176,8 +175,7 @@ def _publish(cfg: TrainConfig, args: argparse.Namespace) -> int:
         r = load_into_server(server, cfg.name, server_root / cfg.name / version)
         print(json.dumps({"server": r.url, "loaded": cfg.name, "replaced": r.replaced}))
     if cfg.gateway:
-        key = args.admin_key_file.read_text().strip() if args.admin_key_file else os.environ.get("QLP_ADMIN_KEY")
-        routed = route_gateway(cfg.gateway, key, cfg.tier, cfg.agent, cfg.name)
+        routed = route_gateway(cfg.gateway, admin_key(args.admin_key_file), cfg.tier, cfg.agent, cfg.name)
         print(json.dumps({"gateway": cfg.gateway, "routed": routed, "tier": cfg.tier, "agent": cfg.agent}))
     return 0
 
@@ -189,30 +187,30 @@ def _run(args: argparse.Namespace, cfg: TrainConfig) -> int:
     root = cfg.output_path
     command = args.command
     if command == "dataset":
-        ds = _dataset(cfg, args.out)
+        ds = dataset_stage(cfg, args.out)
         print(json.dumps({"dataset": str(ds.path), "hash": ds.hash, "counts": ds.card["counts"]}))
         return 0
     if command == "fit":
-        ds = load_dataset(args.dataset) if args.dataset else _dataset(cfg)
-        _fit(cfg, ds, args.fresh)
+        ds = load_dataset(args.dataset) if args.dataset else dataset_stage(cfg)
+        fit_stage(cfg, ds, args.fresh)
         return 0
     if command == "eval":
         ds = load_dataset(args.dataset or root / "dataset")
-        _eval(cfg, ds, args.adapter or root / "adalora", args.report or root / "eval.json")
+        eval_stage(cfg, ds, args.adapter or root / "adalora", args.report or root / "eval.json")
         return 0
     if command == "export":
-        _export(cfg, args.adalora or root / "adalora", args.out or root / "lora", not args.no_check)
+        export_stage(cfg, args.adalora or root / "adalora", args.out or root / "lora", not args.no_check)
         return 0
     if command == "publish":
         return _publish(cfg, args)
     # run: the whole pipeline; after training only the main process goes on.
-    ds = _dataset(cfg)
-    _fit(cfg, ds, args.fresh)
+    ds = dataset_stage(cfg)
+    fit_stage(cfg, ds, args.fresh)
     if not dist_setup().main:
         return 0
     if not args.skip_eval:
-        _eval(cfg, ds, root / "adalora", root / "eval.json")
-    _export(cfg, root / "adalora", root / "lora", True)
+        eval_stage(cfg, ds, root / "adalora", root / "eval.json")
+    export_stage(cfg, root / "adalora", root / "lora", True)
     args.lora, args.adalora = root / "lora", root / "adalora"
     return _publish(cfg, args)
 

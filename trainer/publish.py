@@ -13,14 +13,17 @@ Folder (immutable once written; written all at once):
 Model servers (vLLM's API): POST /v1/unload_lora_adapter {lora_name} (a 404 means it was not loaded),
 then POST /v1/load_lora_adapter {lora_name, lora_path}. The name is the adapter name, so the gateway's
 routes keep working across versions; between the two calls the name is briefly unknown on that server
-(vLLM has no atomic replace). The gateway route (POST /v1/admin/routes) is optional; a gateway without
-that route (404) gets a warning, not a failure: the folder and the servers are already updated.
+(vLLM has no atomic replace). The gateway route (POST /v1/admin/routes {tier, agent, adapter[, weight]}) is
+optional; a gateway without that route (404) gets a warning, not a failure: the folder and the servers are
+already updated. With a weight (percent) the adapter becomes a canary arm of the tier/agent rollout, the
+other arms keep their proportions in the rest (`qlp loop`, trainer/loop.py).
 """
 
 from __future__ import annotations
 
 import json
 import logging
+import os
 import shutil
 import urllib.error
 import urllib.request
@@ -31,7 +34,7 @@ from typing import Any
 from .errors import PublishError
 from .files import atomic_dir, write_json
 
-__all__ = ["ServerResult", "load_into_server", "publish_folder", "route_gateway"]
+__all__ = ["ServerResult", "admin_get", "admin_key", "load_into_server", "publish_folder", "route_gateway"]
 
 log = logging.getLogger("qlp.trainer.publish")
 TIMEOUT_S = 120.0  # loading an adapter on a busy server waits for its engine thread
@@ -66,8 +69,10 @@ class ServerResult:
     replaced: bool  # an adapter of that name was loaded before
 
 
-def _post(url: str, body: dict[str, Any], headers: dict[str, str] | None = None) -> tuple[int, str]:
-    req = urllib.request.Request(url, data=json.dumps(body).encode(), method="POST",
+def _post(url: str, body: dict[str, Any] | None, headers: dict[str, str] | None = None,
+          method: str = "POST") -> tuple[int, str]:
+    data = json.dumps(body).encode() if body is not None else None
+    req = urllib.request.Request(url, data=data, method=method,
                                  headers={"Content-Type": "application/json", **(headers or {})})
     try:
         with urllib.request.urlopen(req, timeout=TIMEOUT_S) as resp:
@@ -103,12 +108,44 @@ def load_into_server(server: str, name: str, path: Path | str) -> ServerResult:
     return ServerResult(base, replaced)
 
 
-def route_gateway(gateway: str, admin_key: str | None, tier: str, agent: str, adapter: str) -> bool:
-    """Point the gateway's tier/agent route at `adapter`. False (with a warning) if the gateway has no
-    admin routes yet (404); PublishError for any other failure."""
-    headers = {"Authorization": f"Bearer {admin_key}"} if admin_key else {}
+def admin_key(key_file: Path | None) -> str | None:
+    """The gateway admin key: the file's content, else $QLP_ADMIN_KEY, else None."""
+    if key_file is not None:
+        try:
+            return Path(key_file).read_text().strip() or None
+        except OSError as exc:
+            raise PublishError(f"{key_file}: cannot read the admin key: {exc.strerror or exc}") from exc
+    return os.environ.get("QLP_ADMIN_KEY") or None
+
+
+def _auth(key: str | None) -> dict[str, str]:
+    return {"Authorization": f"Bearer {key}"} if key else {}
+
+
+def admin_get(gateway: str, key: str | None, path: str) -> Any:
+    """GET `path` of the gateway with the admin key; the JSON body. PublishError when refused or failing."""
+    url = f"{_root(gateway)}{path}"
+    status, body = _post(url, None, _auth(key), method="GET")
+    if status in (401, 403):
+        raise PublishError(f"{url}: the admin key was refused ({status}); set QLP_ADMIN_KEY or --admin-key-file")
+    if status != 200:
+        raise PublishError(f"{url}: failed ({status}): {_message(body)}")
+    try:
+        return json.loads(body)
+    except ValueError as exc:
+        raise PublishError(f"{url}: the answer is not JSON: {body[:200]!r}") from exc
+
+
+def route_gateway(gateway: str, admin_key: str | None, tier: str, agent: str, adapter: str,
+                  weight: float | None = None) -> bool:
+    """Point the gateway's tier/agent route at `adapter`: all of it, or with `weight` (percent, 0 < w <= 100)
+    as a canary arm. False (with a warning) if the gateway has no admin routes (404); PublishError for any
+    other failure."""
     url = f"{_root(gateway)}/v1/admin/routes"
-    status, body = _post(url, {"tier": tier, "agent": agent, "adapter": adapter}, headers)
+    request: dict[str, Any] = {"tier": tier, "agent": agent, "adapter": adapter}
+    if weight is not None:
+        request["weight"] = weight
+    status, body = _post(url, request, _auth(admin_key))
     if status == 404:
         log.warning("%s answered 404: this gateway has no admin routes; route %s/%s -> %s by adding the "
                     "adapter to the tier's `adapters` and `agents` in the fleet config", url, tier, agent, adapter)
