@@ -85,6 +85,13 @@ def containers(pod_spec: dict[str, Any]) -> list[dict[str, Any]]:
     return [*pod_spec.get("initContainers", []), *pod_spec["containers"]]
 
 
+def pod_template(doc: dict[str, Any]) -> dict[str, Any]:
+    """The pod template of a workload (a CronJob's sits one level deeper, in its job template)."""
+    spec = doc["spec"]["jobTemplate"]["spec"] if doc["kind"] == "CronJob" else doc["spec"]
+    template: dict[str, Any] = spec["template"]
+    return template
+
+
 def pod_spec(doc: dict[str, Any]) -> dict[str, Any]:
-    spec: dict[str, Any] = doc["spec"]["template"]["spec"]
+    spec: dict[str, Any] = pod_template(doc)["spec"]
     return spec

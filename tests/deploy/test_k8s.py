@@ -15,12 +15,12 @@ import yaml
 from gateway.config import FleetConfig, Kind
 from gateway.settings import Settings
 
-from .conftest import OVERLAYS, ROOT, TIERS, containers, find, pod_spec, render
+from .conftest import OVERLAYS, ROOT, TIERS, containers, find, pod_spec, pod_template, render
 
 K8S_VERSION = "1.37.0"
 # Custom resources: kubernetes-validate has no schema for them; their shape is checked below instead.
 CUSTOM_KINDS = {"ServiceMonitor"}
-WORKLOADS = ("Deployment", "StatefulSet", "Job")
+WORKLOADS = ("Deployment", "StatefulSet", "Job", "CronJob")
 
 
 @pytest.mark.parametrize("overlay", OVERLAYS)
@@ -91,7 +91,7 @@ def _env(container: dict[str, Any], docs: tuple[dict[str, Any], ...]) -> dict[st
 
 def _pods_behind(docs: tuple[dict[str, Any], ...], service: dict[str, Any]) -> list[dict[str, Any]]:
     selector = service["spec"]["selector"].items()
-    return [d for d in docs if d["kind"] in WORKLOADS and selector <= d["spec"]["template"]["metadata"]["labels"].items()]
+    return [d for d in docs if d["kind"] in WORKLOADS and selector <= pod_template(d)["metadata"]["labels"].items()]
 
 
 @pytest.mark.parametrize("overlay", OVERLAYS)
@@ -128,7 +128,7 @@ def test_gateway_settings_named_in_k8s_exist(overlay: str) -> None:
     docs = render(overlay)
     fields = {f"QLP_{name.upper()}" for name in Settings.model_fields}
     for doc in docs:
-        if doc["kind"] not in WORKLOADS or doc["metadata"]["name"] not in {"gateway", "qlp-trainer"}:
+        if doc["kind"] not in WORKLOADS or doc["metadata"]["name"] not in {"gateway", "qlp-trainer", "qlp-loop"}:
             continue
         for c in pod_spec(doc)["containers"]:
             unknown = sorted(k for k in _env(c, docs) if k.startswith("QLP_") and k not in fields)
@@ -187,7 +187,7 @@ def test_every_container_is_probed_bounded_and_locked_down(overlay: str) -> None
             sc = c["securityContext"]
             assert sc["allowPrivilegeEscalation"] is False and sc["readOnlyRootFilesystem"] is True, where
             assert sc["capabilities"]["drop"] == ["ALL"], where
-            if doc["kind"] != "Job" and c not in spec.get("initContainers", []):
+            if doc["kind"] not in ("Job", "CronJob") and c not in spec.get("initContainers", []):
                 for probe in ("startupProbe", "readinessProbe", "livenessProbe"):
                     assert probe in c, f"{where}: no {probe}"
 
@@ -227,6 +227,19 @@ def test_trainer_job_never_starts_on_apply(overlay: str) -> None:
     assert job["spec"]["suspend"] is True
     mounts = {m["mountPath"] for m in pod_spec(job)["containers"][0]["volumeMounts"]}
     assert "/app/models/adapters" in mounts
+
+
+@pytest.mark.parametrize("overlay", OVERLAYS)
+def test_learning_loop_is_scheduled_but_never_starts_on_apply(overlay: str) -> None:
+    docs = render(overlay)
+    (cron,) = find(docs, "CronJob", "qlp-loop")
+    assert cron["spec"]["suspend"] is True and cron["spec"]["concurrencyPolicy"] == "Forbid"
+    (c,) = pod_spec(cron)["containers"]
+    assert c["args"][:2] == ["loop", "--agent=developer"]
+    assert "--gateway=http://gateway:8080" in c["args"] and "--servers=http://vllm-t0:8000" in c["args"]
+    assert ("nvidia.com/gpu" in c["resources"]["limits"]) == (overlay == "gpu")
+    mounts = {m["mountPath"] for m in c["volumeMounts"]}
+    assert {"/app/models/adapters", "/models", "/app/var"} <= mounts
 
 
 @pytest.mark.parametrize("overlay", OVERLAYS)
