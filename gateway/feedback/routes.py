@@ -12,19 +12,16 @@ request, or every request of the workflow) counts once in `qlp_feedback_total{ti
 
 from __future__ import annotations
 
-import contextlib
 import time
-from collections.abc import Iterator
 from typing import Annotated, Any
 
 from fastapi import APIRouter, Request, Security
 from pydantic import BaseModel, ConfigDict, Field
 
-from gateway.errors import NotFound, ServiceUnavailable
+from gateway.errors import NotFound
 from gateway.feedback import store
 from gateway.metering.layout import TENANT_NAME
-from gateway.metering.meter import UNAVAILABLE
-from gateway.metering.routes import MeterDep, PrincipalDep, tenants_for
+from gateway.metering.routes import MeterDep, PrincipalDep, store_errors, tenants_for
 from gateway.metrics import child
 from gateway.routes.responses import bearer, errors
 
@@ -54,13 +51,6 @@ class FeedbackByWorkflow(_Feedback):
     workflow_id: Id
 
 
-@contextlib.contextmanager
-def _store() -> Iterator[None]:
-    try:
-        yield
-    except UNAVAILABLE as exc:
-        raise ServiceUnavailable("the ledger store is unreachable", code="ledger_unavailable") from exc
-
 
 def _common(records: list[dict[str, Any]], field: str) -> str | None:
     """The records' value of `field` when they all share one (a workflow may span tiers: then null)."""
@@ -74,7 +64,7 @@ async def post_feedback(request: Request, p: PrincipalDep, meter: MeterDep,
                         body: FeedbackByRequest | FeedbackByWorkflow) -> dict[str, Any]:
     tenant = (await tenants_for(meter, p, body.tenant or p.tenant))[0]
     value = {"outcome": body.outcome, "score": body.score, "note": body.note, "ts": time.time_ns() // 1_000_000}
-    with _store():
+    with store_errors():
         if isinstance(body, FeedbackByRequest):
             rec = await store.find_request(meter.redis, tenant, body.request_id)
             if rec is None:

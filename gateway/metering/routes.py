@@ -72,7 +72,8 @@ AdminDep = Annotated[Principal, Depends(_admin)]
 
 
 @contextlib.contextmanager
-def _store() -> Iterator[None]:
+def store_errors() -> Iterator[None]:
+    """Redis unreachable -> 503 `ledger_unavailable` (also for the feedback and report routes)."""
     try:
         yield
     except UNAVAILABLE as exc:
@@ -89,7 +90,7 @@ async def tenants_for(meter: Meter, p: Principal, tenant: str | None) -> list[st
         return [p.tenant]
     if tenant is not None:
         return [tenant]
-    with _store():
+    with store_errors():
         known = await meter.keys.tenants()
     return sorted({*known, "admin"})  # "admin": the bootstrap admin key's own requests
 
@@ -123,7 +124,7 @@ async def ledger_summary(
     first, last = _range(since, until)
     tenants = await tenants_for(meter, p, tenant)
     try:
-        with _store():
+        with store_errors():
             return await reader.summary(meter.redis, tenants, group_by, first, last)
     except ValueError as exc:
         raise InvalidRequest(str(exc), param="until", code="invalid_value") from exc
@@ -133,7 +134,7 @@ async def ledger_summary(
             responses=errors(400, 401, 403, 404, 503))
 async def ledger_workflow(p: PrincipalDep, meter: MeterDep, workflow_id: str,
                           tenant: Annotated[str | None, Query(pattern=TENANT_NAME.pattern)] = None) -> dict[str, Any]:
-    with _store():
+    with store_errors():
         for t in await tenants_for(meter, p, tenant):
             found = await reader.workflow(meter.redis, t, workflow_id)
             if found is not None:
@@ -180,7 +181,7 @@ class KeyRequest(BaseModel):
 async def create_key(_: AdminDep, meter: MeterDep, body: KeyRequest) -> dict[str, Any]:
     limits = KeyLimits(micros_of_usd(body.budget_day_usd), micros_of_usd(body.budget_month_usd),
                        body.requests_per_minute, body.tokens_per_minute)
-    with _store():
+    with store_errors():
         key, info = await meter.keys.create(body.tenant, name=body.name, role=body.role, limits=limits)
     return {"key": key, **info.as_dict()}
 
@@ -188,14 +189,14 @@ async def create_key(_: AdminDep, meter: MeterDep, body: KeyRequest) -> dict[str
 @router.get("/v1/admin/keys", summary="List API keys (never the keys themselves)",
             responses=errors(400, 401, 403, 404, 503))
 async def list_keys(_: AdminDep, meter: MeterDep, tenant: str | None = None) -> dict[str, Any]:
-    with _store():
+    with store_errors():
         keys = await meter.keys.list_keys(tenant)
     return {"object": "list", "data": [k.as_dict() for k in keys]}
 
 
 @router.delete("/v1/admin/keys/{key_id}", summary="Revoke an API key", responses=errors(400, 401, 403, 404, 503))
 async def revoke_key(_: AdminDep, meter: MeterDep, key_id: str) -> dict[str, Any]:
-    with _store():
+    with store_errors():
         info = await meter.keys.revoke(key_id)
     if info is None:
         raise NotFound(f"no key {key_id[:32]!r}", code="key_not_found")

@@ -10,19 +10,16 @@ record falls in it).
 
 from __future__ import annotations
 
-import contextlib
 import datetime as dt
-from collections.abc import Iterator
 from typing import Annotated, Any, Literal
 
 from fastapi import APIRouter, Depends, Query, Security
 from starlette.responses import HTMLResponse, JSONResponse, Response
 
-from gateway.errors import InvalidRequest, ServiceUnavailable
+from gateway.errors import InvalidRequest
 from gateway.metering.layout import TENANT_NAME
-from gateway.metering.meter import UNAVAILABLE
 from gateway.metering.reader import parse_day
-from gateway.metering.routes import MeterDep, PrincipalDep, single_valued_query, tenants_for
+from gateway.metering.routes import MeterDep, PrincipalDep, single_valued_query, store_errors, tenants_for
 from gateway.report import reader, render
 from gateway.routes.responses import bearer, errors
 
@@ -40,13 +37,6 @@ _RESPONSES: dict[int | str, dict[str, Any]] = {
     **errors(400, 401, 403, 404, 503),
 }
 
-
-@contextlib.contextmanager
-def _store() -> Iterator[None]:
-    try:
-        yield
-    except UNAVAILABLE as exc:
-        raise ServiceUnavailable("the ledger store is unreachable", code="ledger_unavailable") from exc
 
 
 def _day(value: str | None, name: str, today: dt.date) -> dt.date:
@@ -75,7 +65,7 @@ async def get_report(
     today = dt.datetime.now(dt.UTC).date()
     first, last = _day(since, "since", today), _day(until, "until", today)
     tenants = await tenants_for(meter, p, tenant)
-    with _store():
+    with store_errors():
         rep = await reader.load(meter.redis, reader.Selection(tenants, first, last, tier or None, agent or None))
     if format == "html":
         return HTMLResponse(render.html_page(rep))
