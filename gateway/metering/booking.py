@@ -65,7 +65,7 @@ class Booker:
         self._queue: list[Charge] = []
         self._timer: asyncio.TimerHandle | None = None
         self._tasks: set[asyncio.Task[None]] = set()
-        ledger.pipe.before_flush = self.ride_along
+        ledger.ride_along = self.ride_along
 
     def queue(self, charge: Charge) -> None:
         self._queue.append(charge)

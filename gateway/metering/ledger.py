@@ -10,7 +10,7 @@ import asyncio
 import calendar
 import functools
 import time
-from collections.abc import Coroutine
+from collections.abc import Callable, Coroutine
 from dataclasses import asdict, dataclass
 from typing import Any
 
@@ -19,7 +19,7 @@ from redis.exceptions import ConnectionError, NoScriptError, ResponseError, Time
 
 from gateway.metering.layout import KeyKeys
 from gateway.metering.pipe import Command, Connection, RedisPipe
-from gateway.metering.scripts import ADMIT, CHARGE, Script
+from gateway.metering.scripts import ADMIT, CHARGE
 
 __all__ = ["SEP", "AdmitResult", "Charge", "Ledger", "LedgerPolicy", "calendar_of"]
 
@@ -41,6 +41,23 @@ def _calendar(day_no: int) -> tuple[str, str, int, int]:
 def calendar_of(ts_ms: int) -> tuple[str, str, int, int]:
     """(UTC day YYYYMMDD, month YYYYMM, end of that day and of that month in epoch seconds)."""
     return _calendar(ts_ms // 1000 // _DAY)
+
+
+# (sha256, charge id, worst-case micro-dollars, worst-case tokens, now ms, the caller's reply)
+_Admission = tuple[str, str, int, int, int, "asyncio.Future[Any]"]
+
+
+def _deliver(items: list[_Admission], reply: asyncio.Future[Any]) -> None:
+    """Hand each admission of one ADMIT call its answer (or the call's error)."""
+    exc = reply.exception() if not reply.cancelled() else ConnectionError("cancelled")
+    for i, it in enumerate(items):
+        fut = it[5]
+        if fut.done():  # its caller was cancelled
+            continue
+        if exc is not None:
+            fut.set_exception(exc)
+        else:
+            fut.set_result(reply.result()[i])
 
 
 @dataclass(frozen=True, slots=True)
@@ -92,52 +109,92 @@ class Ledger:
     def __init__(self, pipe: RedisPipe, policy: LedgerPolicy) -> None:
         self.pipe = pipe
         self.policy = policy
+        # Admissions waiting for the connection's next write, by (key id, minute, reservation ttl).
+        self._admissions: dict[tuple[str, int, int], list[_Admission]] = {}
+        # Called with the connection just before each write, after the admissions: a chance to add charges.
+        self.ride_along: Callable[[Connection], None] | None = None
+        pipe.before_flush = self._before_flush
 
     async def load_scripts(self) -> None:
         for reply in await self.pipe.execute([("SCRIPT", "LOAD", s.source) for s in (ADMIT, CHARGE)]):
             if isinstance(reply, Exception):
                 raise reply
 
-    async def _eval(self, script: Script, keys: list[str], args: list[Any]) -> Any:
-        try:
-            return await self.pipe.call("EVALSHA", script.sha, len(keys), *keys, *args)
-        except NoScriptError:  # Redis restarted (or flushed its script cache): load and run once more
-            await self.load_scripts()
-            return await self.pipe.call("EVALSHA", script.sha, len(keys), *keys, *args)
-
     async def admit(self, sha256: str, key_id: str, charge_id: str, worst_micros: int, worst_tokens: int,
                     now_ms: int, reservation_ttl_ms: int) -> AdmitResult:
-        k = KeyKeys(key_id)
-        minute = now_ms // 60_000
-        now_s = now_ms // 1000
-        day, month, day_end, month_end = calendar_of(now_ms)
-        keys = [k.record, k.window(minute), k.window(minute - 1), k.reservations]
-        r = await self._eval(ADMIT, keys, [sha256, charge_id, worst_micros, worst_tokens, now_ms, reservation_ttl_ms,
-                                           day_end - now_s, month_end - now_s, day, month])
-        code = int(r[0])
-        if code == 0:
-            return AdmitResult(0, r[1].decode(), r[2].decode() if r[2] else "user", int(r[3]))
-        if code in (3, 4):
-            return AdmitResult(code, retry_after=int(r[1]))
-        if code == 5:
-            return AdmitResult(5, retry_after=int(r[1]), period=r[2].decode())
-        return AdmitResult(code)
+        """Queue the admission for the connection's next write, where the admissions of one key and minute
+        become one ADMIT call (`_before_flush`), and wait for its answer."""
+        for attempt in (0, 1):
+            conn = self.pipe.proto or await self.pipe.connection()
+            fut: asyncio.Future[Any] = asyncio.get_running_loop().create_future()
+            group = (key_id, now_ms // 60_000, reservation_ttl_ms)
+            batch = self._admissions.get(group)
+            if batch is None:
+                self._admissions[group] = batch = []
+            batch.append((sha256, charge_id, worst_micros, worst_tokens, now_ms, fut))
+            conn.schedule()
+            try:
+                r = await fut
+            except NoScriptError:  # Redis restarted (or flushed its script cache): load and run once more
+                if attempt:
+                    raise
+                await self.load_scripts()
+                continue
+            code = int(r[0])
+            if code == 0:
+                return AdmitResult(0, r[1].decode(), r[2].decode() if r[2] else "user", int(r[3]))
+            if code in (3, 4):
+                return AdmitResult(code, retry_after=int(r[1]))
+            if code == 5:
+                return AdmitResult(5, retry_after=int(r[1]), period=r[2].decode())
+            return AdmitResult(code)
+        raise AssertionError("unreachable")
 
-    def _command(self, c: Charge) -> Command:
+    def _before_flush(self, conn: Connection) -> None:
+        """Called by the connection just before it writes: the admissions queued since the last write go in
+        it, one ADMIT call per key and minute; then the charges waiting to be booked (`ride_along`)."""
+        if self._admissions:
+            groups, self._admissions = self._admissions, {}
+            for (key_id, minute, ttl), items in groups.items():
+                k = KeyKeys(key_id)
+                day, month, day_end, month_end = calendar_of(items[0][4])
+                args: list[Any] = [ttl, day_end, month_end, day, month]
+                for it in items:
+                    args += it[:5]
+                cmd = ("EVALSHA", ADMIT.sha, 4, k.record, k.window(minute), k.window(minute - 1), k.reservations, *args)
+                conn.send(cmd).add_done_callback(functools.partial(_deliver, items))
+        if self.ride_along is not None and conn.failed is None:
+            self.ride_along(conn)
+
+    def _commands(self, charges: list[Charge]) -> tuple[list[Command], list[list[int]]]:
+        """One CHARGE call per API key among `charges`, and for each call the positions of its charges."""
+        groups: dict[str, list[int]] = {}
+        for i, c in enumerate(charges):
+            groups.setdefault(c.key_id, []).append(i)
         p = self.policy
-        day, month, _, _ = calendar_of(c.ts_ms)
-        k = KeyKeys(c.key_id)
-        r = c.record
-        wf = (r.get("workflow") or "") if r is not None else ""
-        resv = f"{c.id}:{c.reserved_micros}" if c.reserved_micros else ""
-        rid = (r.get("request_id") or "") if r is not None else ""
-        head = ("EVALSHA", CHARGE.sha, 8, k.done(day), k.record, k.reservations, k.window(c.minute), k.counters(day),
-                k.stream, k.workflow_records(wf), k.request(rid), c.id, c.cost_micros, c.token_delta, p.idempotency_days * _DAY,
-                1 if c.key_state else 0, resv, c.reserved_micros, day, month, p.ledger_days * _DAY, p.stream_maxlen)
-        if r is None:
-            return (*head, "", "", 0, 0, 0, 0, 0, 0, 0, 0)
-        return (*head, orjson.dumps(r), c.group, 1 if wf else 0, 1, r["prompt_tokens"], r["completion_tokens"],
-                r["cost_micros"], r["reference_cost_micros"], 1 if r["estimated"] else 0, p.request_index_days * _DAY)
+        cmds: list[Command] = []
+        for key_id, idx in groups.items():
+            k = KeyKeys(key_id)
+            keys: list[Any] = [k.record, k.reservations, k.stream]
+            args: list[Any] = [p.idempotency_days * _DAY, p.ledger_days * _DAY, p.stream_maxlen, p.request_index_days * _DAY]
+            for i in idx:
+                c = charges[i]
+                day, month, _, _ = calendar_of(c.ts_ms)
+                r = c.record
+                resv = f"{c.id}:{c.reserved_micros}" if c.reserved_micros else ""
+                if r is None:
+                    keys += (k.done(day), k.window(c.minute), k.counters(day), k.workflow_records(""), k.request(""))
+                    args += (c.id, c.cost_micros, c.token_delta, 1 if c.key_state else 0, resv, c.reserved_micros, day,
+                             month, "", "", 0, 0, 0, 0, 0, 0, 0)
+                    continue
+                wf = r.get("workflow") or ""
+                keys += (k.done(day), k.window(c.minute), k.counters(day), k.workflow_records(wf),
+                         k.request(r.get("request_id") or ""))
+                args += (c.id, c.cost_micros, c.token_delta, 1 if c.key_state else 0, resv, c.reserved_micros, day,
+                         month, orjson.dumps(r), c.group, 1 if wf else 0, 1, r["prompt_tokens"], r["completion_tokens"],
+                         r["cost_micros"], r["reference_cost_micros"], 1 if r["estimated"] else 0)
+            cmds.append(("EVALSHA", CHARGE.sha, len(keys), *keys, *args))
+        return cmds, list(groups.values())
 
     async def apply(self, charges: list[Charge]) -> list[int | Exception]:
         """Apply charges in one round trip. Per charge: 1 booked now, 0 booked before (a replay), or the
@@ -148,25 +205,30 @@ class Ledger:
     def send(self, charges: list[Charge], conn: Connection) -> Coroutine[Any, Any, list[int | Exception]]:
         """Queue the charges' commands on `conn` now (they go out with its next write); the returned
         coroutine waits for the replies, as `apply`."""
-        cmds = [self._command(c) for c in charges]
-        return self._collect(cmds, [conn.send(c) for c in cmds])
+        cmds, groups = self._commands(charges)
+        return self._collect(cmds, groups, len(charges), [conn.send(c) for c in cmds])
 
-    async def _collect(self, cmds: list[Command], futs: list[asyncio.Future[Any]]) -> list[int | Exception]:
-        results: list[Any] = []
+    async def _collect(self, cmds: list[Command], groups: list[list[int]], n: int,
+                       futs: list[asyncio.Future[Any]]) -> list[int | Exception]:
+        replies: list[Any] = []
         for f in futs:  # replies arrive together: one wake-up, then the rest are done already
             try:
-                results.append(await f)
+                replies.append(await f)
             except (ConnectionError, TimeoutError):
                 for rest in futs:  # all failed with the connection: mark their errors as seen
                     if rest.done() and not rest.cancelled():
                         rest.exception()
                 raise
             except ResponseError as exc:
-                results.append(exc)
-        if any(isinstance(r, NoScriptError) for r in results):
+                replies.append(exc)
+        if any(isinstance(r, NoScriptError) for r in replies):
             await self.load_scripts()  # the scripts that ran were idempotent; run them all again
-            results = await self.pipe.execute(cmds)
-        transient = next((r for r in results if isinstance(r, ResponseError) and str(r).startswith(TRANSIENT)), None)
+            replies = await self.pipe.execute(cmds)
+        transient = next((r for r in replies if isinstance(r, ResponseError) and str(r).startswith(TRANSIENT)), None)
         if transient is not None:
             raise transient
-        return [r if isinstance(r, Exception) else int(r) for r in results]
+        results: list[int | Exception] = [0] * n
+        for idx, reply in zip(groups, replies, strict=True):
+            for j, i in enumerate(idx):  # an error answers for every charge of its call
+                results[i] = reply if isinstance(reply, Exception) else int(reply[j])
+        return results

@@ -3,7 +3,7 @@
     authenticate(header)  local: 401 for a missing key; the bootstrap admin key is recognised here
     admit(...)            one Redis round trip (ADMIT): key, revocation, requests/min, tokens/min, and a
                           reservation of the worst case against the key's budgets
-    settle(ticket, x)     prices the request and queues its charge (one CHARGE script each); queued charges
+    settle(ticket, x)     prices the request and queues its charge (one CHARGE call per key and batch); queued charges
                           go out with the next admission's write, or on their own within 2 ms: one round
                           trip after the response, off the request's path. Never raises; when Redis is
                           unreachable a served request's charge goes to the spool (fsync) and is replayed

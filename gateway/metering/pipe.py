@@ -62,11 +62,18 @@ class Connection(asyncio.Protocol):
             self.watchdog = loop.call_later(self.timeout, self.watch)
         return fut
 
+    def schedule(self) -> None:
+        """Make sure a write happens at the end of this turn of the loop (for commands the `before_flush`
+        hook adds then)."""
+        if not self.flush_scheduled:
+            self.flush_scheduled = True
+            asyncio.get_running_loop().call_soon(self.flush)
+
     def flush(self) -> None:
         hook = self.pipe.before_flush
-        if hook is not None and self.failed is None:
+        if hook is not None:
             try:
-                hook(self)  # may add commands to this write (charges waiting to be booked)
+                hook(self)  # may add commands to this write (admissions, charges waiting to be booked)
             except Exception:
                 log.exception("before_flush hook failed")
         self.flush_scheduled = False

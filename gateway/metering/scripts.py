@@ -31,27 +31,40 @@ class Script:
         self.sha = hashlib.sha1(source.encode()).hexdigest()
 
 
+# ADMIT decides a batch of admissions of one API key in one rate window (one script call for all the
+# admissions of that key that go out in one write), one after the other, each against the state the ones
+# before it left: the same answers as one call per admission, with the reads and writes done once.
 # KEYS: 1 key record, 2 window (this minute), 3 window (previous minute), 4 reservations
-# ARGV: 1 sha256, 2 charge id, 3 worst-case micro-dollars, 4 worst-case tokens, 5 now (ms),
-#       6 reservation ttl (ms), 7 seconds to the end of the UTC day, 8 seconds to the end of the UTC month,
-#       9 the UTC day (YYYYMMDD), 10 the UTC month (YYYYMM)
-# Returns {0, tenant, role, flags} | {1} unknown key | {2} revoked | {3, retry_after} requests/min
-#         | {4, retry_after} tokens/min | {5, retry_after, 'day'|'month'} budget
+# ARGV: 1 reservation ttl (ms), 2 end of the UTC day (epoch s), 3 end of the UTC month (epoch s),
+#       4 the UTC day (YYYYMMDD), 5 the UTC month (YYYYMM); then per admission i (base a = 5 + 5 * (i - 1)):
+#       a+1 sha256, a+2 charge id, a+3 worst-case micro-dollars, a+4 worst-case tokens, a+5 now (ms)
+# Returns per admission: {0, tenant, role, flags} | {1} unknown key | {2} revoked | {3, retry_after}
+#         requests/min | {4, retry_after} tokens/min | {5, retry_after, 'day'|'month'} budget
 # flags: 1 the key has a budget (a reservation was made when the worst case is > 0), 2 a tokens/min limit.
 ADMIT = Script("""
 local rec = redis.call('HMGET', KEYS[1], 'sha256', 'revoked', 'tenant', 'role', 'rpm', 'tpm', 'budget_day',
                        'budget_month', 'reserved', 'spent_d', 'spent_d_on', 'spent_m', 'spent_m_on')
-if not rec[1] or rec[1] ~= ARGV[1] then return {1} end
-if rec[2] == '1' then return {2} end
-local now = tonumber(ARGV[5])
-local worst = tonumber(ARGV[3])
-local worst_tokens = tonumber(ARGV[4])
+local n = (#ARGV - 5) / 5
+local out = {}
 local rpm = tonumber(rec[5]) or 0
 local tpm = tonumber(rec[6]) or 0
+local bd = tonumber(rec[7]) or 0
+local bm = tonumber(rec[8]) or 0
+local budget = bd > 0 or bm > 0
+local limited = rpm > 0 or tpm > 0
+local flags = 0
+if budget then flags = flags + 1 end
+if tpm > 0 then flags = flags + 2 end
+local ttl = tonumber(ARGV[1])
+local reserved = tonumber(rec[9]) or 0
+local spent_d = (rec[11] == ARGV[4]) and (tonumber(rec[10]) or 0) or 0
+local spent_m = (rec[13] == ARGV[5]) and (tonumber(rec[12]) or 0) or 0
+local win = nil  -- {this minute's req, tok, the previous minute's req, tok}, read at the first need
+local add_req, add_tok = 0, 0
+local swept = false
+local resv, resv_amount, resv_score = {}, {}, {}
 -- Sliding window over two fixed minutes: the previous minute counts in proportion to its overlap.
-local into = (now % 60000) / 60000
-local left = 60 * (1 - into)
-local function check(limit, c, p)
+local function check(limit, c, p, into, left)
   if limit <= 0 then return 0 end
   if c >= limit then return math.max(1, math.ceil(left)) end
   if p * (1 - into) + c >= limit then
@@ -59,94 +72,204 @@ local function check(limit, c, p)
   end
   return 0
 end
-if rpm > 0 or tpm > 0 then
-  local cur = redis.call('HMGET', KEYS[2], 'req', 'tok')
-  local prev = redis.call('HMGET', KEYS[3], 'req', 'tok')
-  local ra = check(rpm, tonumber(cur[1]) or 0, tonumber(prev[1]) or 0)
-  if ra > 0 then return {3, ra} end
-  ra = check(tpm, tonumber(cur[2]) or 0, tonumber(prev[2]) or 0)
-  if ra > 0 then return {4, ra} end
-end
-local bd = tonumber(rec[7]) or 0
-local bm = tonumber(rec[8]) or 0
-local flags = 0
-if bd > 0 or bm > 0 then flags = flags + 1 end
-if tpm > 0 then flags = flags + 2 end
-local reserve = worst > 0 and (bd > 0 or bm > 0)
-if reserve then
-  -- Reservations of a process that died mid-request expire: give their money back first.
-  local reserved = tonumber(rec[9]) or 0
-  local expired = redis.call('ZRANGEBYSCORE', KEYS[4], '-inf', now, 'LIMIT', 0, 100)
-  if #expired > 0 then
-    local freed = 0
-    for _, m in ipairs(expired) do freed = freed + tonumber(string.match(m, ':(%d+)$')) end
-    redis.call('ZREM', KEYS[4], unpack(expired))
-    redis.call('HINCRBY', KEYS[1], 'reserved', -freed)
-    reserved = reserved - freed
+for i = 1, n do
+  local a = 5 + 5 * (i - 1)
+  if not rec[1] or rec[1] ~= ARGV[a + 1] then out[i] = {1}
+  elseif rec[2] == '1' then out[i] = {2}
+  else
+    local now = tonumber(ARGV[a + 5])
+    local worst = tonumber(ARGV[a + 3])
+    local worst_tokens = tonumber(ARGV[a + 4])
+    local refused = nil
+    if limited then
+      if not win then
+        local cur = redis.call('HMGET', KEYS[2], 'req', 'tok')
+        local prev = redis.call('HMGET', KEYS[3], 'req', 'tok')
+        win = {tonumber(cur[1]) or 0, tonumber(cur[2]) or 0, tonumber(prev[1]) or 0, tonumber(prev[2]) or 0}
+      end
+      local into = (now % 60000) / 60000
+      local left = 60 * (1 - into)
+      local ra = check(rpm, win[1], win[3], into, left)
+      if ra > 0 then refused = {3, ra}
+      else
+        ra = check(tpm, win[2], win[4], into, left)
+        if ra > 0 then refused = {4, ra} end
+      end
+    end
+    local reserve = worst > 0 and budget
+    if not refused and reserve then
+      if not swept then
+        -- Reservations of a process that died mid-request expire: give their money back first.
+        swept = true
+        local expired = redis.call('ZRANGEBYSCORE', KEYS[4], '-inf', now, 'LIMIT', 0, 100)
+        if #expired > 0 then
+          local freed = 0
+          for _, m in ipairs(expired) do freed = freed + tonumber(string.match(m, ':(%d+)$')) end
+          redis.call('ZREM', KEYS[4], unpack(expired))
+          redis.call('HINCRBY', KEYS[1], 'reserved', string.format('%d', -freed))
+          reserved = reserved - freed
+        end
+      end
+      local now_s = math.floor(now / 1000)
+      if bd > 0 and spent_d + reserved + worst > bd then refused = {5, tonumber(ARGV[2]) - now_s, 'day'}
+      elseif bm > 0 and spent_m + reserved + worst > bm then refused = {5, tonumber(ARGV[3]) - now_s, 'month'} end
+    end
+    if refused then out[i] = refused
+    else
+      if limited then
+        win[1] = win[1] + 1
+        add_req = add_req + 1
+        if worst_tokens > 0 then win[2] = win[2] + worst_tokens; add_tok = add_tok + worst_tokens end
+      end
+      if reserve then
+        resv[#resv + 1] = ARGV[a + 2] .. ':' .. ARGV[a + 3]
+        resv_amount[#resv] = worst
+        resv_score[#resv] = string.format('%d', now + ttl)
+        reserved = reserved + worst
+      end
+      out[i] = {0, rec[3], rec[4], flags}
+    end
   end
-  local spent_d = (rec[11] == ARGV[9]) and (tonumber(rec[10]) or 0) or 0
-  local spent_m = (rec[13] == ARGV[10]) and (tonumber(rec[12]) or 0) or 0
-  if bd > 0 and spent_d + reserved + worst > bd then return {5, tonumber(ARGV[7]), 'day'} end
-  if bm > 0 and spent_m + reserved + worst > bm then return {5, tonumber(ARGV[8]), 'month'} end
 end
-if rpm > 0 or tpm > 0 then
-  redis.call('HINCRBY', KEYS[2], 'req', 1)
-  if worst_tokens > 0 then redis.call('HINCRBY', KEYS[2], 'tok', worst_tokens) end
+if add_req > 0 then
+  redis.call('HINCRBY', KEYS[2], 'req', add_req)
+  if add_tok > 0 then redis.call('HINCRBY', KEYS[2], 'tok', string.format('%d', add_tok)) end
   redis.call('EXPIRE', KEYS[2], 130)
 end
-if reserve then
-  local ttl = tonumber(ARGV[6])
-  -- NX: a retried call (its reply was lost) must not reserve twice.
-  if redis.call('ZADD', KEYS[4], 'NX', now + ttl, ARGV[2] .. ':' .. ARGV[3]) == 1 then
-    redis.call('HINCRBY', KEYS[1], 'reserved', worst)
+if #resv > 0 then
+  -- A retried call (its reply was lost) must not reserve twice: only members not held yet count.
+  local held = redis.call('ZMSCORE', KEYS[4], unpack(resv))
+  local args, total = {}, 0
+  for i, m in ipairs(resv) do
+    if not held[i] then
+      args[#args + 1] = resv_score[i]
+      args[#args + 1] = m
+      total = total + resv_amount[i]
+    end
+  end
+  if #args > 0 then
+    redis.call('ZADD', KEYS[4], 'NX', unpack(args))
+    redis.call('HINCRBY', KEYS[1], 'reserved', string.format('%d', total))
   end
   redis.call('PEXPIRE', KEYS[4], 2 * ttl)
 end
-return {0, rec[3], rec[4], flags}
+return out
 """)
 
-# KEYS: 1 charge ids seen (day), 2 key record, 3 reservations, 4 the window the request was admitted in,
-#       5 day counters, 6 ledger stream, 7 workflow records, 8 the request's index entry
-# ARGV: 1 charge id, 2 cost (micro-dollars), 3 token correction (actual - counted at admission),
-#       4 ttl of charge ids (s), 5 correct the key's limit state ('1': it has a budget or tokens/min),
-#       6 reservation ('<charge id>:<micro-dollars>', '' when none), 7 its amount, 8 day (YYYYMMDD),
-#       9 month (YYYYMM), 10 ttl of counters and workflows (s), 11 stream MAXLEN,
-#       12 record (JSON; '' when nothing was served: only the key's state is corrected),
-#       13 group ('tier<US>backend/model<US>agent<US>workflow', US = \\x1f), 14 has workflow ('1'/'0'),
-#       15..20 metric values (req pt ct cost ref est), 21 ttl of the request index (s)
-# Counter fields are '<group><US><metric>': one field per combination of tier, model, agent and workflow,
-# so a charge is five or six HINCRBY; summaries by any one of them add the combinations up when read.
-# Returns 1 applied, 0 applied before.
+# CHARGE books a batch of charges of one API key (one script call for all the charges of that key that go
+# out in one write): most of the work is then done once per batch, not once per charge.
+# KEYS: 1 key record, 2 reservations, 3 ledger stream; then per charge i (base b = 3 + 5 * (i - 1)):
+#       b+1 charge ids seen (its day), b+2 the window it was admitted in, b+3 its day's counters,
+#       b+4 its workflow's records, b+5 its request's index entry
+# ARGV: 1 ttl of charge ids (s), 2 ttl of counters and workflows (s), 3 stream MAXLEN, 4 ttl of the request
+#       index (s); then per charge i (base a = 4 + 17 * (i - 1)): a+1 charge id, a+2 cost (micro-dollars),
+#       a+3 token correction (actual - counted at admission), a+4 correct the key's limit state ('1': it has a
+#       budget or tokens/min), a+5 reservation ('<charge id>:<micro-dollars>', '' when none), a+6 its amount,
+#       a+7 day (YYYYMMDD), a+8 month (YYYYMM), a+9 record (JSON; '' when nothing was served: only the key's
+#       state is corrected), a+10 group ('tier<US>backend/model<US>agent<US>workflow', US = \\x1f),
+#       a+11 has workflow ('1'/'0'), a+12..a+17 metric values (req pt ct cost ref est)
+# Counter fields are '<group><US><metric>': one field per combination of tier, model, agent and workflow;
+# summaries by any one of them add the combinations up when read. Charges of one batch with the same field
+# are added up first: one HINCRBY per field and batch.
+# Each charge is applied once (the SADD of its id decides) and in order; the script is atomic as a whole.
+# Returns, per charge: 1 applied, 0 applied before.
 CHARGE = Script("""
-if redis.call('SADD', KEYS[1], ARGV[1]) == 0 then return 0 end
-redis.call('EXPIRE', KEYS[1], ARGV[4])
-if ARGV[5] == '1' then
-  if ARGV[6] ~= '' and redis.call('ZREM', KEYS[3], ARGV[6]) == 1 then
-    redis.call('HINCRBY', KEYS[2], 'reserved', -tonumber(ARGV[7]))
+local n = (#ARGV - 4) / 17
+local out = {}
+local metrics = {'req', 'pt', 'ct', 'cost', 'ref', 'est'}
+local resv, resv_amount = {}, {}
+local state = nil  -- spent_d, spent_d_on, spent_m, spent_m_on, read once when a cost is booked
+local windows, window_keys = {}, {}
+local counters, counter_keys = {}, {}
+local workflows, workflow_keys = {}, {}
+local done_keys = {}
+for i = 1, n do
+  local a = 4 + 17 * (i - 1)
+  local b = 3 + 5 * (i - 1)
+  if redis.call('SADD', KEYS[b + 1], ARGV[a + 1]) == 0 then
+    out[i] = 0
+  else
+    out[i] = 1
+    done_keys[KEYS[b + 1]] = true
+    if ARGV[a + 4] == '1' then
+      if ARGV[a + 5] ~= '' then
+        resv[#resv + 1] = ARGV[a + 5]
+        resv_amount[#resv] = tonumber(ARGV[a + 6])
+      end
+      local cost = tonumber(ARGV[a + 2])
+      if cost > 0 then
+        if not state then
+          local r = redis.call('HMGET', KEYS[1], 'spent_d', 'spent_d_on', 'spent_m', 'spent_m_on')
+          state = {tonumber(r[1]) or 0, r[2], tonumber(r[3]) or 0, r[4], false}
+        end
+        local day, month = ARGV[a + 7], ARGV[a + 8]
+        if state[2] == day then state[1] = state[1] + cost; state[5] = true
+        elseif not state[2] or state[2] < day then state[1] = cost; state[2] = day; state[5] = true end
+        if state[4] == month then state[3] = state[3] + cost; state[5] = true
+        elseif not state[4] or state[4] < month then state[3] = cost; state[4] = month; state[5] = true end
+      end
+      local delta = tonumber(ARGV[a + 3])
+      if delta ~= 0 then
+        local w = KEYS[b + 2]
+        if not windows[w] then windows[w] = 0; window_keys[#window_keys + 1] = w end
+        windows[w] = windows[w] + delta
+      end
+    end
+    if ARGV[a + 9] ~= '' then
+      local ck = KEYS[b + 3]
+      local c = counters[ck]
+      if not c then c = {{}, {}}; counters[ck] = c; counter_keys[#counter_keys + 1] = ck end
+      for j = 1, 6 do
+        local v = tonumber(ARGV[a + 11 + j])
+        if v ~= 0 then
+          local f = ARGV[a + 10] .. '\\031' .. metrics[j]
+          if not c[1][f] then c[1][f] = 0; c[2][#c[2] + 1] = f end
+          c[1][f] = c[1][f] + v
+        end
+      end
+      local entry = redis.call('XADD', KEYS[3], 'MAXLEN', '~', ARGV[3], '*', 'r', ARGV[a + 9])
+      redis.call('SET', KEYS[b + 5], entry, 'EX', ARGV[4])
+      if ARGV[a + 11] == '1' then
+        local wk = KEYS[b + 4]
+        if not workflows[wk] then workflows[wk] = {}; workflow_keys[#workflow_keys + 1] = wk end
+        local l = workflows[wk]
+        l[#l + 1] = ARGV[a + 9]
+      end
+    end
   end
-  local cost = tonumber(ARGV[2])
-  if cost > 0 then
-    local on = redis.call('HMGET', KEYS[2], 'spent_d_on', 'spent_m_on')
-    if on[1] == ARGV[8] then redis.call('HINCRBY', KEYS[2], 'spent_d', cost)
-    elseif not on[1] or on[1] < ARGV[8] then redis.call('HSET', KEYS[2], 'spent_d', cost, 'spent_d_on', ARGV[8]) end
-    if on[2] == ARGV[9] then redis.call('HINCRBY', KEYS[2], 'spent_m', cost)
-    elseif not on[2] or on[2] < ARGV[9] then redis.call('HSET', KEYS[2], 'spent_m', cost, 'spent_m_on', ARGV[9]) end
-  end
-  local delta = tonumber(ARGV[3])
-  if delta ~= 0 and redis.call('EXISTS', KEYS[4]) == 1 then redis.call('HINCRBY', KEYS[4], 'tok', delta) end
 end
-if ARGV[12] ~= '' then
-  local metrics = {'req', 'pt', 'ct', 'cost', 'ref', 'est'}
-  for j = 1, 6 do
-    if ARGV[14 + j] ~= '0' then redis.call('HINCRBY', KEYS[5], ARGV[13] .. '\\031' .. metrics[j], ARGV[14 + j]) end
+for k in pairs(done_keys) do redis.call('EXPIRE', k, ARGV[1]) end
+if #resv > 0 then
+  -- Release only the reservations still held (a reservation that expired was given back by ADMIT).
+  local held = redis.call('ZMSCORE', KEYS[2], unpack(resv))
+  local gone, freed = {}, 0
+  for i, s in ipairs(resv) do
+    if held[i] then gone[#gone + 1] = s; freed = freed + resv_amount[i] end
   end
-  redis.call('EXPIRE', KEYS[5], ARGV[10])
-  local entry = redis.call('XADD', KEYS[6], 'MAXLEN', '~', ARGV[11], '*', 'r', ARGV[12])
-  redis.call('SET', KEYS[8], entry, 'EX', ARGV[21])
-  if ARGV[14] == '1' then
-    redis.call('RPUSH', KEYS[7], ARGV[12])
-    redis.call('EXPIRE', KEYS[7], ARGV[10])
+  if #gone > 0 then
+    redis.call('ZREM', KEYS[2], unpack(gone))
+    redis.call('HINCRBY', KEYS[1], 'reserved', string.format('%d', -freed))
   end
 end
-return 1
+if state and state[5] then
+  redis.call('HSET', KEYS[1], 'spent_d', string.format('%d', state[1]), 'spent_d_on', state[2],
+             'spent_m', string.format('%d', state[3]), 'spent_m_on', state[4])
+end
+for _, w in ipairs(window_keys) do
+  if windows[w] ~= 0 and redis.call('EXISTS', w) == 1 then
+    redis.call('HINCRBY', w, 'tok', string.format('%d', windows[w]))
+  end
+end
+for _, ck in ipairs(counter_keys) do
+  local c = counters[ck]
+  for _, f in ipairs(c[2]) do
+    redis.call('HINCRBY', ck, f, string.format('%d', c[1][f]))
+  end
+  redis.call('EXPIRE', ck, ARGV[2])
+end
+for _, wk in ipairs(workflow_keys) do
+  redis.call('RPUSH', wk, unpack(workflows[wk]))
+  redis.call('EXPIRE', wk, ARGV[2])
+end
+return out
 """)
