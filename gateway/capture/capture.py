@@ -5,7 +5,7 @@ snapshots the exchange into a bounded queue; a background task drains it every `
 `BATCH` records), does the CPU work of a batch (response parsing, redaction, JSON) in a worker thread so a
 large prompt does not stall the event loop, and writes the batch in one pipelined round trip:
 
-    XADD qlp:capture:<agent> MAXLEN ~ <maxlen> * r <record JSON>
+    XADD qlp:capture:<agent> MAXLEN ~ <maxlen> * r <record JSON>     (for each record, in one script per stream)
 
 Nothing here can fail a request. A full queue drops (`qlp_capture_total{outcome="dropped"}`), Redis down
 drops the batch (`failed`, logged once per outage), an exchange past `max_bytes` is not captured
@@ -44,9 +44,26 @@ log = logging.getLogger("qlp.capture")
 QUEUE_MAX = 10_000  # exchanges waiting for the flusher; past it new ones are dropped and counted
 BATCH = 64  # records per pipelined write; also wakes the flusher early
 FLUSH_INTERVAL = 0.05  # seconds between a first queued exchange and its write
+INLINE_BYTES = 32_768  # a batch whose responses add up to less is prepared on the event loop
 STREAM_PREFIX = "qlp:capture:"
 # The agent becomes part of a Redis key: a bounded, plain alphabet keeps key names and SCAN patterns sane.
 AGENT_RE = re.compile(r"[A-Za-z0-9._-]{1,64}")
+
+
+# XADD each record (ARGV[2..]) to the stream KEYS[1], trimmed to about ARGV[1] entries.
+APPEND = """
+for i = 2, #ARGV do redis.call('XADD', KEYS[1], 'MAXLEN', '~', ARGV[1], '*', 'r', ARGV[i]) end
+return #ARGV - 1
+"""
+
+
+def _prompt_chars(body: dict[str, Any]) -> int:
+    """About how much text the redaction will scan in the request (string contents and prompt)."""
+    messages = body.get("messages")
+    if isinstance(messages, list):
+        return sum(len(c) if isinstance(c := m.get("content"), str) else 4096 for m in messages if isinstance(m, dict))
+    prompt = body.get("prompt")
+    return len(prompt) if isinstance(prompt, str) else 4096
 
 
 def stream_key(agent: str) -> str:
@@ -93,6 +110,7 @@ class Capture:
         self._lock = asyncio.Lock()
         self._task: asyncio.Task[None] | None = None
         self._redis_down = False
+        self._append = redis.register_script(APPEND)
 
     def wants(self, tier: str, agent: str | None) -> bool:
         if agent is None or tier not in self._targets:
@@ -189,16 +207,23 @@ class Capture:
         return out, skipped
 
     async def _write(self, batch: list[Pending]) -> None:
-        rows, skipped = await asyncio.to_thread(self._prepare, batch)
+        # A batch of short exchanges is prepared in the loop (tens of microseconds each); a big one in a worker
+        # thread, so that a long prompt does not stall the requests being served.
+        size = sum(len(p.response) + _prompt_chars(p.body) for p in batch)
+        rows, skipped = (self._prepare(batch) if size <= INLINE_BYTES
+                         else await asyncio.to_thread(self._prepare, batch))
         for (tier, outcome), n in skipped.items():
             self._count(tier, outcome, n)
         if not rows:
             return
-        pipe = self.redis.pipeline(transaction=False)
+        by_key: dict[str, list[bytes]] = {}
         for key, data, _ in rows:
-            pipe.xadd(key, {"r": data}, maxlen=self.config.maxlen, approximate=True)
+            by_key.setdefault(key, []).append(data)
         try:
-            await pipe.execute()
+            # One script call per agent stream, not one XADD per record: redis-py spends more time packing
+            # a command than Redis spends running it (measured: bench/bench_learning.py).
+            await asyncio.gather(*(self._append(keys=[key], args=[self.config.maxlen, *datas], client=self.redis)
+                                   for key, datas in by_key.items()))
         except (RedisError, OSError) as exc:
             if not self._redis_down:
                 log.warning("capture: Redis unreachable, dropping captured exchanges until it is back: %s", exc)
