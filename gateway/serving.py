@@ -339,7 +339,8 @@ async def _relay_stream(
         except UpstreamError as exc:
             error = exc
         if gone.is_set():
-            x.status = 499
+            # A client that hung up after `[DONE]` reached it had the whole answer (some close at once).
+            x.status = 200 if sse.done else 499
             return
         tail = sse.tail()
         if tail.strip() and not tail.endswith(b"\n\n"):
