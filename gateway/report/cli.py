@@ -20,6 +20,7 @@ from typing import TextIO
 
 from redis.exceptions import RedisError
 
+from gateway.config import FleetConfig, load_config
 from gateway.metering.keys import KeyStore
 from gateway.metering.meter import connect
 from gateway.metering.reader import parse_day
@@ -42,6 +43,14 @@ def _parser() -> argparse.ArgumentParser:
     return p
 
 
+def _fleet(settings: Settings) -> FleetConfig | None:
+    """The fleet config (QLP_CONFIG), to tell local tiers from external ones; absent: T3 is external."""
+    try:
+        return load_config(settings.config)
+    except (SystemExit, ValueError, OSError):
+        return None
+
+
 async def _run(args: argparse.Namespace, out: TextIO) -> int:
     settings = Settings()
     if args.redis_url:
@@ -51,7 +60,8 @@ async def _run(args: argparse.Namespace, out: TextIO) -> int:
     redis = connect(settings)
     try:
         tenants = args.tenant or sorted({*await KeyStore(redis).tenants(), "admin"})
-        rep = await reader.load(redis, reader.Selection(tenants, since, until, args.tier, args.agent))
+        rep = await reader.load(redis, reader.Selection(tenants, since, until, args.tier, args.agent),
+                                reader.external_tiers(_fleet(settings)))
     finally:
         await redis.aclose()
     print(json.dumps(rep, indent=2) if args.json else render.table(rep), file=out)

@@ -15,12 +15,13 @@ from typing import Any
 import orjson
 from redis.asyncio import Redis
 
+from gateway.config import FleetConfig, Kind
 from gateway.feedback import store
 from gateway.metering.reader import export
 from gateway.report import compute
 from gateway.rollout.shadow import SHADOW_STREAM
 
-__all__ = ["Selection", "load", "shadow_records"]
+__all__ = ["Selection", "external_tiers", "load", "shadow_records"]
 
 _PAGE = 1000
 _HOUR_MS = 3_600_000
@@ -71,10 +72,17 @@ async def shadow_records(redis: Redis, sel: Selection) -> AsyncIterator[dict[str
         start = "(" + bytes(entries[-1][0]).decode()
 
 
-async def load(redis: Redis, sel: Selection) -> dict[str, Any]:
-    """The report of a selection (compute.build over what is in Redis now)."""
+def external_tiers(config: FleetConfig | None) -> frozenset[str]:
+    """The tiers served by external providers (the rest are local: the report's "local" share)."""
+    if config is None:
+        return frozenset({"T3"})
+    return frozenset(name for name, tier in config.tiers.items() if tier.kind is not Kind.LOCAL)
+
+
+async def load(redis: Redis, sel: Selection, external: frozenset[str] = frozenset({"T3"})) -> dict[str, Any]:
+    """The report of a selection (compute.build over what is in Redis now); `external`: external_tiers()."""
     if sel.empty:
-        return compute.build([], {}, {}, meta=sel.meta())
+        return compute.build([], {}, {}, external_tiers=external, meta=sel.meta())
     records = [r async for r in export(redis, sel.tenants, sel.since, sel.until) if sel.wants(r, "requested_tier")]
     by_request: dict[tuple[str, str], dict[str, Any]] = {}
     by_workflow: dict[tuple[str, str], dict[str, Any]] = {}
@@ -87,4 +95,4 @@ async def load(redis: Redis, sel: Selection) -> dict[str, Any]:
         by_request.update(((tenant, k), v) for k, v in rq.items())
         by_workflow.update(((tenant, k), v) for k, v in wf.items())
     shadow = [r async for r in shadow_records(redis, sel)]
-    return compute.build(records, by_request, by_workflow, shadow, meta=sel.meta())
+    return compute.build(records, by_request, by_workflow, shadow, external_tiers=external, meta=sel.meta())

@@ -13,7 +13,7 @@ from __future__ import annotations
 import datetime as dt
 from typing import Annotated, Any, Literal
 
-from fastapi import APIRouter, Depends, Query, Security
+from fastapi import APIRouter, Depends, Query, Request, Security
 from starlette.responses import HTMLResponse, JSONResponse, Response
 
 from gateway.errors import InvalidRequest
@@ -49,6 +49,7 @@ def _day(value: str | None, name: str, today: dt.date) -> dt.date:
 @router.get("/v1/report", summary="Rollout report: quality, latency, cost and savings per tier, agent and arm",
             responses=_RESPONSES, response_class=Response)
 async def get_report(
+    request: Request,
     p: PrincipalDep,
     meter: MeterDep,
     since: Annotated[str | None, Query(description="first UTC day, YYYY-MM-DD (default today)",
@@ -66,7 +67,8 @@ async def get_report(
     first, last = _day(since, "since", today), _day(until, "until", today)
     tenants = await tenants_for(meter, p, tenant)
     with store_errors():
-        rep = await reader.load(meter.redis, reader.Selection(tenants, first, last, tier or None, agent or None))
+        rep = await reader.load(meter.redis, reader.Selection(tenants, first, last, tier or None, agent or None),
+                                reader.external_tiers(request.app.state.runtime.config))
     if format == "html":
         return HTMLResponse(render.html_page(rep))
     return JSONResponse(rep)
