@@ -67,6 +67,8 @@ def _parser() -> argparse.ArgumentParser:
                         "(a mounted volume) [default: adapters_root, absolute]")
         sp.add_argument("--admin-key-file", type=Path, help="gateway admin key [default: $QLP_ADMIN_KEY]")
         sp.add_argument("--force", action="store_true", help="overwrite an existing version")
+        sp.add_argument("--weight", type=float, help="with --gateway: route only this percent of the agent's "
+                        "workflows to the adapter, as a canary arm (docs/rollout.md) [default: all of them]")
         if sp.prog.endswith("run"):
             sp.add_argument("--fresh", action="store_true", help="ignore and delete existing checkpoints")
             sp.add_argument("--skip-eval", action="store_true", help="no evaluation (the card says so)")
@@ -171,11 +173,15 @@ def _publish(cfg: TrainConfig, args: argparse.Namespace) -> int:
                           version, force=args.force)
     print(json.dumps({"published": str(dest)}))
     server_root = Path(args.server_adapters_root) if args.server_adapters_root else Path(cfg.adapters_root).resolve()
+    # A canary is served beside the version it is compared with, so it needs a name of its own (as `qlp loop`
+    # names it); published for all traffic, the adapter keeps its name and replaces the one loaded before.
+    served = f"{cfg.name}-{version}" if getattr(args, "weight", None) is not None else cfg.name
     for server in cfg.servers:
-        r = load_into_server(server, cfg.name, server_root / cfg.name / version)
-        print(json.dumps({"server": r.url, "loaded": cfg.name, "replaced": r.replaced}))
+        r = load_into_server(server, served, server_root / cfg.name / version)
+        print(json.dumps({"server": r.url, "loaded": served, "replaced": r.replaced}))
     if cfg.gateway:
-        routed = route_gateway(cfg.gateway, admin_key(args.admin_key_file), cfg.tier, cfg.agent, cfg.name)
+        routed = route_gateway(cfg.gateway, admin_key(args.admin_key_file), cfg.tier, cfg.agent, served,
+                               weight=args.weight)
         print(json.dumps({"gateway": cfg.gateway, "routed": routed, "tier": cfg.tier, "agent": cfg.agent}))
     return 0
 

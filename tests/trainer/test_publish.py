@@ -111,7 +111,7 @@ def test_server_that_refuses_the_adapter_fails_the_publish(
     assert "loading 'dev-test'" in err and "(400)" in err and "allowed" in err
 
 
-# ---- the gateway's admin route, on a loopback stand-in (the real route is being built elsewhere) ----
+# ---- the gateway's admin route, on a loopback stand-in (the real route: tests/rollout, tests/trainer/test_loop.py) ----
 
 class _Admin(http.server.BaseHTTPRequestHandler):
     status = 200
@@ -161,3 +161,15 @@ def test_refused_admin_key_fails_the_publish(admin_stub) -> None:
     handler.status = 401
     with pytest.raises(PublishError, match="admin key was refused"):
         route_gateway(url, "wrong", "T0", "developer", NAME)
+
+
+def test_publishing_with_a_weight_adds_a_canary_under_a_name_of_its_own(
+        trained: TrainedRun, exported: Exported, tmp_path: Path, admin_stub) -> None:
+    url, handler = admin_stub
+    key_file = tmp_path / "admin_key"
+    key_file.write_text("adm-key\n")
+    assert _publish(trained, exported, tmp_path / "adapters", "v7", "--gateway", url, "--tier", "T0",
+                    "--admin-key-file", str(key_file), "--weight", "20") == 0
+    assert (tmp_path / "adapters" / NAME / "v7" / "adapter_model.safetensors").is_file()
+    assert handler.seen == [("/v1/admin/routes", "Bearer adm-key",
+                             {"tier": "T0", "agent": "developer", "adapter": f"{NAME}-v7", "weight": 20.0})]
