@@ -273,9 +273,30 @@ def cost() -> dict[str, Any]:
         timeseries("Budget rejections/s by tier", [target(
             f"sum by (tier) (rate(qlp_budget_rejections_total{{{t}}}[$__rate_interval]))", "{{tier}}")], "reqps",
             desc="429 budget_exceeded: a tenant's daily or monthly budget is spent (QLPBudgetRejections)."),
+        row("Quality and the learning loop"),
+        timeseries("Success share by tier and model (feedback, 1 h)", [target(
+            f'sum by (tier, model) (increase(qlp_feedback_total{{outcome="success", {t}}}[1h]))'
+            f" / sum by (tier, model) (increase(qlp_feedback_total{{{t}}}[1h]))", "{{tier}} {{model}}")],
+            "percentunit", maxv=1,
+            desc="Share of the feedback outcomes posted to POST /v1/feedback that were success, per request the "
+                 "feedback covers. Per rollout arm, with confidence intervals, cost and latency: "
+                 "`qlp report` / GET /v1/report (docs/report.md)."),
+        timeseries("Feedback outcomes/s by tier, model and outcome", [target(
+            f"sum by (tier, model, outcome) (rate(qlp_feedback_total{{{t}}}[$__rate_interval]))",
+            "{{tier}} {{model}} {{outcome}}")], "short"),
+        timeseries("Captured exchanges/s by tier and outcome", [target(
+            f"sum by (tier, outcome) (rate(qlp_capture_total{{{t}}}[$__rate_interval]))", "{{tier}} {{outcome}}")],
+            "short", desc="Training data captured for the learning loop (docs/capture.md): captured, too_large, "
+                          "dropped (queue full), failed (no whole reply, or Redis unreachable)."),
+        timeseries("Shadow requests/s by tier, backend and result", [target(
+            f"sum by (tier, backend, result) (rate(qlp_shadow_requests_total{{{t}}}[$__rate_interval]))",
+            "{{tier}} {{backend}} {{result}}")], "short",
+            desc="Requests mirrored to another tier for comparison (docs/rollout.md), never billed to tenants; "
+                 "their cost is in the shadow ledger, qlp report's shadow section."),
     ]
     return dashboard("qlp-cost", "QLP / Cost",
-                     "What the fleet costs, what the same tokens would have cost on GPT-4, and the budget.",
+                     "What the fleet costs, what the same tokens would have cost on GPT-4, the budget, and the "
+                     "quality and training data of the learning loop.",
                      panels, [TIER])
 
 

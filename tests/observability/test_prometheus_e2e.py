@@ -6,8 +6,9 @@ rule, and every alert without its threshold (tests/observability/exprs.py explai
 
 The traffic covers what the panels show: a stream on T0, a fallback (T1's model server is down: the
 gateway's probe sees it and T1 falls back to T2), plain and streamed requests to T3 (a fake provider),
-retries and a 5xx (T3 answers 503 three times), a budget rejection, a rate-limit rejection and a 400. It
-is sent in two rounds with a scrape between them: the first creates the series, the second moves them, so
+retries and a 5xx (T3 answers 503 three times), a budget rejection, a rate-limit rejection and a 400; the
+learning loop's counters: T0's developer exchanges are captured, T1's requests are mirrored to T0 as shadow
+traffic, and the workflow gets success feedback after each round. It is sent in two rounds with a scrape between them: the first creates the series, the second moves them, so
 that rates and quantiles have something to compute.
 """
 
@@ -45,7 +46,8 @@ QLP = Path(sys.executable).with_name("qlp")
 MSG: list[ChatCompletionMessageParam] = [{"role": "user", "content": "Say hi"}]
 DATA_TIMEOUT_S = 5.0  # a margin only: the fixture waits until the rules were evaluated on all traffic
 REQUESTS_PER_ROUND = 9  # sent by _round(), counted by the gateway
-MODEL_REQUESTS_PER_ROUND = 2  # of which the model server serves (each costs seconds on a busy 2-core CPU)
+# Of which the model server serves (each costs seconds on a busy 2-core CPU), plus the shadow of T1's request.
+MODEL_REQUESTS_PER_ROUND = 3
 
 
 # -- processes ---------------------------------------------------------------------------------------------
@@ -94,6 +96,9 @@ def fleet_config(model_server_url: str, t3_url: str) -> dict[str, Any]:
             "T3": {"kind": "openai", "model": "gpt-4", "aliases": ["qlp-t3"],
                    "backends": [{"name": "openai", "base_url": t3_url}]},
         },
+        "capture": {"targets": {"T0": ["developer"]}},
+        # Every request for T1 (served by T2 after the fallback) is mirrored to T0: one shadow call per round.
+        "rollouts": {"T1/*": {"shadow": {"tier": "T0", "share": 1.0}}},
     }
 
 
@@ -140,6 +145,14 @@ def _round(gw: RunningGateway, t3: FakeUpstream, keys: dict[str, str]) -> None:
         _ask(limited, "T3", False)
     with pytest.raises(openai.BadRequestError):
         _ask(user, "T9", False)
+
+    def feedback() -> bool:  # the workflow's records are booked just after their responses
+        r = httpx.post(gw.url + "/v1/feedback", json={"workflow_id": "wf-observability", "outcome": "success"},
+                       headers={"Authorization": f"Bearer {keys['user']}"}, timeout=10)
+        assert r.status_code in (200, 404), r.text
+        return r.status_code == 200
+
+    eventually(feedback, 10, "feedback on the round's workflow")
 
 
 def _gateway_count(gw: RunningGateway) -> float:
