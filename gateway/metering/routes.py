@@ -106,6 +106,13 @@ def _range(since: str | None, until: str | None) -> tuple[dt.date, dt.date]:
 # A UTC day; empty is the same as absent (today).
 _DAY: dict[str, Any] = {"anyOf": [{"type": "string", "format": "date"}, {"type": "string", "maxLength": 0},
                                   {"type": "null"}]}
+# The query parameters of a day range and a tenant, shared by every route that reads the ledger.
+SinceQuery = Annotated[str | None, Query(description="first UTC day, YYYY-MM-DD (default today)",
+                                         json_schema_extra=_DAY)]
+UntilQuery = Annotated[str | None, Query(description="last UTC day, inclusive (default today)",
+                                         json_schema_extra=_DAY)]
+TenantQuery = Annotated[str | None, Query(description="admin: one tenant (default all)",
+                                          pattern=TENANT_NAME.pattern)]
 
 
 @router.get("/v1/ledger/summary", summary="Cost, tokens and savings grouped by tier, model, agent, workflow or day",
@@ -114,12 +121,9 @@ async def ledger_summary(
     p: PrincipalDep,
     meter: MeterDep,
     group_by: reader.GroupBy = "tier",
-    since: Annotated[str | None, Query(description="first UTC day, YYYY-MM-DD (default today)",
-                                       json_schema_extra=_DAY)] = None,
-    until: Annotated[str | None, Query(description="last UTC day, inclusive (default today)",
-                                       json_schema_extra=_DAY)] = None,
-    tenant: Annotated[str | None, Query(description="admin: one tenant (default all)",
-                                        pattern=TENANT_NAME.pattern)] = None,
+    since: SinceQuery = None,
+    until: UntilQuery = None,
+    tenant: TenantQuery = None,
 ) -> dict[str, Any]:
     first, last = _range(since, until)
     tenants = await tenants_for(meter, p, tenant)

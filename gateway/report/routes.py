@@ -17,9 +17,17 @@ from fastapi import APIRouter, Depends, Query, Request, Security
 from starlette.responses import HTMLResponse, JSONResponse, Response
 
 from gateway.errors import InvalidRequest
-from gateway.metering.layout import TENANT_NAME
 from gateway.metering.reader import parse_day
-from gateway.metering.routes import MeterDep, PrincipalDep, single_valued_query, store_errors, tenants_for
+from gateway.metering.routes import (
+    MeterDep,
+    PrincipalDep,
+    SinceQuery,
+    TenantQuery,
+    UntilQuery,
+    single_valued_query,
+    store_errors,
+    tenants_for,
+)
 from gateway.report import reader, render
 from gateway.routes.responses import bearer, errors
 
@@ -28,9 +36,6 @@ __all__ = ["router"]
 # `?tenant=b&tenant=a` is refused as on the ledger routes (a proxy that checked the first must not be overruled).
 router = APIRouter(tags=["report"], dependencies=[Security(bearer), Depends(single_valued_query)])
 
-# A UTC day; empty is the same as absent (today). As /v1/ledger/summary's.
-_DAY: dict[str, Any] = {"anyOf": [{"type": "string", "format": "date"}, {"type": "string", "maxLength": 0},
-                                  {"type": "null"}]}
 _RESPONSES: dict[int | str, dict[str, Any]] = {
     200: {"description": "The report (JSON), or with format=html a self-contained page with charts",
           "content": {"application/json": {"schema": {"type": "object"}}, "text/html": {"schema": {"type": "string"}}}},
@@ -52,12 +57,9 @@ async def get_report(
     request: Request,
     p: PrincipalDep,
     meter: MeterDep,
-    since: Annotated[str | None, Query(description="first UTC day, YYYY-MM-DD (default today)",
-                                       json_schema_extra=_DAY)] = None,
-    until: Annotated[str | None, Query(description="last UTC day, inclusive (default today)",
-                                       json_schema_extra=_DAY)] = None,
-    tenant: Annotated[str | None, Query(description="admin: one tenant (default all)",
-                                        pattern=TENANT_NAME.pattern)] = None,
+    since: SinceQuery = None,
+    until: UntilQuery = None,
+    tenant: TenantQuery = None,
     tier: Annotated[str | None, Query(description="only requests for this tier (requested)", max_length=64)] = None,
     agent: Annotated[str | None, Query(description='only this agent ("(none)": requests without one)',
                                        max_length=128)] = None,
