@@ -15,15 +15,10 @@ from __future__ import annotations
 
 import asyncio
 import os
-import shutil
-import tempfile
-from pathlib import Path
 from typing import Any
 
-import yaml
-
-from bench.bench_metering import PRICING, _create_key, _measured, _pid_of, redis_server
-from bench.harness import fleet_config, gateway, median, nginx_mock, wrk
+from bench.bench_metering import _measured, gateway_pid, metered_setup
+from bench.harness import fleet_config, gateway, median, wrk
 
 ROUNDS = int(os.environ.get("QLP_BENCH_ROUNDS", "2"))
 ROLLOUT = {"T0/developer": {"arms": [{"name": "v1", "adapter": "bench-v1", "weight": 50},
@@ -42,15 +37,9 @@ async def _captured(url: str) -> int:
 
 
 def main(argv: list[str]) -> int:
-    tmp = Path(tempfile.mkdtemp(prefix="qlp-bench-learning-"))
-    pricing = tmp / "pricing.yaml"
-    pricing.write_text(yaml.safe_dump(PRICING))
-    with nginx_mock() as upstream, redis_server() as (redis_url, _):
-        key = asyncio.run(_create_key(redis_url))
-        redis_pid = _pid_of("redis-server", f":{redis_url.rsplit(':', 1)[1].split('/')[0]}")
-        env = {"QLP_METERING": "true", "QLP_REDIS_URL": redis_url, "QLP_PRICING": str(pricing),
-               "QLP_SPOOL_PATH": str(tmp / "spool" / "ledger.jsonl")}
-        client = {"QLP_BENCH_KEY": key, "QLP_BENCH_AGENT": "developer"}
+    with metered_setup("qlp-bench-learning-") as m:
+        upstream, redis_pid, env = m.upstream, m.redis_pid, m.env
+        client = {"QLP_BENCH_KEY": m.key, "QLP_BENCH_AGENT": "developer"}
         configs: dict[str, dict[str, Any]] = {
             "plain": fleet_config(upstream),
             "rollout": fleet_config(upstream, rollouts=ROLLOUT),
@@ -60,15 +49,14 @@ def main(argv: list[str]) -> int:
               gateway(upstream, env=env, config=configs["rollout"]) as rollout,
               gateway(upstream, env=env, config=configs["capture"]) as capture):
             urls = {"plain": plain, "rollout": rollout, "capture": capture}
-            pids = {n: _pid_of("gateway.cli", "--port " + u.rsplit(":", 1)[1]) for n, u in urls.items()}
+            pids = {n: gateway_pid(u) for n, u in urls.items()}
             for u in urls.values():  # warm-up
                 wrk(u + "/v1/chat/completions", 32, 2, env=client)
             runs: dict[str, list[dict[str, float]]] = {n: [] for n in urls}
             for _ in range(ROUNDS):
                 for n, u in urls.items():
                     runs[n].append(_measured(u + "/v1/chat/completions", 32, [pids[n], redis_pid], client))
-        captured = asyncio.run(_captured(redis_url))
-    shutil.rmtree(tmp, ignore_errors=True)
+        captured = asyncio.run(_captured(m.redis_url))
 
     def med(name: str, field: str) -> float:
         return median([r[field] for r in runs[name]])

@@ -25,7 +25,6 @@ Results: bench/results/bench_litellm.{json,md,png}.
 
 from __future__ import annotations
 
-import asyncio
 import contextlib
 import os
 import secrets
@@ -35,8 +34,6 @@ from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
 
-import yaml
-
 from bench.harness import (
     ROOT,
     cpu_seconds,
@@ -45,7 +42,6 @@ from bench.harness import (
     gateway,
     machine_note,
     median,
-    nginx_mock,
     pid_on_port,
     process,
     rss_mb,
@@ -64,8 +60,6 @@ DURATION = int(os.environ.get("QLP_BENCH_SECONDS", "8"))
 LITELLM_DURATION = int(os.environ.get("QLP_BENCH_LITELLM_SECONDS", "30"))
 CONNECTIONS = [int(c) for c in os.environ.get("QLP_BENCH_CONNECTIONS", "1,32,256").split(",")]
 WRK_TIMEOUT = 120  # seconds; wrk records no latency past its timeout (2 s by default), LiteLLM goes past that
-PRICING = {"reference_model": "gpt-4", "external": {"gpt-4": {"input": 30, "output": 60}},
-           "local": {"T0": {"gpu_hour_usd": 0.80, "tokens_per_hour": 9_000_000}}}
 GATEWAY_FEATURES = ["API-key auth (key in Redis, SHA-256)", "tier routing, 2 weighted backends",
                     "Redis metering: admission (rpm/tpm windows, budget reservation) + idempotent ledger charge",
                     "Prometheus metrics"]
@@ -80,24 +74,6 @@ def routed_config(upstream: str) -> dict[str, Any]:
             "tiers": {"T0": {"model": "bench", "aliases": ["qlp-t0"],
                              "backends": [{"name": "mock-a", "base_url": upstream, "weight": 1},
                                           {"name": "mock-b", "base_url": upstream, "weight": 1}]}}}
-
-
-@contextlib.contextmanager
-def metering() -> Iterator[tuple[dict[str, str], str]]:
-    """A Redis of its own, prices and an API key with every limit set out of reach (so ADMIT and CHARGE do all
-    their work); yields the gateway's environment for metering on, and the key."""
-    # bench_metering owns these; reused so that both benches meter the same way.
-    from bench.bench_metering import _create_key, redis_server
-
-    tmp = Path(tempfile.mkdtemp(prefix="qlp-bench-metered-"))
-    (tmp / "pricing.yaml").write_text(yaml.safe_dump(PRICING))
-    try:
-        with redis_server() as (redis_url, _):
-            key = asyncio.run(_create_key(redis_url))
-            yield {"QLP_METERING": "true", "QLP_REDIS_URL": redis_url, "QLP_PRICING": str(tmp / "pricing.yaml"),
-                   "QLP_SPOOL_PATH": str(tmp / "spool" / "ledger.jsonl")}, key
-    finally:
-        shutil.rmtree(tmp, ignore_errors=True)
 
 
 def litellm_python() -> Path:
@@ -197,7 +173,11 @@ def main(argv: list[str]) -> int:
     master = "sk-bench-" + secrets.token_hex(16)
     runs: dict[str, dict[int, list[dict[str, float]]]] = {s: {c: [] for c in CONNECTIONS}
                                                           for s in ("direct", "ours", "litellm")}
-    with nginx_mock() as upstream, metering() as (on_env, key):
+    # The same metered setup as bench_metering's (Redis of its own, prices, a key with every limit set).
+    from bench.bench_metering import metered_setup
+
+    with metered_setup("qlp-bench-metered-") as m:
+        upstream, on_env, key = m.upstream, m.env, m.key
         with (gateway(upstream, env=on_env, config=routed_config(upstream)) as gw,
               litellm_proxy(upstream, master) as ll):
             pids = {"ours": root_pid(gw), "litellm": root_pid(ll)}

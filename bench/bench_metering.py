@@ -24,6 +24,7 @@ import subprocess
 import tempfile
 import time
 from collections.abc import Iterator
+from dataclasses import dataclass
 from pathlib import Path
 
 import yaml
@@ -113,6 +114,40 @@ def _pid_of(*needles: str) -> int:
     raise RuntimeError(f"no process with {needles}")
 
 
+@dataclass
+class MeteredSetup:
+    """What a metered gateway benchmark runs against: the nginx mock, a Redis of its own, an API key with
+    every limit set (out of reach), and the gateway settings that turn metering on against that Redis."""
+
+    upstream: str
+    redis_url: str
+    redis_unix: str
+    redis_pid: int
+    key: str
+    env: dict[str, str]
+
+
+@contextlib.contextmanager
+def metered_setup(prefix: str) -> Iterator[MeteredSetup]:
+    tmp = Path(tempfile.mkdtemp(prefix=prefix))
+    pricing = tmp / "pricing.yaml"
+    pricing.write_text(yaml.safe_dump(PRICING))
+    try:
+        with nginx_mock() as upstream, redis_server() as (redis_url, redis_unix):
+            key = asyncio.run(_create_key(redis_url))
+            redis_pid = _pid_of("redis-server", f":{redis_url.rsplit(':', 1)[1].split('/')[0]}")
+            env = {"QLP_METERING": "true", "QLP_REDIS_URL": redis_url, "QLP_PRICING": str(pricing),
+                   "QLP_SPOOL_PATH": str(tmp / "spool" / "ledger.jsonl")}
+            yield MeteredSetup(upstream, redis_url, redis_unix, redis_pid, key, env)
+    finally:
+        shutil.rmtree(tmp, ignore_errors=True)
+
+
+def gateway_pid(url: str) -> int:
+    """The pid of the gateway process (started by bench.harness.gateway) listening at `url`."""
+    return _pid_of("gateway.cli", "--port " + url.rsplit(":", 1)[1])
+
+
 def _measured(url: str, conns: int, pids: list[int], env: dict[str, str] | None = None) -> dict[str, float]:
     """wrk figures plus the CPU seconds each pid used per request during the run."""
     before = [_cpu_seconds(p) for p in pids]
@@ -125,19 +160,12 @@ def _measured(url: str, conns: int, pids: list[int], env: dict[str, str] | None 
 
 
 def main(argv: list[str]) -> int:
-    tmp = Path(tempfile.mkdtemp(prefix="qlp-bench-metering-"))
-    pricing = tmp / "pricing.yaml"
-    pricing.write_text(yaml.safe_dump(PRICING))
-    with nginx_mock() as upstream, redis_server() as (redis_url, redis_unix):
-        key = asyncio.run(_create_key(redis_url))
-        redis_pid = _pid_of("redis-server", f":{redis_url.rsplit(':', 1)[1].split('/')[0]}")
-        on_env = {"QLP_METERING": "true", "QLP_REDIS_URL": redis_url, "QLP_PRICING": str(pricing),
-                  "QLP_SPOOL_PATH": str(tmp / "spool" / "ledger.jsonl")}
-        auth = {"QLP_BENCH_KEY": key}
+    with metered_setup("qlp-bench-metering-") as m:
+        upstream, redis_url, redis_pid, on_env = m.upstream, m.redis_url, m.redis_pid, m.env
+        auth = {"QLP_BENCH_KEY": m.key}
         with (gateway(upstream, env={"QLP_METERING": "false"}) as off, gateway(upstream, env=on_env) as on,
-              gateway(upstream, env={**on_env, "QLP_REDIS_URL": redis_unix}) as unix):
-            pids = {name: _pid_of("gateway.cli", "--port " + url.rsplit(":", 1)[1])
-                    for name, url in (("off", off), ("on", on), ("unix", unix))}
+              gateway(upstream, env={**on_env, "QLP_REDIS_URL": m.redis_unix}) as unix):
+            pids = {name: gateway_pid(url) for name, url in (("off", off), ("on", on), ("unix", unix))}
             urls = {name: url + "/v1/chat/completions" for name, url in (("off", off), ("on", on), ("unix", unix))}
             for url in urls.values():  # warm-up
                 wrk(url, 32, 2, env=auth)
@@ -150,7 +178,6 @@ def main(argv: list[str]) -> int:
                 runs["on1"].append(_measured(urls["on"], 1, [pids["on"], redis_pid], auth))
         answered = sum(r["rps"] * DURATION for k in ("on32", "unix32", "on1") for r in runs[k])
         booked = asyncio.run(_booked(redis_url))
-    shutil.rmtree(tmp, ignore_errors=True)
 
     def med(run: str, field: str) -> float:
         return median([r[field] for r in runs[run]])
