@@ -27,7 +27,7 @@ log = logging.getLogger("qlp.metering")
 
 UNAVAILABLE = (RedisError, OSError, TimeoutError)
 DOWN_RETRY_SECONDS = 1.0
-BOOK_DELAY_SECONDS = 0.002
+BOOK_DELAY_SECONDS = 0.010
 
 
 class Health:

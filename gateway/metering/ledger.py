@@ -43,15 +43,15 @@ def calendar_of(ts_ms: int) -> tuple[str, str, int, int]:
     return _calendar(ts_ms // 1000 // _DAY)
 
 
-# (sha256, charge id, worst-case micro-dollars, worst-case tokens, now ms, the caller's reply)
-_Admission = tuple[str, str, int, int, int, "asyncio.Future[Any]"]
+# (sha256, charge or lease id, worst-case micro-dollars, worst-case tokens, now ms, requests wanted, the reply)
+_Admission = tuple[str, str, int, int, int, int, "asyncio.Future[Any]"]
 
 
 def _deliver(items: list[_Admission], reply: asyncio.Future[Any]) -> None:
     """Hand each admission of one ADMIT call its answer (or the call's error)."""
     exc = reply.exception() if not reply.cancelled() else ConnectionError("cancelled")
     for i, it in enumerate(items):
-        fut = it[5]
+        fut = it[6]
         if fut.done():  # its caller was cancelled
             continue
         if exc is not None:
@@ -86,6 +86,7 @@ class Charge:
     minute: int = 0  # the rate window the request was admitted in
     record: dict[str, Any] | None = None
     group: str = ""  # tier, backend/model, agent, workflow joined by SEP
+    request_delta: int = 0  # requests a lease counted in the window and did not use (<= 0)
 
     def to_json(self) -> bytes:
         return orjson.dumps(asdict(self))
@@ -100,9 +101,10 @@ class AdmitResult:
     code: int  # 0 ok, 1 unknown, 2 revoked, 3 requests/min, 4 tokens/min, 5 budget
     tenant: str = ""
     role: str = "user"
-    flags: int = 0  # 1: the key has a budget, 2: a tokens/min limit
+    flags: int = 0  # 1: the key has a budget, 2: a tokens/min limit, 4: a requests/min limit
     retry_after: int = 0
     period: str = ""
+    granted: int = 1  # requests admitted (more than 1: a lease)
 
 
 class Ledger:
@@ -121,9 +123,10 @@ class Ledger:
                 raise reply
 
     async def admit(self, sha256: str, key_id: str, charge_id: str, worst_micros: int, worst_tokens: int,
-                    now_ms: int, reservation_ttl_ms: int) -> AdmitResult:
+                    now_ms: int, reservation_ttl_ms: int, wanted: int = 1) -> AdmitResult:
         """Queue the admission for the connection's next write, where the admissions of one key and minute
-        become one ADMIT call (`_before_flush`), and wait for its answer."""
+        become one ADMIT call (`_before_flush`), and wait for its answer. `wanted` > 1 asks for a lease of
+        up to that many requests (`charge_id` is then the lease's id)."""
         for attempt in (0, 1):
             conn = self.pipe.proto or await self.pipe.connection()
             fut: asyncio.Future[Any] = asyncio.get_running_loop().create_future()
@@ -131,7 +134,7 @@ class Ledger:
             batch = self._admissions.get(group)
             if batch is None:
                 self._admissions[group] = batch = []
-            batch.append((sha256, charge_id, worst_micros, worst_tokens, now_ms, fut))
+            batch.append((sha256, charge_id, worst_micros, worst_tokens, now_ms, wanted, fut))
             conn.schedule()
             try:
                 r = await fut
@@ -142,7 +145,7 @@ class Ledger:
                 continue
             code = int(r[0])
             if code == 0:
-                return AdmitResult(0, r[1].decode(), r[2].decode() if r[2] else "user", int(r[3]))
+                return AdmitResult(0, r[1].decode(), r[2].decode() if r[2] else "user", int(r[3]), granted=int(r[4]))
             if code in (3, 4):
                 return AdmitResult(code, retry_after=int(r[1]))
             if code == 5:
@@ -160,7 +163,7 @@ class Ledger:
                 day, month, day_end, month_end = calendar_of(items[0][4])
                 args: list[Any] = [ttl, day_end, month_end, day, month]
                 for it in items:
-                    args += it[:5]
+                    args += it[:6]
                 cmd = ("EVALSHA", ADMIT.sha, 4, k.record, k.window(minute), k.window(minute - 1), k.reservations, *args)
                 conn.send(cmd).add_done_callback(functools.partial(_deliver, items))
         if self.ride_along is not None and conn.failed is None:
@@ -185,14 +188,14 @@ class Ledger:
                 if r is None:
                     keys += (k.done(day), k.window(c.minute), k.counters(day), k.workflow_records(""), k.request(""))
                     args += (c.id, c.cost_micros, c.token_delta, 1 if c.key_state else 0, resv, c.reserved_micros, day,
-                             month, "", "", 0, 0, 0, 0, 0, 0, 0)
+                             month, "", "", 0, 0, 0, 0, 0, 0, 0, c.request_delta)
                     continue
                 wf = r.get("workflow") or ""
                 keys += (k.done(day), k.window(c.minute), k.counters(day), k.workflow_records(wf),
                          k.request(r.get("request_id") or ""))
                 args += (c.id, c.cost_micros, c.token_delta, 1 if c.key_state else 0, resv, c.reserved_micros, day,
                          month, orjson.dumps(r), c.group, 1 if wf else 0, 1, r["prompt_tokens"], r["completion_tokens"],
-                         r["cost_micros"], r["reference_cost_micros"], 1 if r["estimated"] else 0)
+                         r["cost_micros"], r["reference_cost_micros"], 1 if r["estimated"] else 0, c.request_delta)
             cmds.append(("EVALSHA", CHARGE.sha, len(keys), *keys, *args))
         return cmds, list(groups.values())
 

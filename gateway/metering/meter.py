@@ -2,9 +2,10 @@
 
     authenticate(header)  local: 401 for a missing key; the bootstrap admin key is recognised here
     admit(...)            one Redis round trip (ADMIT): key, revocation, requests/min, tokens/min, and a
-                          reservation of the worst case against the key's budgets
+                          reservation of the worst case against the key's budgets; none for a busy key
+                          whose lease covers the request (lease.py)
     settle(ticket, x)     prices the request and queues its charge (one CHARGE call per key and batch); queued charges
-                          go out with the next admission's write, or on their own within 2 ms: one round
+                          go out with the next admission's write, or on their own within 10 ms: one round
                           trip after the response, off the request's path. Never raises; when Redis is
                           unreachable a served request's charge goes to the spool (fsync) and is replayed
                           later.
@@ -18,6 +19,7 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import hmac
+import itertools
 import logging
 import os
 import time
@@ -35,7 +37,8 @@ from gateway.metering import estimate
 from gateway.metering.booking import UNAVAILABLE, Booker, Health
 from gateway.metering.keys import Credential, KeyStore, Principal, bearer, digest
 from gateway.metering.layout import ADMIN_KEY_ID
-from gateway.metering.ledger import SEP, Charge, Ledger, LedgerPolicy
+from gateway.metering.lease import Lease, Leases
+from gateway.metering.ledger import SEP, AdmitResult, Charge, Ledger, LedgerPolicy
 from gateway.metering.pipe import RedisPipe
 from gateway.metering.pricing import Pricing, Tokens, tokens_from_usage
 from gateway.metering.spool import Spool
@@ -50,6 +53,7 @@ __all__ = ["UNAVAILABLE", "Meter", "Ticket", "connect"]
 log = logging.getLogger("qlp.metering")
 
 KNOWN_KEY_SECONDS = 600.0  # how long a verified key may be admitted without Redis (fail open)
+AUTH_CACHE_SIZE = 4096  # header values whose credential is kept (the cache is emptied when full)
 
 
 def connect(settings: Settings) -> Redis:
@@ -73,6 +77,7 @@ class Ticket:
     minute: int
     key_state: bool = True  # the key has a budget or a tokens/min limit to correct (unknown: True)
     reserved: int = 0  # micro-dollars reserved against the key's budgets
+    lease: Lease | None = None  # admitted from this lease (its reservation covers the request)
 
 
 class Meter:
@@ -96,6 +101,12 @@ class Meter:
         self.spool = Spool(settings.spool_path)
         self.health = Health(settings.spool_path, self._redis_back)
         self.booker = Booker(self.ledger, self.spool, self.health)
+        self.leases = Leases(settings.admission_lease_seconds, self.booker.queue, self._renew) \
+            if settings.admission_lease_seconds > 0 else None
+        self._tasks: set[asyncio.Task[None]] = set()  # lease renewals
+        self._credentials: dict[bytes | str | None, Credential | Principal] = {}
+        self._id_prefix = os.urandom(8).hex()  # charge and lease ids: unique per process, then a counter
+        self._ids = itertools.count()
         self.open_admitted = 0
         self._known: dict[str, tuple[Principal, float]] = {}
         self._replayer: asyncio.Task[None] | None = None
@@ -124,6 +135,11 @@ class Meter:
             self._replayer.cancel()
             with contextlib.suppress(asyncio.CancelledError):
                 await self._replayer
+        for task in list(self._tasks):
+            task.cancel()
+        await asyncio.gather(*self._tasks, return_exceptions=True)
+        if self.leases is not None:
+            self.leases.close_all()  # give back what was leased and not used
         await self.booker.drain()
         self.pipe.close()
         with contextlib.suppress(*UNAVAILABLE):
@@ -131,7 +147,18 @@ class Meter:
 
     # -- identity --------------------------------------------------------------------------------------
     def authenticate(self, header: bytes | str | None) -> Credential | Principal:
-        """Local checks only: the key's presence and the bootstrap admin key. 401 when absent."""
+        """Local checks only: the key's presence and the bootstrap admin key. 401 when absent. The result
+        depends on the header alone, so it is kept per header value (a bounded cache: no hashing per request)."""
+        known = self._credentials.get(header)
+        if known is not None:
+            return known
+        auth = self._authenticate(header)
+        if len(self._credentials) >= AUTH_CACHE_SIZE:
+            self._credentials.clear()
+        self._credentials[header] = auth
+        return auth
+
+    def _authenticate(self, header: bytes | str | None) -> Credential | Principal:
         key = bearer(header)
         if key is None:
             raise AuthenticationError("no API key provided: send 'Authorization: Bearer <key>'", code="missing_api_key")
@@ -157,28 +184,81 @@ class Meter:
     async def admit(self, auth: Credential | Principal, req: ParsedRequest, tier: Tier) -> Ticket:
         now_ms = time.time_ns() // 1_000_000
         minute = now_ms // 60_000
-        charge_id = os.urandom(12).hex()
+        charge_id = f"{self._id_prefix}{next(self._ids):x}"
         prompt = estimate.prompt_tokens(req)
         max_out = min(req.max_tokens or tier.max_tokens_default, self.config.max_tokens_limit) * req.n
         if isinstance(auth, Principal):  # the bootstrap admin key: no record, no limits
             return Ticket(charge_id, now_ms, auth, prompt, 0, minute, key_state=False)
         worst_tokens = prompt + max_out
         worst = self._worst[tier.name].cost(Tokens(prompt, max_out))
-        if self.health.usable():
-            try:
-                r = await self.ledger.admit(auth.sha256, auth.key_id, charge_id, worst, worst_tokens, now_ms,
-                                            self._reservation_ttl_ms)
-            except UNAVAILABLE as exc:
-                self.health.mark_down(exc)
-            else:
-                self.health.mark_up()
-                if r.code == 0:
-                    p = Principal(r.tenant, "admin" if r.role == "admin" else "user", auth.key_id)
+        leases = self.leases
+        wanted = 1
+        if leases is not None:
+            lease = leases.take(auth.sha256, worst, worst_tokens, minute)
+            if lease is None and (pending := leases.pending(auth.sha256)) is not None:
+                await pending.wait()  # the key's next lease is on its way: wait for it (one shared round trip)
+                lease = leases.take(auth.sha256, worst, worst_tokens, minute, count=False)
+            if lease is not None:  # no round trip: the lease's reservation covers this request
+                return Ticket(charge_id, now_ms, lease.principal, prompt, worst_tokens, minute,
+                              key_state=lease.flags != 0, lease=lease)
+            wanted = leases.wanted(auth.sha256)
+        try:
+            if self.health.usable():
+                lease_id = "L" + charge_id if wanted > 1 else charge_id
+                r = await self._ask(auth, lease_id, worst, worst_tokens, now_ms, wanted)
+                if r is not None:
+                    if r.code != 0:
+                        raise _rejection(r.code, r.retry_after, r.period)
+                    p = self._principal_of(auth, r)
                     self._remember(auth, p)
+                    if wanted > 1 and leases is not None:
+                        lease = leases.granted(auth.sha256, lease_id, p, r.flags, now_ms, r.granted, worst,
+                                               worst_tokens, taken=1)
+                        return Ticket(charge_id, now_ms, p, prompt, worst_tokens, minute, key_state=r.flags != 0,
+                                      lease=lease)
                     return Ticket(charge_id, now_ms, p, prompt, worst_tokens, minute, key_state=r.flags != 0,
                                   reserved=worst if r.flags & 1 else 0)
-                raise _rejection(r.code, r.retry_after, r.period)
+        finally:
+            if wanted > 1 and leases is not None:
+                leases.answered(auth.sha256)
         return self._admit_without_redis(auth, charge_id, now_ms, prompt, minute)
+
+    async def _ask(self, cred: Credential, ident: str, worst: int, worst_tokens: int, now_ms: int,
+                   wanted: int) -> AdmitResult | None:
+        """One admission (or lease, `wanted` > 1) from Redis; None when Redis is unreachable."""
+        try:
+            r = await self.ledger.admit(cred.sha256, cred.key_id, ident, worst, worst_tokens, now_ms,
+                                        self._reservation_ttl_ms, wanted)
+        except UNAVAILABLE as exc:
+            self.health.mark_down(exc)
+            return None
+        self.health.mark_up()
+        return r
+
+    @staticmethod
+    def _principal_of(cred: Credential, r: AdmitResult) -> Principal:
+        return Principal(r.tenant, "admin" if r.role == "admin" else "user", cred.key_id)
+
+    def _renew(self, sha256: str, lease: Lease, wanted: int) -> None:
+        """Ask for a key's next lease in the background (its current one is running out)."""
+        task = asyncio.get_running_loop().create_task(self._renewal(Credential(sha256), lease, wanted))
+        self._tasks.add(task)
+        task.add_done_callback(self._tasks.discard)
+
+    async def _renewal(self, cred: Credential, old: Lease, wanted: int) -> None:
+        assert self.leases is not None
+        try:
+            if self.health.usable():
+                now_ms = time.time_ns() // 1_000_000
+                lease_id = f"L{self._id_prefix}{next(self._ids):x}"
+                r = await self._ask(cred, lease_id, old.unit_micros, old.unit_tokens, now_ms, wanted)
+                if r is not None and r.code == 0:  # refused: the next request finds out for itself
+                    self.leases.granted(cred.sha256, lease_id, self._principal_of(cred, r), r.flags, now_ms,
+                                        r.granted, old.unit_micros, old.unit_tokens, taken=0)
+        except Exception:  # never lost silently; requests fall back to their own admission
+            log.exception("lease renewal failed")
+        finally:
+            self.leases.answered(cred.sha256)
 
     def _remember(self, cred: Credential, p: Principal) -> None:
         if self.settings.admission_when_redis_down == "open":
@@ -208,13 +288,14 @@ class Meter:
             charge = self.charge(ticket, x)
         except Exception:  # a bug here must not break the response that was already sent
             log.exception("could not price request %s", x.request_id)
-            return
-        if charge.record is not None:  # for the metrics, which read the exchange after this
-            x.cost_micros = charge.cost_micros
-            x.reference_cost_micros = charge.record["reference_cost_micros"]
-        if charge.record is None and not charge.key_state:
-            return  # nothing served and no limit state to correct
-        self.booker.queue(charge)
+        else:
+            if charge.record is not None:  # for the metrics, which read the exchange after this
+                x.cost_micros = charge.cost_micros
+                x.reference_cost_micros = charge.record["reference_cost_micros"]
+            if charge.record is not None or charge.key_state:  # else: nothing served, no limit state to correct
+                self.booker.queue(charge)
+        if ticket.lease is not None and self.leases is not None:
+            self.leases.settled(ticket.lease)  # after the charge: a lease's release is booked after its requests
 
     async def drain(self) -> None:
         """Book every queued charge now (shutdown; tests that read the ledger at once)."""
@@ -244,7 +325,9 @@ class Meter:
             "fallback": [t for t in (x.requested_tier, *x.fallbacks) if t],
         }
         parts = (x.tier, f"{x.backend}/{x.model}", x.agent or "", x.workflow or "")
-        group = SEP.join(v.replace(SEP, " ") for v in parts)
+        group = SEP.join(parts)
+        if group.count(SEP) != 3:  # a separator inside a value (agent and workflow come from headers)
+            group = SEP.join([v.replace(SEP, " ") for v in parts])
         return Charge(ticket.charge_id, ticket.ts_ms, p.tenant, key_id, ticket.key_state, ticket.reserved, cost,
                       toks.prompt + toks.completion - ticket.window_tokens, ticket.minute, record, group)
 

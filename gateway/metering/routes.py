@@ -202,6 +202,8 @@ async def list_keys(_: AdminDep, meter: MeterDep, tenant: str | None = None) -> 
 async def revoke_key(_: AdminDep, meter: MeterDep, key_id: str) -> dict[str, Any]:
     with store_errors():
         info = await meter.keys.revoke(key_id)
+    if meter.leases is not None:  # this process stops at once; others within their lease (lease.py)
+        meter.leases.close_key(key_id)
     if info is None:
         raise NotFound(f"no key {key_id[:32]!r}", code="key_not_found")
     return info.as_dict()

@@ -36,15 +36,23 @@ class Script:
 # before it left: the same answers as one call per admission, with the reads and writes done once.
 # KEYS: 1 key record, 2 window (this minute), 3 window (previous minute), 4 reservations
 # ARGV: 1 reservation ttl (ms), 2 end of the UTC day (epoch s), 3 end of the UTC month (epoch s),
-#       4 the UTC day (YYYYMMDD), 5 the UTC month (YYYYMM); then per admission i (base a = 5 + 5 * (i - 1)):
-#       a+1 sha256, a+2 charge id, a+3 worst-case micro-dollars, a+4 worst-case tokens, a+5 now (ms)
-# Returns per admission: {0, tenant, role, flags} | {1} unknown key | {2} revoked | {3, retry_after}
+#       4 the UTC day (YYYYMMDD), 5 the UTC month (YYYYMM); then per admission i (base a = 5 + 6 * (i - 1)):
+#       a+1 sha256, a+2 charge id (a lease id when a+6 > 1), a+3 worst-case micro-dollars, a+4 worst-case
+#       tokens, a+5 now (ms), a+6 how many such requests to admit at most (1: this request; more: a lease,
+#       gateway/metering/lease.py)
+# Returns per admission: {0, tenant, role, flags, granted} | {1} unknown key | {2} revoked | {3, retry_after}
 #         requests/min | {4, retry_after} tokens/min | {5, retry_after, 'day'|'month'} budget
-# flags: 1 the key has a budget (a reservation was made when the worst case is > 0), 2 a tokens/min limit.
+# flags: 1 the key has a budget (a reservation was made when the worst case is > 0), 2 a tokens/min limit,
+#        4 a requests/min limit.
+# granted: how many requests were admitted (1 unless a lease was asked for). A lease is decided like one
+# request (the first of them must pass every check); then it is cut to at most half of what is left of each
+# limit (requests/min, tokens/min at the worst case, budget at the worst case), never below 1, so a busy
+# process cannot take all of a key's headroom. Its requests and tokens are counted in the window and its
+# worst case (granted times the request's) reserved as one member `<lease id>:<amount>`.
 ADMIT = Script("""
 local rec = redis.call('HMGET', KEYS[1], 'sha256', 'revoked', 'tenant', 'role', 'rpm', 'tpm', 'budget_day',
                        'budget_month', 'reserved', 'spent_d', 'spent_d_on', 'spent_m', 'spent_m_on')
-local n = (#ARGV - 5) / 5
+local n = (#ARGV - 5) / 6
 local out = {}
 local rpm = tonumber(rec[5]) or 0
 local tpm = tonumber(rec[6]) or 0
@@ -55,6 +63,7 @@ local limited = rpm > 0 or tpm > 0
 local flags = 0
 if budget then flags = flags + 1 end
 if tpm > 0 then flags = flags + 2 end
+if rpm > 0 then flags = flags + 4 end
 local ttl = tonumber(ARGV[1])
 local reserved = tonumber(rec[9]) or 0
 local spent_d = (rec[11] == ARGV[4]) and (tonumber(rec[10]) or 0) or 0
@@ -73,7 +82,7 @@ local function check(limit, c, p, into, left)
   return 0
 end
 for i = 1, n do
-  local a = 5 + 5 * (i - 1)
+  local a = 5 + 6 * (i - 1)
   if not rec[1] or rec[1] ~= ARGV[a + 1] then out[i] = {1}
   elseif rec[2] == '1' then out[i] = {2}
   else
@@ -81,13 +90,13 @@ for i = 1, n do
     local worst = tonumber(ARGV[a + 3])
     local worst_tokens = tonumber(ARGV[a + 4])
     local refused = nil
+    local into = (now % 60000) / 60000
     if limited then
       if not win then
         local cur = redis.call('HMGET', KEYS[2], 'req', 'tok')
         local prev = redis.call('HMGET', KEYS[3], 'req', 'tok')
         win = {tonumber(cur[1]) or 0, tonumber(cur[2]) or 0, tonumber(prev[1]) or 0, tonumber(prev[2]) or 0}
       end
-      local into = (now % 60000) / 60000
       local left = 60 * (1 - into)
       local ra = check(rpm, win[1], win[3], into, left)
       if ra > 0 then refused = {3, ra}
@@ -116,23 +125,35 @@ for i = 1, n do
     end
     if refused then out[i] = refused
     else
+      local g = tonumber(ARGV[a + 6])
+      if g > 1 then
+        if rpm > 0 then g = math.min(g, math.floor((rpm - win[1] - win[3] * (1 - into)) / 2)) end
+        if tpm > 0 and worst_tokens > 0 then
+          g = math.min(g, math.floor((tpm - win[2] - win[4] * (1 - into)) / 2 / worst_tokens))
+        end
+        if reserve then
+          if bd > 0 then g = math.min(g, math.floor((bd - spent_d - reserved) / 2 / worst)) end
+          if bm > 0 then g = math.min(g, math.floor((bm - spent_m - reserved) / 2 / worst)) end
+        end
+        if g < 1 then g = 1 end
+      end
       if limited then
-        win[1] = win[1] + 1
-        add_req = add_req + 1
-        if worst_tokens > 0 then win[2] = win[2] + worst_tokens; add_tok = add_tok + worst_tokens end
+        win[1] = win[1] + g
+        add_req = add_req + g
+        if worst_tokens > 0 then win[2] = win[2] + g * worst_tokens; add_tok = add_tok + g * worst_tokens end
       end
       if reserve then
-        resv[#resv + 1] = ARGV[a + 2] .. ':' .. ARGV[a + 3]
-        resv_amount[#resv] = worst
+        resv[#resv + 1] = ARGV[a + 2] .. ':' .. string.format('%d', g * worst)
+        resv_amount[#resv] = g * worst
         resv_score[#resv] = string.format('%d', now + ttl)
-        reserved = reserved + worst
+        reserved = reserved + g * worst
       end
-      out[i] = {0, rec[3], rec[4], flags}
+      out[i] = {0, rec[3], rec[4], flags, g}
     end
   end
 end
 if add_req > 0 then
-  redis.call('HINCRBY', KEYS[2], 'req', add_req)
+  redis.call('HINCRBY', KEYS[2], 'req', string.format('%d', add_req))
   if add_tok > 0 then redis.call('HINCRBY', KEYS[2], 'tok', string.format('%d', add_tok)) end
   redis.call('EXPIRE', KEYS[2], 130)
 end
@@ -162,19 +183,20 @@ return out
 #       b+1 charge ids seen (its day), b+2 the window it was admitted in, b+3 its day's counters,
 #       b+4 its workflow's records, b+5 its request's index entry
 # ARGV: 1 ttl of charge ids (s), 2 ttl of counters and workflows (s), 3 stream MAXLEN, 4 ttl of the request
-#       index (s); then per charge i (base a = 4 + 17 * (i - 1)): a+1 charge id, a+2 cost (micro-dollars),
+#       index (s); then per charge i (base a = 4 + 18 * (i - 1)): a+1 charge id, a+2 cost (micro-dollars),
 #       a+3 token correction (actual - counted at admission), a+4 correct the key's limit state ('1': it has a
 #       budget or tokens/min), a+5 reservation ('<charge id>:<micro-dollars>', '' when none), a+6 its amount,
 #       a+7 day (YYYYMMDD), a+8 month (YYYYMM), a+9 record (JSON; '' when nothing was served: only the key's
 #       state is corrected), a+10 group ('tier<US>backend/model<US>agent<US>workflow', US = \\x1f),
-#       a+11 has workflow ('1'/'0'), a+12..a+17 metric values (req pt ct cost ref est)
+#       a+11 has workflow ('1'/'0'), a+12..a+17 metric values (req pt ct cost ref est), a+18 request correction
+#       (the requests a lease counted in the window and did not use, negative; 0 for a request)
 # Counter fields are '<group><US><metric>': one field per combination of tier, model, agent and workflow;
 # summaries by any one of them add the combinations up when read. Charges of one batch with the same field
 # are added up first: one HINCRBY per field and batch.
 # Each charge is applied once (the SADD of its id decides) and in order; the script is atomic as a whole.
 # Returns, per charge: 1 applied, 0 applied before.
 CHARGE = Script("""
-local n = (#ARGV - 4) / 17
+local n = (#ARGV - 4) / 18
 local out = {}
 local metrics = {'req', 'pt', 'ct', 'cost', 'ref', 'est'}
 local resv, resv_amount = {}, {}
@@ -184,7 +206,7 @@ local counters, counter_keys = {}, {}
 local workflows, workflow_keys = {}, {}
 local done_keys = {}
 for i = 1, n do
-  local a = 4 + 17 * (i - 1)
+  local a = 4 + 18 * (i - 1)
   local b = 3 + 5 * (i - 1)
   if redis.call('SADD', KEYS[b + 1], ARGV[a + 1]) == 0 then
     out[i] = 0
@@ -208,11 +230,12 @@ for i = 1, n do
         if state[4] == month then state[3] = state[3] + cost; state[5] = true
         elseif not state[4] or state[4] < month then state[3] = cost; state[4] = month; state[5] = true end
       end
-      local delta = tonumber(ARGV[a + 3])
-      if delta ~= 0 then
+      local delta, rdelta = tonumber(ARGV[a + 3]), tonumber(ARGV[a + 18])
+      if delta ~= 0 or rdelta ~= 0 then
         local w = KEYS[b + 2]
-        if not windows[w] then windows[w] = 0; window_keys[#window_keys + 1] = w end
-        windows[w] = windows[w] + delta
+        if not windows[w] then windows[w] = {0, 0}; window_keys[#window_keys + 1] = w end
+        windows[w][1] = windows[w][1] + delta
+        windows[w][2] = windows[w][2] + rdelta
       end
     end
     if ARGV[a + 9] ~= '' then
@@ -256,8 +279,10 @@ if state and state[5] then
              'spent_m', string.format('%d', state[3]), 'spent_m_on', state[4])
 end
 for _, w in ipairs(window_keys) do
-  if windows[w] ~= 0 and redis.call('EXISTS', w) == 1 then
-    redis.call('HINCRBY', w, 'tok', string.format('%d', windows[w]))
+  local d = windows[w]
+  if (d[1] ~= 0 or d[2] ~= 0) and redis.call('EXISTS', w) == 1 then
+    if d[1] ~= 0 then redis.call('HINCRBY', w, 'tok', string.format('%d', d[1])) end
+    if d[2] ~= 0 then redis.call('HINCRBY', w, 'req', string.format('%d', d[2])) end
   end
 end
 for _, ck in ipairs(counter_keys) do
