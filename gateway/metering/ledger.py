@@ -60,6 +60,23 @@ def _deliver(items: list[_Admission], reply: asyncio.Future[Any]) -> None:
             fut.set_result(reply.result()[i])
 
 
+class _KeyList:
+    """The KEYS of one script call, each key once; `pos` is a key's 1-based position (added if new)."""
+
+    __slots__ = ("_at", "names")
+
+    def __init__(self, first: list[str]) -> None:
+        self.names = first
+        self._at = {name: i + 1 for i, name in enumerate(first)}
+
+    def pos(self, name: str) -> int:
+        n = self._at.get(name)
+        if n is None:
+            self.names.append(name)
+            n = self._at[name] = len(self.names)
+        return n
+
+
 @dataclass(frozen=True, slots=True)
 class LedgerPolicy:
     """Retention and sizes, from the settings."""
@@ -178,25 +195,23 @@ class Ledger:
         cmds: list[Command] = []
         for key_id, idx in groups.items():
             k = KeyKeys(key_id)
-            keys: list[Any] = [k.record, k.reservations, k.stream]
+            keys = _KeyList([k.record, k.reservations, k.stream])
+            pos = keys.pos
             args: list[Any] = [p.idempotency_days * _DAY, p.ledger_days * _DAY, p.stream_maxlen, p.request_index_days * _DAY]
             for i in idx:
                 c = charges[i]
                 day, month, _, _ = calendar_of(c.ts_ms)
                 r = c.record
-                resv = f"{c.id}:{c.reserved_micros}" if c.reserved_micros else ""
+                head = (f"{c.id},{c.cost_micros},{c.token_delta},{c.request_delta},{1 if c.key_state else 0},"
+                        f"{c.reserved_micros},{day},{month},{pos(k.done(day))},{pos(k.window(c.minute))},")
                 if r is None:
-                    keys += (k.done(day), k.window(c.minute), k.counters(day), k.workflow_records(""), k.request(""))
-                    args += (c.id, c.cost_micros, c.token_delta, 1 if c.key_state else 0, resv, c.reserved_micros, day,
-                             month, "", "", 0, 0, 0, 0, 0, 0, 0, c.request_delta)
+                    args += (head + "0,0,0,0,0,0,0,", "")
                     continue
-                wf = r.get("workflow") or ""
-                keys += (k.done(day), k.window(c.minute), k.counters(day), k.workflow_records(wf),
-                         k.request(r.get("request_id") or ""))
-                args += (c.id, c.cost_micros, c.token_delta, 1 if c.key_state else 0, resv, c.reserved_micros, day,
-                         month, orjson.dumps(r), c.group, 1 if wf else 0, 1, r["prompt_tokens"], r["completion_tokens"],
-                         r["cost_micros"], r["reference_cost_micros"], 1 if r["estimated"] else 0, c.request_delta)
-            cmds.append(("EVALSHA", CHARGE.sha, len(keys), *keys, *args))
+                wf = r.get("workflow")
+                args += (f"{head}{pos(k.counters(day))},{pos(k.workflow_records(wf)) if wf else 0},"
+                         f"{pos(k.request(r.get('request_id') or ''))},{r['prompt_tokens']},{r['completion_tokens']},"
+                         f"{r['reference_cost_micros']},{1 if r['estimated'] else 0},{c.group}", orjson.dumps(r))
+            cmds.append(("EVALSHA", CHARGE.sha, len(keys.names), *keys.names, *args))
         return cmds, list(groups.values())
 
     async def apply(self, charges: list[Charge]) -> list[int | Exception]:

@@ -179,89 +179,133 @@ return out
 
 # CHARGE books a batch of charges of one API key (one script call for all the charges of that key that go
 # out in one write): most of the work is then done once per batch, not once per charge.
-# KEYS: 1 key record, 2 reservations, 3 ledger stream; then per charge i (base b = 3 + 5 * (i - 1)):
-#       b+1 charge ids seen (its day), b+2 the window it was admitted in, b+3 its day's counters,
-#       b+4 its workflow's records, b+5 its request's index entry
+# KEYS: 1 key record, 2 reservations, 3 ledger stream; then the other keys the batch touches, each once
+#       (charge ids seen per day, rate windows, daily counters, workflow lists, request index entries).
 # ARGV: 1 ttl of charge ids (s), 2 ttl of counters and workflows (s), 3 stream MAXLEN, 4 ttl of the request
-#       index (s); then per charge i (base a = 4 + 18 * (i - 1)): a+1 charge id, a+2 cost (micro-dollars),
-#       a+3 token correction (actual - counted at admission), a+4 correct the key's limit state ('1': it has a
-#       budget or tokens/min), a+5 reservation ('<charge id>:<micro-dollars>', '' when none), a+6 its amount,
-#       a+7 day (YYYYMMDD), a+8 month (YYYYMM), a+9 record (JSON; '' when nothing was served: only the key's
-#       state is corrected), a+10 group ('tier<US>backend/model<US>agent<US>workflow', US = \\x1f),
-#       a+11 has workflow ('1'/'0'), a+12..a+17 metric values (req pt ct cost ref est), a+18 request correction
-#       (the requests a lease counted in the window and did not use, negative; 0 for a request)
-# Counter fields are '<group><US><metric>': one field per combination of tier, model, agent and workflow;
-# summaries by any one of them add the combinations up when read. Charges of one batch with the same field
-# are added up first: one HINCRBY per field and batch.
-# Each charge is applied once (the SADD of its id decides) and in order; the script is atomic as a whole.
+#       index (s); then per charge i two arguments (base a = 4 + 2 * (i - 1)):
+#       a+1 its fields, comma-separated, the group last (it may hold commas):
+#           charge id, cost (micro-dollars), token correction (actual - counted at admission), request
+#           correction (requests a lease counted and did not use, <= 0), correct the key's limit state
+#           ('1': it has a budget or a rate limit), reservation amount (released as the member
+#           '<charge id>:<amount>'; 0: none), day (YYYYMMDD), month (YYYYMM), then KEYS positions of its
+#           charge-id set, rate window, counters, workflow list (0: no workflow), request index entry,
+#           then prompt tokens, completion tokens, reference cost, estimated ('1'/'0'), then the group
+#           ('tier<US>backend/model<US>agent<US>workflow', US = \\x1f)
+#       a+2 the record (JSON; '' when nothing was served: only the key's state is corrected)
+# Counter fields are '<group><US><metric>' (metrics req pt ct cost ref est): one field per combination of
+# tier, model, agent and workflow; summaries by any one of them add the combinations up when read. Charges
+# of one batch with the same field are added up first: one HINCRBY per field and batch.
+# Each charge is applied once (its id not yet in its day's set decides: one SMISMEMBER and one SADD per
+# set and batch) and in order; the script is atomic as a whole.
 # Returns, per charge: 1 applied, 0 applied before.
 CHARGE = Script("""
-local n = (#ARGV - 4) / 18
+local n = (#ARGV - 4) / 2
 local out = {}
 local metrics = {'req', 'pt', 'ct', 'cost', 'ref', 'est'}
+local pattern = '^([^,]*),(-?%d+),(-?%d+),(-?%d+),(%d),(%d+),(%d+),(%d+),(%d+),(%d+),(%d+),(%d+),(%d+),' ..
+                '(%d+),(%d+),(%d+),(%d),(.*)$'
+local items = {}
+-- The ids not applied yet: one SMISMEMBER per charge-id set (a day), then one SADD of the new ones.
+local by_set, set_keys = {}, {}
+for i = 1, n do
+  local f = {string.match(ARGV[4 + 2 * i - 1], pattern)}
+  items[i] = f
+  local d = KEYS[tonumber(f[9])]
+  if not by_set[d] then by_set[d] = {}; set_keys[#set_keys + 1] = d end
+  local l = by_set[d]
+  l[#l + 1] = i
+end
+local fresh = {}
+for _, d in ipairs(set_keys) do
+  local idx = by_set[d]
+  local ids = {}
+  for j, i in ipairs(idx) do ids[j] = items[i][1] end
+  local seen = redis.call('SMISMEMBER', d, unpack(ids))
+  local add, taken = {}, {}
+  for j, i in ipairs(idx) do
+    local id = ids[j]
+    if seen[j] == 0 and not taken[id] then
+      taken[id] = true
+      fresh[i] = true
+      add[#add + 1] = id
+    end
+  end
+  if #add > 0 then
+    redis.call('SADD', d, unpack(add))
+    redis.call('EXPIRE', d, ARGV[1])
+  end
+end
 local resv, resv_amount = {}, {}
 local state = nil  -- spent_d, spent_d_on, spent_m, spent_m_on, read once when a cost is booked
 local windows, window_keys = {}, {}
 local counters, counter_keys = {}, {}
+local fields = {}  -- group -> its six counter field names
 local workflows, workflow_keys = {}, {}
-local done_keys = {}
 for i = 1, n do
-  local a = 4 + 18 * (i - 1)
-  local b = 3 + 5 * (i - 1)
-  if redis.call('SADD', KEYS[b + 1], ARGV[a + 1]) == 0 then
+  local f = items[i]
+  if not fresh[i] then
     out[i] = 0
   else
     out[i] = 1
-    done_keys[KEYS[b + 1]] = true
-    if ARGV[a + 4] == '1' then
-      if ARGV[a + 5] ~= '' then
-        resv[#resv + 1] = ARGV[a + 5]
-        resv_amount[#resv] = tonumber(ARGV[a + 6])
+    local cost = tonumber(f[2])
+    if f[5] == '1' then
+      local amount = tonumber(f[6])
+      if amount > 0 then
+        resv[#resv + 1] = f[1] .. ':' .. f[6]
+        resv_amount[#resv] = amount
       end
-      local cost = tonumber(ARGV[a + 2])
       if cost > 0 then
         if not state then
           local r = redis.call('HMGET', KEYS[1], 'spent_d', 'spent_d_on', 'spent_m', 'spent_m_on')
           state = {tonumber(r[1]) or 0, r[2], tonumber(r[3]) or 0, r[4], false}
         end
-        local day, month = ARGV[a + 7], ARGV[a + 8]
+        local day, month = f[7], f[8]
         if state[2] == day then state[1] = state[1] + cost; state[5] = true
         elseif not state[2] or state[2] < day then state[1] = cost; state[2] = day; state[5] = true end
         if state[4] == month then state[3] = state[3] + cost; state[5] = true
         elseif not state[4] or state[4] < month then state[3] = cost; state[4] = month; state[5] = true end
       end
-      local delta, rdelta = tonumber(ARGV[a + 3]), tonumber(ARGV[a + 18])
+      local delta, rdelta = tonumber(f[3]), tonumber(f[4])
       if delta ~= 0 or rdelta ~= 0 then
-        local w = KEYS[b + 2]
+        local w = KEYS[tonumber(f[10])]
         if not windows[w] then windows[w] = {0, 0}; window_keys[#window_keys + 1] = w end
         windows[w][1] = windows[w][1] + delta
         windows[w][2] = windows[w][2] + rdelta
       end
     end
-    if ARGV[a + 9] ~= '' then
-      local ck = KEYS[b + 3]
+    local record = ARGV[4 + 2 * i]
+    if record ~= '' then
+      local ck = KEYS[tonumber(f[11])]
       local c = counters[ck]
       if not c then c = {{}, {}}; counters[ck] = c; counter_keys[#counter_keys + 1] = ck end
+      local group = f[18]
+      local names = fields[group]
+      if not names then
+        names = {}
+        for j = 1, 6 do names[j] = group .. '\\031' .. metrics[j] end
+        fields[group] = names
+      end
+      local values = {1, tonumber(f[14]), tonumber(f[15]), cost, tonumber(f[16]), tonumber(f[17])}
       for j = 1, 6 do
-        local v = tonumber(ARGV[a + 11 + j])
+        local v = values[j]
         if v ~= 0 then
-          local f = ARGV[a + 10] .. '\\031' .. metrics[j]
-          if not c[1][f] then c[1][f] = 0; c[2][#c[2] + 1] = f end
-          c[1][f] = c[1][f] + v
+          local name = names[j]
+          if not c[1][name] then c[1][name] = 0; c[2][#c[2] + 1] = name end
+          c[1][name] = c[1][name] + v
         end
       end
-      local entry = redis.call('XADD', KEYS[3], 'MAXLEN', '~', ARGV[3], '*', 'r', ARGV[a + 9])
-      redis.call('SET', KEYS[b + 5], entry, 'EX', ARGV[4])
-      if ARGV[a + 11] == '1' then
-        local wk = KEYS[b + 4]
+      local entry = redis.call('XADD', KEYS[3], 'MAXLEN', '~', ARGV[3], '*', 'r', record)
+      redis.call('SET', KEYS[tonumber(f[13])], entry, 'EX', ARGV[4])
+      local wi = tonumber(f[12])
+      if wi > 0 then
+        local wk = KEYS[wi]
         if not workflows[wk] then workflows[wk] = {}; workflow_keys[#workflow_keys + 1] = wk end
         local l = workflows[wk]
-        l[#l + 1] = ARGV[a + 9]
+        l[#l + 1] = record
       end
     end
   end
 end
-for k in pairs(done_keys) do redis.call('EXPIRE', k, ARGV[1]) end
 if #resv > 0 then
   -- Release only the reservations still held (a reservation that expired was given back by ADMIT).
   local held = redis.call('ZMSCORE', KEYS[2], unpack(resv))
@@ -287,8 +331,8 @@ for _, w in ipairs(window_keys) do
 end
 for _, ck in ipairs(counter_keys) do
   local c = counters[ck]
-  for _, f in ipairs(c[2]) do
-    redis.call('HINCRBY', ck, f, string.format('%d', c[1][f]))
+  for _, name in ipairs(c[2]) do
+    redis.call('HINCRBY', ck, name, string.format('%d', c[1][name]))
   end
   redis.call('EXPIRE', ck, ARGV[2])
 end
