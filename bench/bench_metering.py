@@ -32,8 +32,8 @@ import yaml
 
 from bench.harness import free_port, gateway, median, ms, nginx_mock, wrk
 
-ROUNDS = int(os.environ.get("QLP_BENCH_ROUNDS", "3"))
-DURATION = int(os.environ.get("QLP_BENCH_SECONDS", "8"))
+ROUNDS = int(os.environ.get("QLP_BENCH_ROUNDS", "8"))
+DURATION = int(os.environ.get("QLP_BENCH_SECONDS", "4"))
 
 PRICING = {"reference_model": "gpt-4", "external": {"gpt-4": {"input": 30, "output": 60}},
            "local": {"T0": {"gpu_hour_usd": 0.80, "tokens_per_hour": 9_000_000}}}

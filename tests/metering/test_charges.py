@@ -225,6 +225,23 @@ def test_summary_groups_add_up_to_the_total(metered, upstreams, redis_url) -> No
     assert bad.status_code == 400 and bad.json()["error"]["code"] == "invalid_value"
 
 
+def test_names_with_commas_are_booked_as_sent(metered, upstreams, redis_url) -> None:
+    """CHARGE takes a charge's fields comma-separated with its group (tier, model, agent, workflow) last:
+    an agent or workflow name with commas in it must come back whole."""
+    key, _ = create_key(redis_url, "acme")
+    gw = metered()
+    for agent, wf in (("dev,ops", "wf,1,2"), ("dev,ops", "wf,1,2"), ("plain", "w")):
+        assert chat(gw, key, **{"X-QLP-Agent": agent, "X-QLP-Workflow-Id": wf}).status_code == 200
+
+    def by(group_by: str) -> dict[str, int]:
+        doc = httpx.get(gw.url + "/v1/ledger/summary", params={"group_by": group_by}, headers=auth(key)).json()
+        return {row["group"]: row["requests"] for row in doc["data"]}
+
+    assert eventually(lambda: by("agent") == {"dev,ops": 2, "plain": 1}, what="agents booked whole")
+    assert by("workflow") == {"wf,1,2": 2, "w": 1}
+    assert [r["agent"] for r in records(gw, key, "wf,1,2", 2)] == ["dev,ops", "dev,ops"]
+
+
 def test_ledger_cli_prints_tables_and_exports_csv_and_jsonl(metered, upstreams, redis_url, tmp_path) -> None:
     key, _ = create_key(redis_url, "acme")
     gw = metered()
