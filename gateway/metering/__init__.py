@@ -7,4 +7,5 @@
     spool.py     charges waiting for Redis, on disk          meter.py     what the request path calls
     reader.py    summaries, workflows, export                routes.py    /v1/ledger/*, /v1/admin/keys
     keys_cli.py  `qlp keys`                                  ledger_cli.py `qlp ledger`
+    lease.py     admission leases: a busy key admitted in-process from an allowance reserved in Redis
 """
