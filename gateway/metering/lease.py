@@ -158,6 +158,9 @@ class Leases:
         if k.lease is not None:
             self.close(k.lease)
         k.lease = lease
+        if left == 0:  # just the request that asked (the limits had no room for more): given back once it settles
+            lease.closed = True
+            return lease
         asyncio.get_running_loop().call_at(_loop_time(lease.expires), self.close, lease)
         return lease
 

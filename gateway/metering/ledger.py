@@ -115,13 +115,14 @@ class Charge:
 
 @dataclass(frozen=True, slots=True)
 class AdmitResult:
-    code: int  # 0 ok, 1 unknown, 2 revoked, 3 requests/min, 4 tokens/min, 5 budget
+    code: int  # 0 ok, 1 unknown, 2 revoked, 3 requests/min, 4 tokens/min, 5 budget, 6 no lease (ahead of need)
     tenant: str = ""
     role: str = "user"
     flags: int = 0  # 1: the key has a budget, 2: a tokens/min limit, 4: a requests/min limit
     retry_after: int = 0
     period: str = ""
     granted: int = 1  # requests admitted (more than 1: a lease)
+    held: bool = False  # budget refusals: the spend leaves room, reservations (in flight, leases) are in the way
 
 
 class Ledger:
@@ -143,7 +144,8 @@ class Ledger:
                     now_ms: int, reservation_ttl_ms: int, wanted: int = 1) -> AdmitResult:
         """Queue the admission for the connection's next write, where the admissions of one key and minute
         become one ADMIT call (`_before_flush`), and wait for its answer. `wanted` > 1 asks for a lease of
-        up to that many requests (`charge_id` is then the lease's id)."""
+        up to that many requests (`charge_id` is then the lease's id); `-wanted`, a lease asked for ahead of
+        need: granted whole (8 or more) or not at all (code 6)."""
         for attempt in (0, 1):
             conn = self.pipe.proto or await self.pipe.connection()
             fut: asyncio.Future[Any] = asyncio.get_running_loop().create_future()
@@ -166,7 +168,7 @@ class Ledger:
             if code in (3, 4):
                 return AdmitResult(code, retry_after=int(r[1]))
             if code == 5:
-                return AdmitResult(5, retry_after=int(r[1]), period=r[2].decode())
+                return AdmitResult(5, retry_after=int(r[1]), period=r[2].decode(), held=r[3] == 1)
             return AdmitResult(code)
         raise AssertionError("unreachable")
 

@@ -208,7 +208,7 @@ class Meter:
                 r = await self._ask(auth, lease_id, worst, worst_tokens, now_ms, wanted)
                 if r is not None:
                     if r.code != 0:
-                        raise _rejection(r.code, r.retry_after, r.period)
+                        raise _rejection(r)
                     p = self._principal_of(auth, r)
                     self._remember(auth, p)
                     if wanted > 1 and leases is not None:
@@ -251,8 +251,8 @@ class Meter:
             if self.health.usable():
                 now_ms = time.time_ns() // 1_000_000
                 lease_id = f"L{self._id_prefix}{next(self._ids):x}"
-                r = await self._ask(cred, lease_id, old.unit_micros, old.unit_tokens, now_ms, wanted)
-                if r is not None and r.code == 0:  # refused: the next request finds out for itself
+                r = await self._ask(cred, lease_id, old.unit_micros, old.unit_tokens, now_ms, -wanted)
+                if r is not None and r.code == 0:  # refused or not worth it: the next request asks for itself
                     self.leases.granted(cred.sha256, lease_id, self._principal_of(cred, r), r.flags, now_ms,
                                         r.granted, old.unit_micros, old.unit_tokens, taken=0)
         except Exception:  # never lost silently; requests fall back to their own admission
@@ -345,7 +345,8 @@ class Meter:
                 "ready": self.up or mode == "open"}
 
 
-def _rejection(code: int, retry_after: int, period: str) -> GatewayError:
+def _rejection(r: AdmitResult) -> GatewayError:
+    code, retry_after, period = r.code, r.retry_after, r.period
     if code in (1, 2):
         return AuthenticationError("invalid API key" if code == 1 else "this API key was revoked")
     if code == 3:
@@ -354,8 +355,13 @@ def _rejection(code: int, retry_after: int, period: str) -> GatewayError:
     if code == 4:
         return RateLimited("tokens per minute limit reached for this API key",
                            headers={"Retry-After": str(retry_after)})
-    return RateLimited(f"the {'daily' if period == 'day' else 'monthly'} budget of this API key is spent",
-                       code="budget_exceeded", headers={"Retry-After": str(retry_after)})
+    which = "daily" if period == "day" else "monthly"
+    if r.held:  # the spend leaves room: the worst case of requests in flight (or leased) is what holds it
+        return RateLimited(f"the {which} budget of this API key is held by requests in flight (their worst case is "
+                           "reserved until they finish); retry in a moment", code="budget_exceeded",
+                           headers={"Retry-After": "1"})
+    return RateLimited(f"the {which} budget of this API key is spent", code="budget_exceeded",
+                       headers={"Retry-After": str(retry_after)})
 
 
 def _safe_url(url: str) -> str:

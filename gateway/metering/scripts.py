@@ -39,15 +39,17 @@ class Script:
 #       4 the UTC day (YYYYMMDD), 5 the UTC month (YYYYMM); then per admission i (base a = 5 + 6 * (i - 1)):
 #       a+1 sha256, a+2 charge id (a lease id when a+6 > 1), a+3 worst-case micro-dollars, a+4 worst-case
 #       tokens, a+5 now (ms), a+6 how many such requests to admit at most (1: this request; more: a lease,
-#       gateway/metering/lease.py)
+#       gateway/metering/lease.py; negative: a lease asked for ahead of need, granted whole or not at all)
 # Returns per admission: {0, tenant, role, flags, granted} | {1} unknown key | {2} revoked | {3, retry_after}
-#         requests/min | {4, retry_after} tokens/min | {5, retry_after, 'day'|'month'} budget
+#         requests/min | {4, retry_after} tokens/min | {5, retry_after, 'day'|'month', held} budget (held 1:
+#         the spend leaves room, reservations are in the way; retry_after 1) | {6} no lease
+#         (a lease asked for ahead of need that would be smaller than 8)
 # flags: 1 the key has a budget (a reservation was made when the worst case is > 0), 2 a tokens/min limit,
 #        4 a requests/min limit.
 # granted: how many requests were admitted (1 unless a lease was asked for). A lease is decided like one
 # request (the first of them must pass every check); then it is cut to at most half of what is left of each
-# limit (requests/min, tokens/min at the worst case, budget at the worst case), never below 1, so a busy
-# process cannot take all of a key's headroom. Its requests and tokens are counted in the window and its
+# limit (requests/min, tokens/min at the worst case, budget at the worst case), so a busy process cannot
+# take all of a key's headroom; a lease smaller than 8 is not worth holding: just the one request then. Its requests and tokens are counted in the window and its
 # worst case (granted times the request's) reserved as one member `<lease id>:<amount>`.
 ADMIT = Script("""
 local rec = redis.call('HMGET', KEYS[1], 'sha256', 'revoked', 'tenant', 'role', 'rpm', 'tpm', 'budget_day',
@@ -120,12 +122,19 @@ for i = 1, n do
         end
       end
       local now_s = math.floor(now / 1000)
-      if bd > 0 and spent_d + reserved + worst > bd then refused = {5, tonumber(ARGV[2]) - now_s, 'day'}
-      elseif bm > 0 and spent_m + reserved + worst > bm then refused = {5, tonumber(ARGV[3]) - now_s, 'month'} end
+      -- Retry-After: the end of the period when the spend alone leaves no room; a second when what is in the
+      -- way is reservations (requests in flight, leases), which are released within seconds.
+      if bd > 0 and spent_d + reserved + worst > bd then
+        if spent_d + worst <= bd then refused = {5, 1, 'day', 1} else refused = {5, tonumber(ARGV[2]) - now_s, 'day', 0} end
+      elseif bm > 0 and spent_m + reserved + worst > bm then
+        if spent_m + worst <= bm then refused = {5, 1, 'month', 1} else refused = {5, tonumber(ARGV[3]) - now_s, 'month', 0} end
+      end
     end
     if refused then out[i] = refused
     else
       local g = tonumber(ARGV[a + 6])
+      local background = g < 0  -- a lease asked for ahead of need: all of one or none
+      if background then g = -g end
       if g > 1 then
         if rpm > 0 then g = math.min(g, math.floor((rpm - win[1] - win[3] * (1 - into)) / 2)) end
         if tpm > 0 and worst_tokens > 0 then
@@ -135,20 +144,23 @@ for i = 1, n do
           if bd > 0 then g = math.min(g, math.floor((bd - spent_d - reserved) / 2 / worst)) end
           if bm > 0 then g = math.min(g, math.floor((bm - spent_m - reserved) / 2 / worst)) end
         end
-        if g < 1 then g = 1 end
+        if g < 8 then g = 1 end  -- a lease is 8 requests or more; below that, each request is decided alone
       end
-      if limited then
-        win[1] = win[1] + g
-        add_req = add_req + g
-        if worst_tokens > 0 then win[2] = win[2] + g * worst_tokens; add_tok = add_tok + g * worst_tokens end
+      if background and g < 2 then out[i] = {6}
+      else
+        if limited then
+          win[1] = win[1] + g
+          add_req = add_req + g
+          if worst_tokens > 0 then win[2] = win[2] + g * worst_tokens; add_tok = add_tok + g * worst_tokens end
+        end
+        if reserve then
+          resv[#resv + 1] = ARGV[a + 2] .. ':' .. string.format('%d', g * worst)
+          resv_amount[#resv] = g * worst
+          resv_score[#resv] = string.format('%d', now + ttl)
+          reserved = reserved + g * worst
+        end
+        out[i] = {0, rec[3], rec[4], flags, g}
       end
-      if reserve then
-        resv[#resv + 1] = ARGV[a + 2] .. ':' .. string.format('%d', g * worst)
-        resv_amount[#resv] = g * worst
-        resv_score[#resv] = string.format('%d', now + ttl)
-        reserved = reserved + g * worst
-      end
-      out[i] = {0, rec[3], rec[4], flags, g}
     end
   end
 end

@@ -48,6 +48,22 @@ def _window_requests(redis_url: str, key_id: str) -> int:
     return sum(int(v or 0) for v in run(go, redis_url))
 
 
+def _spend_the_rest(gws: list, key: str, most: int) -> tuple[int, httpx.Response]:
+    """Requests through the gateways in turn until the budget says it is spent: how many were served, and
+    the refusal. A refusal for a budget held by reservations (leases, requests in flight: Retry-After 1)
+    is waited out, as a client would."""
+    served = 0
+    for i in range(most + 50):
+        r = chat(gws[i % len(gws)], key, BODY)
+        if r.status_code == 200:
+            served += 1
+        elif r.status_code == 429 and r.headers["retry-after"] == "1" and "held" in r.json()["error"]["message"]:
+            time.sleep(1.1)
+        else:
+            return served, r
+    raise AssertionError(f"more than {most} requests served")
+
+
 def test_a_busy_key_books_exactly_and_gives_back_what_its_leases_did_not_use(metered, upstreams, redis_url) -> None:
     _away_from_minute_end()
     upstreams["a"].default = Script(completion_tokens=10)  # 10 micro-USD each (T0: 1 per output token)
@@ -106,16 +122,36 @@ def test_budget_holds_with_warm_leases_and_nothing_is_lost(metered, upstreams, r
     # Leases hold back headroom only while they live: once they are given back, the rest of the budget is
     # there to the last request, and not one more.
     eventually(lambda: reserved(redis_url, info.id) == 0, what="reservations released")
-    while True:
-        r = chat(gw, key, BODY)
-        if r.status_code != 200:
-            break
-        served += 1
-        assert served <= 60
+    more, r = _spend_the_rest([gw], key, 60 - served)
     assert r.status_code == 429 and r.json()["error"]["code"] == "budget_exceeded"
-    assert served == 60
+    assert int(r.headers["retry-after"]) > 1  # spent, not held: until the end of the UTC day
+    assert served + more == 60
     assert eventually(lambda: spent_today(redis_url, info.id) == 6000, what="the whole budget spent")
     assert len(upstreams["a"].requests) == 60
+
+
+def test_two_processes_with_leases_share_one_budget(metered, upstreams, redis_url) -> None:
+    upstreams["a"].default = Script(completion_tokens=100, delay=0.02)
+    key, info = create_key(redis_url, "acme", budget_day_micros=80 * 100)  # worth 80 requests
+    gws = [metered(admission_lease_seconds=0.5), metered(admission_lease_seconds=0.5)]
+    for gw in gws:  # both busy: each holds leases
+        assert _burst(gw.url, key, 12, body=BODY) == [200] * 12
+
+    async def race() -> list[int]:
+        async with httpx.AsyncClient(timeout=30, limits=httpx.Limits(max_connections=64)) as c:
+            rs = await asyncio.gather(*(c.post(gws[i % 2].url + "/v1/chat/completions", json=BODY, headers=auth(key))
+                                        for i in range(100)))
+            return [r.status_code for r in rs]
+
+    codes = asyncio.run(race())
+    assert set(codes) <= {200, 429}
+    served = 24 + codes.count(200)
+    assert served <= 80  # never past the budget, whichever process admitted
+    eventually(lambda: reserved(redis_url, info.id) == 0, what="both processes' leases given back")
+    more, r = _spend_the_rest(gws, key, 80 - served)  # to the last request, through either process
+    assert r.json()["error"]["code"] == "budget_exceeded" and int(r.headers["retry-after"]) > 1
+    assert served + more == 80
+    assert eventually(lambda: spent_today(redis_url, info.id) == 8000, what="the whole budget spent")
 
 
 def test_requests_per_minute_hold_with_leases(metered, upstreams, redis_url) -> None:

@@ -75,6 +75,26 @@ def test_reservation_is_released_when_nothing_was_served(metered, upstreams, red
     assert chat(gw, key, BODY).status_code == 429
 
 
+def test_budget_held_by_a_request_in_flight_says_retry_in_a_moment(metered, upstreams, redis_url) -> None:
+    upstreams["a"].default = Script(completion_tokens=10, delay=1.0)  # reserves 100, costs 10
+    key, info = create_key(redis_url, "acme", budget_day_micros=150)
+    gw = metered(admission_lease_seconds=0)
+
+    async def two() -> tuple[httpx.Response, httpx.Response]:
+        async with httpx.AsyncClient(timeout=30) as c:
+            first = asyncio.create_task(c.post(gw.url + "/v1/chat/completions", json=BODY, headers=auth(key)))
+            await asyncio.sleep(0.3)  # the first is in flight, its worst case reserved
+            second = await c.post(gw.url + "/v1/chat/completions", json=BODY, headers=auth(key))
+            return await first, second
+
+    first, second = asyncio.run(two())
+    assert first.status_code == 200
+    assert second.status_code == 429 and second.json()["error"]["code"] == "budget_exceeded"
+    assert second.headers["retry-after"] == "1" and "held by requests in flight" in second.json()["error"]["message"]
+    eventually(lambda: spent_today(redis_url, info.id) == 10 and reserved(redis_url, info.id) == 0)
+    assert chat(gw, key, BODY).status_code == 200  # 10 spent + 100 worst case <= 150: room again
+
+
 def test_settled_cost_replaces_the_reservation(metered, upstreams, redis_url) -> None:
     upstreams["a"].default = Script(completion_tokens=10)  # 10 micro-USD of a 100 reservation
     key, info = create_key(redis_url, "acme", budget_day_micros=250)
