@@ -99,6 +99,18 @@ async def _booked(url: str) -> int:
         await r.aclose()
 
 
+def _admissions(url: str) -> dict[str, float]:
+    """qlp_admissions_total of a gateway, by how admissions were decided (lease, redis, without_redis)."""
+    import httpx
+
+    out: dict[str, float] = {}
+    for line in httpx.get(url + "/metrics", timeout=10).text.splitlines():
+        if line.startswith("qlp_admissions_total{"):
+            how = line.split('how="', 1)[1].split('"', 1)[0]
+            out[how] = float(line.rsplit(" ", 1)[1])
+    return out
+
+
 def _cpu_seconds(pid: int) -> float:
     fields = Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()
     return (int(fields[11]) + int(fields[12])) / os.sysconf("SC_CLK_TCK")
@@ -177,6 +189,7 @@ def main(argv: list[str]) -> int:
                 runs["unix32"].append(_measured(urls["unix"], 32, [pids["unix"], redis_pid], auth))
                 runs["off1"].append(_measured(urls["off"], 1, [pids["off"]]))
                 runs["on1"].append(_measured(urls["on"], 1, [pids["on"], redis_pid], auth))
+            admissions = _admissions(on)
         answered = sum(r["rps"] * DURATION for k in ("on32", "unix32", "on1") for r in runs[k])
         booked = asyncio.run(_booked(redis_url))
 
@@ -198,6 +211,9 @@ def main(argv: list[str]) -> int:
     print(f"1 connection: added latency p50 {ms(med('on1', 'p50') - med('off1', 'p50'))}, "
           f"p99 {ms(med('on1', 'p99') - med('off1', 'p99'))} (on p50 {ms(med('on1', 'p50'))} p99 {ms(med('on1', 'p99'))}, "
           f"off p50 {ms(med('off1', 'p50'))} p99 {ms(med('off1', 'p99'))})")
+    total = sum(admissions.values()) or 1.0
+    print(f"admissions of the metered gateway (TCP): {admissions.get('lease', 0) / total:.1%} from leases (in-process), "
+          f"{admissions.get('redis', 0) / total:.1%} through Redis (leases report when given back)")
     print(f"ledger: {booked:,} requests booked; wrk saw about {answered:,.0f} answered in the measured runs "
           f"(plus the warm-up; wrk does not count requests cut off at the end of a run)")
     return 0

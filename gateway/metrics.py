@@ -51,6 +51,9 @@ class Metrics:
         self.retries = Counter("qlp_retries_total", "Upstream attempts beyond the first", ("tier",), registry=r)
         self.fallbacks = Counter("qlp_fallbacks_total", "Requests served by a fallback tier",
                                  ("from_tier", "to_tier"), registry=r)
+        self.admissions = Counter("qlp_admissions_total", "Admissions of metered requests by how they were "
+                                  "decided: lease (in-process), redis (a round trip), without_redis (fail open)",
+                                  ("how",), registry=r)
         self.budget_rejections = Counter("qlp_budget_rejections_total", "Requests refused: budget exhausted",
                                          ("tier",), registry=r)
         self.rate_limit_rejections = Counter("qlp_rate_limit_rejections_total", "Requests refused: rate limit",

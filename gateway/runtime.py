@@ -69,7 +69,7 @@ class Runtime:
         self.client.secrets = tuple(v for v in self.backend_keys.values() if v)
         self.providers = {self.key(t, be): backend_provider(t, be) for t in self.config.tiers.values() for be in t.backends}
         if self.settings.metering:
-            self.meter = Meter(self.settings, self.config, load_pricing(self.settings.pricing))
+            self.meter = Meter(self.settings, self.config, load_pricing(self.settings.pricing), metrics=self.metrics)
         # Runtime rollout changes and capture live in Redis: with metering off, only the config's rollouts.
         self.rollouts = Rollouts(self.config, self.meter.redis if self.meter is not None else None)
         self.shadow = ShadowRunner(self)

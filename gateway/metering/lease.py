@@ -58,6 +58,7 @@ class Lease:
     renew_at: float  # monotonic: ask for the next lease from then on
     renew_below: int  # ... or once fewer requests than this are left
     inflight: int = 0
+    used: int = 0  # requests admitted from it in-process (the one that asked for it is not one of them)
     closed: bool = False
     released: bool = False
 
@@ -79,10 +80,11 @@ class Leases:
     """The leases of one gateway process. `release` books a closed and settled lease's unused part."""
 
     def __init__(self, seconds: float, release: Callable[[Charge], None],
-                 renew: Callable[[str, Lease, int], None]) -> None:
+                 renew: Callable[[str, Lease, int], None], used: Callable[[int], None] | None = None) -> None:
         self.seconds = seconds
         self._release = release
         self._renew = renew  # (sha256, the lease running out, requests wanted): ask for the next one
+        self._used = used  # (admissions a lease served): counted once per lease, not per request
         self._keys: dict[str, _Key] = {}
 
     def _key(self, sha256: str, now: float) -> _Key:
@@ -117,6 +119,7 @@ class Leases:
         lease.tokens -= worst_tokens
         lease.micros -= worst_micros
         lease.inflight += 1
+        lease.used += 1
         if k.renewing is None and (now >= lease.renew_at or lease.requests < lease.renew_below):
             wanted = self.wanted(sha256)
             if wanted > 1:
@@ -200,6 +203,8 @@ class Leases:
         if lease.released:
             return
         lease.released = True
+        if self._used is not None and lease.used:
+            self._used(lease.used)
         if lease.flags == 0:
             return  # no limit: nothing was counted or reserved
         p = lease.principal

@@ -46,6 +46,7 @@ from gateway.protocol import ParsedRequest
 from gateway.settings import Settings
 
 if TYPE_CHECKING:
+    from gateway.metrics import Metrics
     from gateway.serving import Exchange
 
 __all__ = ["UNAVAILABLE", "Meter", "Ticket", "connect"]
@@ -81,7 +82,8 @@ class Ticket:
 
 
 class Meter:
-    def __init__(self, settings: Settings, config: FleetConfig, pricing: Pricing) -> None:
+    def __init__(self, settings: Settings, config: FleetConfig, pricing: Pricing,
+                 metrics: Metrics | None = None) -> None:
         pricing.check(config)
         self.settings = settings
         self.config = config
@@ -101,8 +103,9 @@ class Meter:
         self.spool = Spool(settings.spool_path)
         self.health = Health(settings.spool_path, self._redis_back)
         self.booker = Booker(self.ledger, self.spool, self.health)
-        self.leases = Leases(settings.admission_lease_seconds, self.booker.queue, self._renew) \
-            if settings.admission_lease_seconds > 0 else None
+        self.metrics = metrics
+        self.leases = Leases(settings.admission_lease_seconds, self.booker.queue, self._renew,
+                             lambda n: self._count("lease", n)) if settings.admission_lease_seconds > 0 else None
         self._tasks: set[asyncio.Task[None]] = set()  # lease renewals
         self._credentials: dict[bytes | str | None, Credential | Principal] = {}
         self._id_prefix = os.urandom(8).hex()  # charge and lease ids: unique per process, then a counter
@@ -207,6 +210,7 @@ class Meter:
                 lease_id = "L" + charge_id if wanted > 1 else charge_id
                 r = await self._ask(auth, lease_id, worst, worst_tokens, now_ms, wanted)
                 if r is not None:
+                    self._count("redis")
                     if r.code != 0:
                         raise _rejection(r)
                     p = self._principal_of(auth, r)
@@ -260,6 +264,13 @@ class Meter:
         finally:
             self.leases.answered(cred.sha256)
 
+    def _count(self, how: str, n: int = 1) -> None:
+        """qlp_admissions_total: how admissions were decided (leases report once each, when given back)."""
+        if self.metrics is not None:
+            from gateway.metrics import child  # the metrics module is only needed when counting
+
+            child(self.metrics, self.metrics.admissions, how).inc(n)
+
     def _remember(self, cred: Credential, p: Principal) -> None:
         if self.settings.admission_when_redis_down == "open":
             if len(self._known) > 100_000:
@@ -278,6 +289,7 @@ class Meter:
             raise ServiceUnavailable("the usage ledger is unreachable and this process admitted all it may "
                                      "without it", code="ledger_unavailable", headers={"Retry-After": "1"})
         self.open_admitted += 1
+        self._count("without_redis")
         return Ticket(charge_id, now_ms, known[0], prompt, 0, minute)
 
     # -- settlement ------------------------------------------------------------------------------------

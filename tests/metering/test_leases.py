@@ -37,6 +37,14 @@ def _burst(url: str, key: str, n: int, concurrency: int = 16, body: dict | None 
     return asyncio.run(go())
 
 
+def _admissions(url: str) -> dict[str, float]:
+    out: dict[str, float] = {}
+    for line in httpx.get(url + "/metrics", timeout=10).text.splitlines():
+        if line.startswith("qlp_admissions_total{"):
+            out[line.split('how="', 1)[1].split('"', 1)[0]] = float(line.rsplit(" ", 1)[1])
+    return out
+
+
 def _window_requests(redis_url: str, key_id: str) -> int:
     """Requests counted in the key's rate windows (this minute and the one before)."""
     minute = int(time.time() // 60)
@@ -78,6 +86,10 @@ def test_a_busy_key_books_exactly_and_gives_back_what_its_leases_did_not_use(met
     assert eventually(lambda: _window_requests(redis_url, info.id) == 300, what="unused leased requests given back")
     summary = httpx.get(gw.url + "/v1/ledger/summary?group_by=tier", headers=auth(key), timeout=10).json()
     assert summary["total"]["requests"] == 300 and summary["total"]["cost_micros"] == 3000
+    # qlp_admissions_total: every admission once, most of them from leases (reported as leases are given back).
+    admitted = eventually(lambda: (lambda a: a if sum(a.values()) == 300 else None)(_admissions(gw.url)),
+                          what="300 admissions in qlp_admissions_total")
+    assert admitted["lease"] > admitted["redis"]
 
 
 def test_a_revoked_key_stops_within_the_lease(metered, upstreams, redis_url) -> None:
