@@ -164,7 +164,7 @@ class Leases:
         if left == 0:  # just the request that asked (the limits had no room for more): given back once it settles
             lease.closed = True
             return lease
-        asyncio.get_running_loop().call_at(_loop_time(lease.expires), self.close, lease)
+        asyncio.get_running_loop().call_later(duration, self.close, lease)
         return lease
 
     def answered(self, sha256: str) -> None:
@@ -217,9 +217,3 @@ class Leases:
         idle = [sha for sha, k in self._keys.items() if k.lease is None or k.lease.released]
         for sha in idle:
             del self._keys[sha]
-
-
-def _loop_time(monotonic_deadline: float) -> float:
-    """A time.monotonic() deadline on the running loop's clock (uvloop's clock is its own)."""
-    loop = asyncio.get_running_loop()
-    return loop.time() + (monotonic_deadline - time.monotonic())

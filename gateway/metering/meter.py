@@ -187,7 +187,7 @@ class Meter:
     async def admit(self, auth: Credential | Principal, req: ParsedRequest, tier: Tier) -> Ticket:
         now_ms = time.time_ns() // 1_000_000
         minute = now_ms // 60_000
-        charge_id = f"{self._id_prefix}{next(self._ids):x}"
+        charge_id = self._new_id()
         prompt = estimate.prompt_tokens(req)
         max_out = min(req.max_tokens or tier.max_tokens_default, self.config.max_tokens_limit) * req.n
         if isinstance(auth, Principal):  # the bootstrap admin key: no record, no limits
@@ -227,6 +227,10 @@ class Meter:
                 leases.answered(auth.sha256)
         return self._admit_without_redis(auth, charge_id, now_ms, prompt, minute)
 
+    def _new_id(self) -> str:
+        """A charge (or, prefixed, lease) id: unique per process by its counter, across processes by its prefix."""
+        return f"{self._id_prefix}{next(self._ids):x}"
+
     async def _ask(self, cred: Credential, ident: str, worst: int, worst_tokens: int, now_ms: int,
                    wanted: int) -> AdmitResult | None:
         """One admission (or lease, `wanted` > 1) from Redis; None when Redis is unreachable."""
@@ -254,7 +258,7 @@ class Meter:
         try:
             if self.health.usable():
                 now_ms = time.time_ns() // 1_000_000
-                lease_id = f"L{self._id_prefix}{next(self._ids):x}"
+                lease_id = "L" + self._new_id()
                 r = await self._ask(cred, lease_id, old.unit_micros, old.unit_tokens, now_ms, -wanted)
                 if r is not None and r.code == 0:  # refused or not worth it: the next request asks for itself
                     self.leases.granted(cred.sha256, lease_id, self._principal_of(cred, r), r.flags, now_ms,
