@@ -214,6 +214,9 @@ class Leases:
                              request_delta=-lease.requests if windowed else 0))
 
     def _forget_idle(self) -> None:
-        idle = [sha for sha, k in self._keys.items() if k.lease is None or k.lease.released]
+        # Not a key whose lease is still live, nor one with a lease on its way: its waiters wait on that
+        # key's event, which only `answered` of the same key sets.
+        idle = [sha for sha, k in self._keys.items()
+                if (k.lease is None or k.lease.released) and k.renewing is None]
         for sha in idle:
             del self._keys[sha]

@@ -122,3 +122,18 @@ def test_a_lease_ends_by_itself_when_its_time_is_up() -> None:
         await asyncio.sleep(0.1)
         assert lease.closed and [c.id for c in released] == ["L1"]
     asyncio.run(go())
+
+
+def test_forgetting_idle_keys_keeps_those_with_a_lease_on_its_way(monkeypatch: Any) -> None:
+    def go() -> None:
+        monkeypatch.setattr("gateway.metering.lease.MAX_KEYS", 3)
+        leases, _, _ = _leases()
+        _busy(leases)
+        assert leases.wanted(SHA) > 1
+        waiting = leases.pending(SHA)
+        for other in ("b", "c", "d", "e"):  # more keys than the process keeps
+            leases.take(other * 64, 10, 100, MINUTE)
+        assert leases.pending(SHA) is waiting  # still known: its answer reaches those waiting on it
+        leases.answered(SHA)
+        assert waiting is not None and waiting.is_set()
+    _run(go)
