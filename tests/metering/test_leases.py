@@ -14,6 +14,7 @@ from gateway.metering.layout import KeyKeys
 from tests.fakes.upstream import Script
 from tests.metering.conftest import ADMIN_KEY, MSG, auth, chat, create_key, eventually, run
 from tests.metering.test_limits import BODY, reserved, spent_today
+from tests.model_server._util import metric
 
 
 def _away_from_minute_end() -> None:
@@ -35,14 +36,6 @@ def _burst(url: str, key: str, n: int, concurrency: int = 16, body: dict | None 
                     return r.status_code
             return list(await asyncio.gather(*(one() for _ in range(n))))
     return asyncio.run(go())
-
-
-def _admissions(url: str) -> dict[str, float]:
-    out: dict[str, float] = {}
-    for line in httpx.get(url + "/metrics", timeout=10).text.splitlines():
-        if line.startswith("qlp_admissions_total{"):
-            out[line.split('how="', 1)[1].split('"', 1)[0]] = float(line.rsplit(" ", 1)[1])
-    return out
 
 
 def _window_requests(redis_url: str, key_id: str) -> int:
@@ -87,9 +80,11 @@ def test_a_busy_key_books_exactly_and_gives_back_what_its_leases_did_not_use(met
     summary = httpx.get(gw.url + "/v1/ledger/summary?group_by=tier", headers=auth(key), timeout=10).json()
     assert summary["total"]["requests"] == 300 and summary["total"]["cost_micros"] == 3000
     # qlp_admissions_total: every admission once, most of them from leases (reported as leases are given back).
-    admitted = eventually(lambda: (lambda a: a if sum(a.values()) == 300 else None)(_admissions(gw.url)),
-                          what="300 admissions in qlp_admissions_total")
-    assert admitted["lease"] > admitted["redis"]
+    def admitted(how: str) -> float:
+        return metric(gw.url, "qlp_admissions_total", how=how)
+
+    eventually(lambda: admitted("lease") + admitted("redis") == 300, what="300 admissions in qlp_admissions_total")
+    assert admitted("lease") > admitted("redis") and admitted("without_redis") == 0
 
 
 def test_a_revoked_key_stops_within_the_lease(metered, upstreams, redis_url) -> None:
