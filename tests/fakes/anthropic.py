@@ -8,13 +8,11 @@ Violations get Anthropic's error envelope (`{"type": "error", "error": {"type", 
 Each test scripts the next answers: an error status (429 with or without retry-after, 529, 400, 401, a
 spend-limit 429), text and tool-use content, usage with cache reads and writes, and for streams: bytes
 split into small writes, a connection cut after N events, an `error` event after N events.
-`ThreadedServer` (an aiohttp app on its own loop and thread) is shared with tests/fakes/azure.py.
 """
 
 from __future__ import annotations
 
 import asyncio
-import threading
 from collections import deque
 from dataclasses import dataclass, field
 from typing import Any
@@ -22,63 +20,12 @@ from typing import Any
 import orjson
 from aiohttp import web
 
-__all__ = ["AnthropicScript", "FakeAnthropic", "ThreadedServer", "anthropic_events", "anthropic_message"]
+from tests.fakes.threaded import ThreadedServer
+
+__all__ = ["AnthropicScript", "FakeAnthropic", "anthropic_events", "anthropic_message"]
 
 _FIELDS = frozenset({"model", "messages", "max_tokens", "system", "stop_sequences", "temperature", "top_p", "top_k",
                      "tools", "tool_choice", "metadata", "stream"})
-
-
-class ThreadedServer:
-    """An aiohttp application on 127.0.0.1, on its own event loop in a daemon thread. Records requests."""
-
-    def __init__(self, name: str) -> None:
-        self.name = name
-        self.port = 0
-        self.requests: list[dict[str, Any]] = []
-        self._loop: asyncio.AbstractEventLoop | None = None
-        self._thread: threading.Thread | None = None
-
-    def routes(self, app: web.Application) -> None:
-        raise NotImplementedError
-
-    def start(self) -> ThreadedServer:
-        ready = threading.Event()
-
-        def run() -> None:
-            loop = asyncio.new_event_loop()
-            self._loop = loop
-            app = web.Application()
-            self.routes(app)
-            runner = web.AppRunner(app, handle_signals=False)
-            loop.run_until_complete(runner.setup())
-            site = web.TCPSite(runner, "127.0.0.1", 0)
-            loop.run_until_complete(site.start())
-            self.port = site._server.sockets[0].getsockname()[1]  # type: ignore[union-attr]
-            ready.set()
-            loop.run_forever()
-            loop.run_until_complete(runner.cleanup())
-            loop.close()
-
-        self._thread = threading.Thread(target=run, daemon=True, name=f"fake-{self.name}")
-        self._thread.start()
-        ready.wait(10)
-        return self
-
-    def stop(self) -> None:
-        if self._loop is not None:
-            self._loop.call_soon_threadsafe(self._loop.stop)
-        if self._thread is not None:
-            self._thread.join(10)
-
-    async def record(self, request: web.Request) -> dict[str, Any]:
-        raw = await request.read()
-        try:
-            body = orjson.loads(raw)
-        except orjson.JSONDecodeError:
-            body = None
-        self.requests.append({"path": request.path, "query": dict(request.query), "body": body,
-                              "headers": dict(request.headers), "raw": raw})
-        return body if isinstance(body, dict) else {}
 
 
 @dataclass

@@ -17,7 +17,7 @@ from typing import Any
 import orjson
 from aiohttp import web
 
-from tests.fakes.anthropic import ThreadedServer
+from tests.fakes.threaded import ThreadedServer
 from tests.fakes.upstream import Script, chunk, completion
 
 __all__ = ["API_VERSIONS", "FakeAzure"]

@@ -25,9 +25,10 @@ import asyncio
 import contextlib
 import socket
 import struct
-import threading
 from dataclasses import dataclass
 from typing import Literal
+
+from tests.fakes.threaded import LoopThread
 
 __all__ = ["FaultProxy", "Mode"]
 
@@ -51,20 +52,18 @@ def _abort_with_rst(writer: asyncio.StreamWriter) -> None:
     writer.transport.abort()
 
 
-class FaultProxy:
+class FaultProxy(LoopThread):
     def __init__(self, target_port: int, target_host: str = "127.0.0.1") -> None:
         if target_host not in ("127.0.0.1", "localhost", "::1"):
             raise ValueError("the fault proxy forwards to loopback only")
+        super().__init__("fault-proxy")
         self.target = (target_host, target_port)
-        self.port = 0
         self.connections = 0  # accepted, whatever the mode
         self.bytes_up = 0  # client -> upstream, forwarded
         self.bytes_down = 0  # upstream -> client, forwarded
         self._fault = _Fault()
         self._live: set[asyncio.StreamWriter] = set()
-        self._loop: asyncio.AbstractEventLoop | None = None
         self._server: asyncio.Server | None = None
-        self._thread: threading.Thread | None = None
 
     @property
     def base_url(self) -> str:
@@ -98,40 +97,19 @@ class FaultProxy:
         self.connections = self.bytes_up = self.bytes_down = 0
 
     # -- lifecycle ------------------------------------------------------------------------------------
-    def start(self) -> FaultProxy:
-        ready = threading.Event()
+    async def _open(self) -> None:
+        self._server = await asyncio.start_server(self._handle, "127.0.0.1", 0)
+        self.port = self._server.sockets[0].getsockname()[1]
 
-        def run() -> None:
-            loop = asyncio.new_event_loop()
-            self._loop = loop
-            self._server = loop.run_until_complete(asyncio.start_server(self._handle, "127.0.0.1", 0))
-            self.port = self._server.sockets[0].getsockname()[1]
-            ready.set()
-            loop.run_forever()
+    async def _close(self) -> None:
+        if self._server is not None:
             self._server.close()
-            for w in list(self._live):
-                w.transport.abort()
-            pending = asyncio.all_tasks(loop)
-            for t in pending:
-                t.cancel()
-
-            async def drain() -> None:
-                await asyncio.gather(*pending, return_exceptions=True)
-
-            loop.run_until_complete(drain())
-            loop.close()
-
-        self._thread = threading.Thread(target=run, daemon=True, name="fault-proxy")
-        self._thread.start()
-        if not ready.wait(10):
-            raise RuntimeError("fault proxy did not start")
-        return self
-
-    def stop(self) -> None:
-        if self._loop is not None:
-            self._loop.call_soon_threadsafe(self._loop.stop)
-        if self._thread is not None:
-            self._thread.join(10)
+        for w in list(self._live):
+            w.transport.abort()
+        pending = [t for t in asyncio.all_tasks() if t is not asyncio.current_task()]
+        for t in pending:
+            t.cancel()
+        await asyncio.gather(*pending, return_exceptions=True)
 
     # -- the proxy ------------------------------------------------------------------------------------
     async def _handle(self, reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:

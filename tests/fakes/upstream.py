@@ -17,6 +17,8 @@ from typing import Any
 import orjson
 from aiohttp import web
 
+from tests.fakes.threaded import ThreadedServer
+
 __all__ = ["FakeUpstream", "Script"]
 
 
@@ -53,18 +55,13 @@ def chunk(model: str, delta: dict[str, Any], finish: str | None = None) -> bytes
     return b"data: " + orjson.dumps(obj) + b"\n\n"
 
 
-class FakeUpstream:
+class FakeUpstream(ThreadedServer):
     def __init__(self, name: str = "fake") -> None:
-        self.name = name
+        super().__init__(name)
         self.scripts: deque[Script] = deque()
         self.default = Script()
-        self.requests: list[dict[str, Any]] = []
         self.disconnects = 0
         self.disconnected = threading.Event()
-        self.port = 0
-        self._loop: asyncio.AbstractEventLoop | None = None
-        self._runner: web.AppRunner | None = None
-        self._thread: threading.Thread | None = None
         self.health_status = 200
 
     @property
@@ -83,36 +80,10 @@ class FakeUpstream:
         self.health_status = 200
 
     # -- server --------------------------------------------------------------------------------------
-    def start(self) -> FakeUpstream:
-        ready = threading.Event()
-
-        def run() -> None:
-            loop = asyncio.new_event_loop()
-            self._loop = loop
-            app = web.Application()
-            app.router.add_post("/v1/chat/completions", self._handle)
-            app.router.add_post("/v1/completions", self._handle)
-            app.router.add_get("/health", self._health)
-            self._runner = web.AppRunner(app, handle_signals=False)
-            loop.run_until_complete(self._runner.setup())
-            site = web.TCPSite(self._runner, "127.0.0.1", 0)
-            loop.run_until_complete(site.start())
-            self.port = site._server.sockets[0].getsockname()[1]  # type: ignore[union-attr]
-            ready.set()
-            loop.run_forever()
-            loop.run_until_complete(self._runner.cleanup())
-            loop.close()
-
-        self._thread = threading.Thread(target=run, daemon=True, name=f"fake-upstream-{self.name}")
-        self._thread.start()
-        ready.wait(10)
-        return self
-
-    def stop(self) -> None:
-        if self._loop is not None:
-            self._loop.call_soon_threadsafe(self._loop.stop)
-        if self._thread is not None:
-            self._thread.join(10)
+    def routes(self, app: web.Application) -> None:
+        app.router.add_post("/v1/chat/completions", self._handle)
+        app.router.add_post("/v1/completions", self._handle)
+        app.router.add_get("/health", self._health)
 
     async def _health(self, request: web.Request) -> web.Response:
         return web.Response(status=self.health_status, text="ok")
