@@ -22,22 +22,25 @@ def _booked(gw, key: str) -> int:  # type: ignore[no-untyped-def]
     return int(r.json()["total"]["requests"])
 
 
-def test_a_killed_booking_process_loses_no_charge(metered, upstreams, redis_url) -> None:
+def test_a_killed_booking_process_loses_no_charge_and_is_replaced(metered, upstreams, redis_url) -> None:
     upstreams["a"].default = Script(completion_tokens=10)  # 10 micro-USD each
     key, info = create_key(redis_url, "acme", budget_day_micros=10**9, rpm=10**6)
     gw = metered(admission_lease_seconds=1.0)
     outbox = gw.runtime.meter.outbox
     assert _burst(gw.url, key, 100) == [200] * 100  # busy: its charges go to the booking process
+    first = outbox._proc
     assert not outbox.inline
     with concurrent.futures.ThreadPoolExecutor(1) as pool:
         more = pool.submit(_burst, gw.url, key, 300)
         eventually(lambda: spent_today(redis_url, info.id) > 1500, what="the second burst under way")
-        os.kill(outbox._proc.pid, signal.SIGKILL)  # mid-burst: frames sent and not acked yet are booked here
+        os.kill(first.pid, signal.SIGKILL)  # mid-burst: frames sent and not acked yet are booked by the gateway
         assert more.result() == [200] * 300
-    assert outbox.inline  # the gateway books on its own from then on
     assert eventually(lambda: spent_today(redis_url, info.id) == 4000, what="400 requests' spend")
+    eventually(lambda: not outbox.inline and outbox._proc is not first, what="a new booking process")
+    assert _burst(gw.url, key, 100) == [200] * 100  # booked by the new one
+    assert eventually(lambda: spent_today(redis_url, info.id) == 5000, what="500 requests' spend")
     assert eventually(lambda: reserved(redis_url, info.id) == 0, what="the leases' reservations released")
-    assert _booked(gw, key) == 400  # each once: what the child had booked before it died is not booked twice
+    assert _booked(gw, key) == 500  # each once: what the first child booked before it died is not booked twice
 
 
 def test_stopping_the_gateway_books_everything_its_booking_process_was_sent(metered, upstreams, redis_url) -> None:
