@@ -5,11 +5,10 @@ same gateway with metering off, same run, same mock upstream.
 
 Figures (one gateway worker each, this machine, Redis on loopback):
   * requests/s at 32 connections, on and off, and the ratio (target: on >= 80% of off); on is measured
-    with Redis over loopback TCP (the default) and over its Unix socket (a Redis on the gateway's host), and
-    with the charges booked in the gateway's event loop instead of its booking process (outbox.py)
+    with Redis over loopback TCP (the default) and over its Unix socket (a Redis on the gateway's host)
   * added latency p50/p99 at 1 connection: on minus off
-  * CPU per request of the gateway process (on and off), of its booking process and of Redis: on a small
-    shared machine these say more than requests/s, which move with whatever else runs
+  * CPU per request of the gateway process (on and off) and of Redis: on a small shared machine these say
+    more than requests/s, which move with whatever else runs
   * a check that the ledger booked every request that wrk saw answered
 Runs are interleaved (off, on, off, on) and the medians reported; the on/off ratio is the median of the
 rounds' ratios.
@@ -117,17 +116,6 @@ def _cpu_seconds(pid: int) -> float:
     return (int(fields[11]) + int(fields[12])) / os.sysconf("SC_CLK_TCK")
 
 
-def _child_of(parent: int, needle: str) -> int:
-    """The child process of `parent` whose command line contains `needle` (a gateway's booking process)."""
-    for d in Path("/proc").iterdir():
-        if d.name.isdigit():
-            with contextlib.suppress(OSError):
-                ppid = int((d / "stat").read_text().rsplit(")", 1)[1].split()[1])
-                if ppid == parent and needle in (d / "cmdline").read_bytes().decode(errors="replace"):
-                    return int(d.name)
-    raise RuntimeError(f"no child of {parent} with {needle!r}")
-
-
 def _pid_of(*needles: str) -> int:
     """The process whose command line contains every needle (the gateway by its port, Redis by its)."""
     for d in Path("/proc").iterdir():
@@ -189,24 +177,20 @@ def main(argv: list[str]) -> int:
         upstream, redis_url, redis_pid, on_env = m.upstream, m.redis_url, m.redis_pid, m.env
         auth = {"QLP_BENCH_KEY": m.key}
         with (gateway(upstream, env={"QLP_METERING": "false"}) as off, gateway(upstream, env=on_env) as on,
-              gateway(upstream, env={**on_env, "QLP_REDIS_URL": m.redis_unix}) as unix,
-              gateway(upstream, env={**on_env, "QLP_BOOKING_PROCESS": "false"}) as inline):
-            gateways = (("off", off), ("on", on), ("unix", unix), ("inline", inline))
-            pids = {name: gateway_pid(url) for name, url in gateways}
-            urls = {name: url + "/v1/chat/completions" for name, url in gateways}
-            bookd = {name: _child_of(pids[name], "gateway.metering.bookd") for name in ("on", "unix")}
+              gateway(upstream, env={**on_env, "QLP_REDIS_URL": m.redis_unix}) as unix):
+            pids = {name: gateway_pid(url) for name, url in (("off", off), ("on", on), ("unix", unix))}
+            urls = {name: url + "/v1/chat/completions" for name, url in (("off", off), ("on", on), ("unix", unix))}
             for url in urls.values():  # warm-up
                 wrk(url, 32, 2, env=auth)
-            runs: dict[str, list[dict[str, float]]] = {k: [] for k in ("off32", "on32", "unix32", "inline32", "off1", "on1")}
+            runs: dict[str, list[dict[str, float]]] = {"off32": [], "on32": [], "unix32": [], "off1": [], "on1": []}
             for _ in range(ROUNDS):
                 runs["off32"].append(_measured(urls["off"], 32, [pids["off"]]))
-                runs["on32"].append(_measured(urls["on"], 32, [pids["on"], redis_pid, bookd["on"]], auth))
-                runs["unix32"].append(_measured(urls["unix"], 32, [pids["unix"], redis_pid, bookd["unix"]], auth))
-                runs["inline32"].append(_measured(urls["inline"], 32, [pids["inline"], redis_pid], auth))
+                runs["on32"].append(_measured(urls["on"], 32, [pids["on"], redis_pid], auth))
+                runs["unix32"].append(_measured(urls["unix"], 32, [pids["unix"], redis_pid], auth))
                 runs["off1"].append(_measured(urls["off"], 1, [pids["off"]]))
                 runs["on1"].append(_measured(urls["on"], 1, [pids["on"], redis_pid], auth))
             admissions = _admissions(on)
-        answered = sum(r["rps"] * DURATION for k in ("on32", "unix32", "inline32", "on1") for r in runs[k])
+        answered = sum(r["rps"] * DURATION for k in ("on32", "unix32", "on1") for r in runs[k])
         booked = asyncio.run(_booked(redis_url))
 
     def med(run: str, field: str) -> float:
@@ -220,16 +204,10 @@ def main(argv: list[str]) -> int:
           f"on = {ratio:.0%} of off (median of the rounds' ratios {', '.join(f'{r:.0%}' for r in ratios)}; "
           f"target >= 80%)")
     print(f"  CPU per request: gateway {med('on32', 'cpu0') * 1e6:.0f} us on, {med('off32', 'cpu0') * 1e6:.0f} us off; "
-          f"its booking process {med('on32', 'cpu2') * 1e6:.0f} us; Redis {med('on32', 'cpu1') * 1e6:.0f} us "
-          f"(all processes share this machine's cores)")
+          f"Redis {med('on32', 'cpu1') * 1e6:.0f} us (all processes share this machine's cores)")
     print(f"  Redis over its Unix socket (same host): {med('unix32', 'rps'):,.0f} req/s = "
           f"{med('unix32', 'rps') / med('off32', 'rps'):.0%} of off; CPU per request: gateway "
-          f"{med('unix32', 'cpu0') * 1e6:.0f} us, booking process {med('unix32', 'cpu2') * 1e6:.0f} us, "
-          f"Redis {med('unix32', 'cpu1') * 1e6:.0f} us")
-    inline_ratios = sorted(i["rps"] / off["rps"] for i, off in zip(runs["inline32"], runs["off32"], strict=True))
-    print(f"  booking in the gateway's event loop (QLP_BOOKING_PROCESS=false): {med('inline32', 'rps'):,.0f} req/s = "
-          f"{median(inline_ratios):.0%} of off (median of the rounds' ratios); CPU per request: gateway "
-          f"{med('inline32', 'cpu0') * 1e6:.0f} us, Redis {med('inline32', 'cpu1') * 1e6:.0f} us")
+          f"{med('unix32', 'cpu0') * 1e6:.0f} us, Redis {med('unix32', 'cpu1') * 1e6:.0f} us")
     print(f"1 connection: added latency p50 {ms(med('on1', 'p50') - med('off1', 'p50'))}, "
           f"p99 {ms(med('on1', 'p99') - med('off1', 'p99'))} (on p50 {ms(med('on1', 'p50'))} p99 {ms(med('on1', 'p99'))}, "
           f"off p50 {ms(med('off1', 'p50'))} p99 {ms(med('off1', 'p99'))})")

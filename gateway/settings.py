@@ -47,9 +47,6 @@ class Settings(BaseSettings):
         0.25, ge=0, le=10, description="how long a busy key's lease of admissions lasts (0: none; a revoked key "
         "stops within this)"
     )
-    booking_process: bool = Field(
-        True, description="book charges in a child process of each worker (false: in the worker's event loop)"
-    )
     spool_path: Path = Field(Path("var/spool/ledger.jsonl"), description="charges waiting for Redis (fsync'd)")
     spool_replay_interval: float = Field(1.0, gt=0, description="seconds between spool replay attempts")
     ledger_stream_maxlen: int = Field(1_000_000, ge=1000, description="ledger records kept per tenant (approx.)")

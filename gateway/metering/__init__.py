@@ -8,7 +8,4 @@
     reader.py    summaries, workflows, export                routes.py    /v1/ledger/*, /v1/admin/keys
     keys_cli.py  `qlp keys`                                  ledger_cli.py `qlp ledger`
     lease.py     admission leases: a busy key admitted in-process from an allowance reserved in Redis
-    entry.py     a request's booking as a flat tuple, and the Charge it stands for
-    outbox.py    the gateway's side of the booking process: entries out in batches, acks back
-    bookd.py     the booking process: a child of each worker that books (or spools) what it is sent
 """

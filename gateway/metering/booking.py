@@ -101,10 +101,6 @@ class Booker:
         while self._tasks:
             await asyncio.gather(*self._tasks, return_exceptions=True)
 
-    async def book(self, batch: list[Charge]) -> None:
-        """Book `batch` now (or spool it); returns once it is in Redis or on disk."""
-        await self._book(batch)
-
     async def _book(self, batch: list[Charge]) -> None:
         if self.health.usable():
             await self._finish(batch, self.ledger.apply(batch))

@@ -23,7 +23,7 @@ import itertools
 import logging
 import os
 import time
-from dataclasses import asdict, dataclass
+from dataclasses import dataclass
 from typing import TYPE_CHECKING, Any
 
 from redis.asyncio import Redis
@@ -35,12 +35,10 @@ from gateway.config import FleetConfig, Tier
 from gateway.errors import AuthenticationError, GatewayError, RateLimited, ServiceUnavailable
 from gateway.metering import estimate
 from gateway.metering.booking import UNAVAILABLE, Booker, Health
-from gateway.metering.entry import Entry, charge_of, entry_of
 from gateway.metering.keys import Credential, KeyStore, Principal, bearer, digest
 from gateway.metering.layout import ADMIN_KEY_ID
 from gateway.metering.lease import Lease, Leases
-from gateway.metering.ledger import AdmitResult, Ledger, LedgerPolicy
-from gateway.metering.outbox import Outbox
+from gateway.metering.ledger import SEP, AdmitResult, Charge, Ledger, LedgerPolicy
 from gateway.metering.pipe import RedisPipe
 from gateway.metering.pricing import Pricing, Tokens, tokens_from_usage
 from gateway.metering.spool import Spool
@@ -106,8 +104,7 @@ class Meter:
         self.health = Health(settings.spool_path, self._redis_back)
         self.booker = Booker(self.ledger, self.spool, self.health)
         self.metrics = metrics
-        self.outbox = Outbox(self._bookd_config(), self._book_here) if settings.booking_process else None
-        self.leases = Leases(settings.admission_lease_seconds, lambda c: self._book_leased(entry_of(c)), self._renew,
+        self.leases = Leases(settings.admission_lease_seconds, self.booker.queue, self._renew,
                              lambda n: self._count("lease", n)) if settings.admission_lease_seconds > 0 else None
         self._tasks: set[asyncio.Task[None]] = set()  # lease renewals
         self._credentials: dict[bytes | str | None, Credential | Principal] = {}
@@ -121,27 +118,6 @@ class Meter:
     def up(self) -> bool:
         return self.health.up
 
-    def _bookd_config(self) -> dict[str, Any]:
-        """What the booking process (bookd.py) needs to book and spool as this process would."""
-        s = self.settings
-        return {"redis_url": s.redis_url, "redis_timeout": s.redis_timeout, "spool_path": str(s.spool_path),
-                "spool_replay_interval": s.spool_replay_interval, "policy": asdict(self.ledger.policy),
-                "log_level": logging.getLogger("qlp.metering").getEffectiveLevel()}
-
-    def _book_leased(self, e: Entry) -> None:
-        """Book the entry of a request admitted from a lease, or a lease's release: through the booking
-        process (when on; it books them in order). A request admitted on its own is booked here instead,
-        riding along the next admission's write, so that the next request of a quiet key finds its
-        reservation released and its tokens corrected."""
-        if self.outbox is not None:
-            self.outbox.queue(e)
-        else:
-            self.booker.queue(charge_of(e))
-
-    def _book_here(self, entries: list[Entry]) -> None:
-        for e in entries:
-            self.booker.queue(charge_of(e))
-
     def _redis_back(self) -> None:
         self.open_admitted = 0  # the fail-open cap counts per outage
 
@@ -154,8 +130,6 @@ class Meter:
             self.health.mark_down(exc)
             log.warning("Redis at %s is unreachable at start-up; admission is %s until it answers",
                         _safe_url(self.settings.redis_url), self.settings.admission_when_redis_down)
-        if self.outbox is not None:
-            self.outbox.start()
         self._replayer = asyncio.create_task(self.booker.replay_loop(self.settings.spool_replay_interval),
                                              name="qlp-spool-replayer")
 
@@ -169,8 +143,6 @@ class Meter:
         await asyncio.gather(*self._tasks, return_exceptions=True)
         if self.leases is not None:
             self.leases.close_all()  # give back what was leased and not used
-        if self.outbox is not None:
-            await self.outbox.stop()
         await self.booker.drain()
         self.pipe.close()
         with contextlib.suppress(*UNAVAILABLE):
@@ -329,48 +301,51 @@ class Meter:
         """Book what was served (or release the reservation). Call exactly once per ticket; never raises.
         The charge is queued and booked right after, together with those of concurrent requests."""
         try:
-            e = self.entry(ticket, x)
+            charge = self.charge(ticket, x)
         except Exception:  # a bug here must not break the response that was already sent
             log.exception("could not price request %s", x.request_id)
         else:
-            served = e[10]
-            if served is not None:  # for the metrics, which read the exchange after this
-                x.cost_micros = e[6]
-                x.reference_cost_micros = served[14]
-            if served is not None or e[4]:  # else: nothing served, no limit state to correct
-                if ticket.lease is not None:
-                    self._book_leased(e)
-                else:
-                    self.booker.queue(charge_of(e))
+            if charge.record is not None:  # for the metrics, which read the exchange after this
+                x.cost_micros = charge.cost_micros
+                x.reference_cost_micros = charge.record["reference_cost_micros"]
+            if charge.record is not None or charge.key_state:  # else: nothing served, no limit state to correct
+                self.booker.queue(charge)
         if ticket.lease is not None and self.leases is not None:
             self.leases.settled(ticket.lease)  # after the charge: a lease's release is booked after its requests
 
     async def drain(self) -> None:
         """Book every queued charge now (shutdown; tests that read the ledger at once)."""
-        if self.outbox is not None:
-            await self.outbox.drain()
         await self.booker.drain()
 
-    def entry(self, ticket: Ticket, x: Exchange) -> Entry:
-        """The request's booking as an entry (entry.py): priced here, its record built where it is booked."""
+    def charge(self, ticket: Ticket, x: Exchange) -> Charge:
         p = ticket.principal
         key_id = p.key_id or ADMIN_KEY_ID
         if x.first_byte_at is None or x.tier is None:  # nothing reached the client: release only
-            return (ticket.charge_id, ticket.ts_ms, p.tenant, key_id, ticket.key_state, ticket.reserved, 0,
-                    -ticket.window_tokens, ticket.minute, 0, None)
+            return Charge(ticket.charge_id, ticket.ts_ms, p.tenant, key_id, ticket.key_state, ticket.reserved, 0,
+                          -ticket.window_tokens, ticket.minute)
         toks = tokens_from_usage(x.usage)
         estimated = toks is None
         if toks is None:
             toks = Tokens(ticket.prompt_estimate, max(1, x.output_estimate or 1))
         cost = self.pricing.price(self.config.tiers[x.tier], x.model).cost(toks)
-        pricing = self.pricing
-        fallback = (x.requested_tier, *x.fallbacks) if x.fallbacks else (x.requested_tier,)
-        served = (x.request_id, p.key_id, x.workflow, x.agent, x.arm, x.tier, x.requested_tier, x.backend, x.model,
-                  x.endpoint, x.stream, toks.prompt, toks.completion, toks.cached, pricing.reference.cost(toks),
-                  pricing.reference_model, round((time.perf_counter() - x.started) * 1000), x.status, estimated,
-                  x.attempts, [t for t in fallback if t])
-        return (ticket.charge_id, ticket.ts_ms, p.tenant, key_id, ticket.key_state, ticket.reserved, cost,
-                toks.prompt + toks.completion - ticket.window_tokens, ticket.minute, 0, served)
+        record: dict[str, Any] = {
+            "id": ticket.charge_id, "request_id": x.request_id, "ts": ticket.ts_ms, "tenant": p.tenant,
+            "key_id": p.key_id, "workflow": x.workflow, "agent": x.agent, "arm": x.arm,
+            "tier": x.tier, "requested_tier": x.requested_tier, "backend": x.backend, "model": x.model,
+            "endpoint": x.endpoint, "stream": x.stream,
+            "prompt_tokens": toks.prompt, "completion_tokens": toks.completion, "cached_tokens": toks.cached,
+            "cost_micros": cost, "reference_cost_micros": self.pricing.reference.cost(toks),
+            "reference_model": self.pricing.reference_model,
+            "latency_ms": round((time.perf_counter() - x.started) * 1000),
+            "status": x.status, "estimated": estimated, "attempts": x.attempts,
+            "fallback": [t for t in (x.requested_tier, *x.fallbacks) if t],
+        }
+        parts = (x.tier, f"{x.backend}/{x.model}", x.agent or "", x.workflow or "")
+        group = SEP.join(parts)
+        if group.count(SEP) != 3:  # a separator inside a value (agent and workflow come from headers)
+            group = SEP.join([v.replace(SEP, " ") for v in parts])
+        return Charge(ticket.charge_id, ticket.ts_ms, p.tenant, key_id, ticket.key_state, ticket.reserved, cost,
+                      toks.prompt + toks.completion - ticket.window_tokens, ticket.minute, record, group)
 
     # -- readiness ---------------------------------------------------------------------------------------
     async def status(self) -> dict[str, Any]:

@@ -8,7 +8,6 @@ import asyncio
 import time
 
 import httpx
-import pytest
 
 from gateway.metering import keys_cli
 from gateway.metering.layout import KeyKeys
@@ -66,13 +65,11 @@ def _spend_the_rest(gws: list, key: str, most: int) -> tuple[int, httpx.Response
     raise AssertionError(f"more than {most} requests served")
 
 
-@pytest.mark.parametrize("booking_process", [True, False], ids=["booking-process", "booking-in-event-loop"])
-def test_a_busy_key_books_exactly_and_gives_back_what_its_leases_did_not_use(metered, upstreams, redis_url,
-                                                                            booking_process) -> None:
+def test_a_busy_key_books_exactly_and_gives_back_what_its_leases_did_not_use(metered, upstreams, redis_url) -> None:
     _away_from_minute_end()
     upstreams["a"].default = Script(completion_tokens=10)  # 10 micro-USD each (T0: 1 per output token)
     key, info = create_key(redis_url, "acme", budget_day_micros=10**9, rpm=10**6, tpm=10**9)
-    gw = metered(admission_lease_seconds=0.3, booking_process=booking_process)
+    gw = metered(admission_lease_seconds=0.3)
     codes = _burst(gw.url, key, 300)
     assert codes == [200] * 300
     assert eventually(lambda: spent_today(redis_url, info.id) == 3000, what="300 requests' spend")
