@@ -66,7 +66,7 @@ async def post_feedback(request: Request, p: PrincipalDep, meter: MeterDep,
     value = {"outcome": body.outcome, "score": body.score, "note": body.note, "ts": time.time_ns() // 1_000_000}
     with store_errors():
         if isinstance(body, FeedbackByRequest):
-            rec = await store.find_request(meter.redis, tenant, body.request_id)
+            rec = await store.find_request(meter.redis, tenant, body.request_id, meter.settings.request_index_days)
             if rec is None:
                 raise NotFound(f"no request {body.request_id[:128]!r} in the ledger", code="request_not_found")
             records, named = [rec], {"request_id": body.request_id}

@@ -8,6 +8,7 @@ one pipelined LRANGE of its record list in each key's slot.
 
 from __future__ import annotations
 
+import datetime as dt
 from collections.abc import Iterable
 from typing import Any, Literal
 
@@ -25,14 +26,26 @@ LOG_MAXLEN = 100_000  # feedback events kept per tenant (XADD MAXLEN ~): an audi
 MGET_BATCH = 500  # outcome keys per MGET: bounded replies, bounded Redis pauses
 
 
-async def find_request(redis: Redis, tenant: str, request_id: str) -> dict[str, Any] | None:
-    """The tenant's ledger record of `request_id` (the latest one when several keys used the same id)."""
+async def find_request(redis: Redis, tenant: str, request_id: str, days: int) -> dict[str, Any] | None:
+    """The tenant's ledger record of `request_id` (the latest one when several keys used the same id), among
+    the requests booked in the last `days` UTC days (the request index is one hash per key and day)."""
     key_ids = await KeyStore(redis).key_ids(tenant)
+    today = dt.datetime.now(dt.UTC).date()
+    # Newest first; tomorrow too: a gateway whose clock is ahead may have booked it under that day.
+    dates = [(today - dt.timedelta(days=i)).strftime("%Y%m%d") for i in range(-1, days + 1)]
     async with redis.pipeline(transaction=False) as p:
         for k in key_ids:
-            p.get(KeyKeys(k).request(request_id))
+            kk = KeyKeys(k)
+            for d in dates:
+                p.hget(kk.requests(d), request_id)
+            p.get(kk.request(request_id))  # the index as it was kept before (one key per request)
         entry_ids: list[bytes | None] = await p.execute()
-    found = [(k, e) for k, e in zip(key_ids, entry_ids, strict=True) if e]
+    per_key = len(dates) + 1
+    found = []
+    for i, k in enumerate(key_ids):
+        latest = next((e for e in entry_ids[i * per_key:(i + 1) * per_key] if e), None)  # newest day first
+        if latest is not None:
+            found.append((k, latest))
     if not found:
         return None
     async with redis.pipeline(transaction=False) as p:

@@ -72,7 +72,11 @@ class KeyKeys:
     def workflow_records(self, workflow: str) -> str:  # LIST of the workflow's ledger records (JSON)
         return f"{self.p}:wf:{workflow}"
 
+    def requests(self, day: str) -> str:
+        """HASH request id -> the ledger stream entry id of its record, for the requests booked on that UTC
+        day (feedback finds requests by it). A request id reused by the client points at its latest record."""
+        return f"{self.p}:rqd:{day}"
+
     def request(self, request_id: str) -> str:
-        """STRING: the ledger stream entry id of the request's record (feedback finds requests by it).
-        A request id reused by the client points at its latest record."""
+        """STRING: the request index before it was kept by day (read by feedback until such keys expire)."""
         return f"{self.p}:rq:{request_id}"

@@ -200,13 +200,15 @@ return out
 #           correction (requests a lease counted and did not use, <= 0), correct the key's limit state
 #           ('1': it has a budget or a rate limit), reservation amount (released as the member
 #           '<charge id>:<amount>'; 0: none), day (YYYYMMDD), month (YYYYMM), then KEYS positions of its
-#           charge-id set, rate window, counters, workflow list (0: no workflow), request index entry,
-#           then prompt tokens, completion tokens, reference cost, estimated ('1'/'0'), then the group
-#           ('tier<US>backend/model<US>agent<US>workflow', US = \\x1f)
+#           charge-id set, rate window, counters, workflow list (0: no workflow), the day's request index,
+#           then prompt tokens, completion tokens, reference cost, estimated ('1'/'0'), the request id
+#           (no commas: gateway/serving.py), then the group ('tier<US>backend/model<US>agent<US>workflow',
+#           US = \\x1f)
 #       a+2 the record (JSON; '' when nothing was served: only the key's state is corrected)
 # Counter fields are '<group><US><metric>' (metrics req pt ct cost ref est): one field per combination of
 # tier, model, agent and workflow; summaries by any one of them add the combinations up when read. Charges
-# of one batch with the same field are added up first: one HINCRBY per field and batch.
+# of one batch with the same group are added up first: one HINCRBY per field and batch. The request index
+# of a day is one hash (request id -> stream entry id): one HSET per day and batch.
 # Each charge is applied once (its id not yet in its day's set decides: one SMISMEMBER and one SADD per
 # set and batch) and in order; the script is atomic as a whole.
 # Returns, per charge: 1 applied, 0 applied before.
@@ -215,7 +217,7 @@ local n = (#ARGV - 4) / 2
 local out = {}
 local metrics = {'req', 'pt', 'ct', 'cost', 'ref', 'est'}
 local pattern = '^([^,]*),(-?%d+),(-?%d+),(-?%d+),(%d),(%d+),(%d+),(%d+),(%d+),(%d+),(%d+),(%d+),(%d+),' ..
-                '(%d+),(%d+),(%d+),(%d),(.*)$'
+                '(%d+),(%d+),(%d+),(%d),([^,]*),(.*)$'
 local items = {}
 -- The ids not applied yet: one SMISMEMBER per charge-id set (a day), then one SADD of the new ones.
 local by_set, set_keys = {}, {}
@@ -250,9 +252,9 @@ end
 local resv, resv_amount = {}, {}
 local state = nil  -- spent_d, spent_d_on, spent_m, spent_m_on, read once when a cost is booked
 local windows, window_keys = {}, {}
-local counters, counter_keys = {}, {}
-local fields = {}  -- group -> its six counter field names
+local counters, counter_keys = {}, {}  -- counters key -> {group -> its six sums, groups in order}
 local workflows, workflow_keys = {}, {}
+local index, index_keys = {}, {}  -- request index hash -> {request id, entry id, ...}
 for i = 1, n do
   local f = items[i]
   if not fresh[i] then
@@ -290,24 +292,21 @@ for i = 1, n do
       local ck = KEYS[tonumber(f[11])]
       local c = counters[ck]
       if not c then c = {{}, {}}; counters[ck] = c; counter_keys[#counter_keys + 1] = ck end
-      local group = f[18]
-      local names = fields[group]
-      if not names then
-        names = {}
-        for j = 1, 6 do names[j] = group .. '\\031' .. metrics[j] end
-        fields[group] = names
-      end
-      local values = {1, tonumber(f[14]), tonumber(f[15]), cost, tonumber(f[16]), tonumber(f[17])}
-      for j = 1, 6 do
-        local v = values[j]
-        if v ~= 0 then
-          local name = names[j]
-          if not c[1][name] then c[1][name] = 0; c[2][#c[2] + 1] = name end
-          c[1][name] = c[1][name] + v
-        end
-      end
+      local group = f[19]
+      local sums = c[1][group]
+      if not sums then sums = {0, 0, 0, 0, 0, 0}; c[1][group] = sums; c[2][#c[2] + 1] = group end
+      sums[1] = sums[1] + 1
+      sums[2] = sums[2] + tonumber(f[14])
+      sums[3] = sums[3] + tonumber(f[15])
+      sums[4] = sums[4] + cost
+      sums[5] = sums[5] + tonumber(f[16])
+      sums[6] = sums[6] + tonumber(f[17])
       local entry = redis.call('XADD', KEYS[3], 'MAXLEN', '~', ARGV[3], '*', 'r', record)
-      redis.call('SET', KEYS[tonumber(f[13])], entry, 'EX', ARGV[4])
+      local rk = KEYS[tonumber(f[13])]
+      local rl = index[rk]
+      if not rl then rl = {}; index[rk] = rl; index_keys[#index_keys + 1] = rk end
+      rl[#rl + 1] = f[18]
+      rl[#rl + 1] = entry
       local wi = tonumber(f[12])
       if wi > 0 then
         local wk = KEYS[wi]
@@ -343,10 +342,18 @@ for _, w in ipairs(window_keys) do
 end
 for _, ck in ipairs(counter_keys) do
   local c = counters[ck]
-  for _, name in ipairs(c[2]) do
-    redis.call('HINCRBY', ck, name, string.format('%d', c[1][name]))
+  for _, group in ipairs(c[2]) do
+    local sums = c[1][group]
+    for j = 1, 6 do
+      if sums[j] ~= 0 then redis.call('HINCRBY', ck, group .. '\\031' .. metrics[j], string.format('%d', sums[j])) end
+    end
   end
   redis.call('EXPIRE', ck, ARGV[2])
+end
+for _, rk in ipairs(index_keys) do
+  local rl = index[rk]
+  for i = 1, #rl, 1000 do redis.call('HSET', rk, unpack(rl, i, math.min(i + 999, #rl))) end
+  redis.call('EXPIRE', rk, ARGV[4])
 end
 for _, wk in ipairs(workflow_keys) do
   redis.call('RPUSH', wk, unpack(workflows[wk]))

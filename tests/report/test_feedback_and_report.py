@@ -9,13 +9,16 @@ from __future__ import annotations
 import io
 import json
 import math
+import time
 from collections import defaultdict
 from typing import Any
 
 import httpx
 import openai
+import redis
 
 from gateway.metering import ledger_cli
+from gateway.metering.layout import KeyKeys
 from gateway.report import cli as report_cli
 from gateway.report import compute
 from tests.fakes.gateway import RunningGateway
@@ -209,3 +212,23 @@ def test_feedback_and_report_answer_503_when_redis_is_down(metered) -> None:
     assert r.status_code == 503 and r.json()["error"]["code"] == "ledger_unavailable"
     r = httpx.get(gw.url + "/v1/report", params={"tenant": "acme"}, headers=auth(ADMIN_KEY), timeout=10)
     assert r.status_code == 503 and r.json()["error"]["code"] == "ledger_unavailable"
+
+
+def test_requests_are_found_by_the_day_s_request_index_and_by_the_older_one_key_per_request(metered, redis_url) -> None:
+    key, info = create_key(redis_url, "acme")
+    gw = metered()
+    _traffic(gw, key)
+    records = _ledger(redis_url, "acme", N_REQUESTS)
+    kk = KeyKeys(info.id)
+    with redis.Redis.from_url(redis_url) as r:
+        ts = next(x for x in records if x["request_id"] == "dev-1")["ts"]
+        index = kk.requests(time.strftime("%Y%m%d", time.gmtime(ts // 1000)))
+        assert r.hget(index, "dev-1")  # one hash per day
+        assert not r.exists(kk.request("dev-1"))
+        # A request booked before the index was kept by day: its own key, as it was written then.
+        entry = r.hget(index, "dev-2")
+        r.hdel(index, "dev-2")
+        r.set(kk.request("dev-2"), entry, ex=60)
+    for rid in ("dev-1", "dev-2"):
+        res = feedback(gw, key, request_id=rid, outcome="success")
+        assert res.status_code == 200 and res.json()["applied_to"] == 1
