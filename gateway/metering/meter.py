@@ -40,7 +40,7 @@ from gateway.metering.layout import ADMIN_KEY_ID
 from gateway.metering.lease import Lease, Leases
 from gateway.metering.ledger import SEP, AdmitResult, Charge, Ledger, LedgerPolicy
 from gateway.metering.pipe import RedisPipe
-from gateway.metering.pricing import Pricing, Tokens, tokens_from_usage
+from gateway.metering.pricing import ModelPrice, Pricing, Tokens, tokens_from_usage
 from gateway.metering.spool import Spool
 from gateway.protocol import ParsedRequest
 from gateway.settings import Settings
@@ -93,6 +93,7 @@ class Meter:
             raise ValueError("the admin key is too short: use `qlp keys`-style random keys (32+ characters)")
         self._admin_sha = digest(admin) if admin else None
         self._worst = {name: pricing.worst(config, name) for name in config.tiers}
+        self._prices: dict[tuple[str, str | None], ModelPrice] = {}
         longest = max((t.timeouts.total for t in config.tiers.values()), default=900.0)
         self._reservation_ttl_ms = int((longest * config.retry.max_attempts + 60) * 1000)
         self.redis = connect(settings)  # key admin and ledger reading
@@ -327,7 +328,7 @@ class Meter:
         estimated = toks is None
         if toks is None:
             toks = Tokens(ticket.prompt_estimate, max(1, x.output_estimate or 1))
-        cost = self.pricing.price(self.config.tiers[x.tier], x.model).cost(toks)
+        cost = self._price(x.tier, x.model).cost(toks)
         record: dict[str, Any] = {
             "id": ticket.charge_id, "request_id": x.request_id, "ts": ticket.ts_ms, "tenant": p.tenant,
             "key_id": p.key_id, "workflow": x.workflow, "agent": x.agent, "arm": x.arm,
@@ -346,6 +347,15 @@ class Meter:
             group = SEP.join([v.replace(SEP, " ") for v in parts])
         return Charge(ticket.charge_id, ticket.ts_ms, p.tenant, key_id, ticket.key_state, ticket.reserved, cost,
                       toks.prompt + toks.completion - ticket.window_tokens, ticket.minute, record, group)
+
+    def _price(self, tier: str, model: str | None) -> ModelPrice:
+        """The price of `model` on `tier`, kept per pair (models come from the fleet config: few)."""
+        price = self._prices.get((tier, model))
+        if price is None:
+            if len(self._prices) >= 1024:
+                self._prices.clear()
+            price = self._prices[(tier, model)] = self.pricing.price(self.config.tiers[tier], model)
+        return price
 
     # -- readiness ---------------------------------------------------------------------------------------
     async def status(self) -> dict[str, Any]:

@@ -176,9 +176,11 @@ def tokens_from_usage(usage: dict[str, Any] | None) -> Tokens | None:
     if not isinstance(usage, dict):
         return None
     p, c = usage.get("prompt_tokens"), usage.get("completion_tokens")
-    if not isinstance(p, int) or not isinstance(c, int) or isinstance(p, bool) or isinstance(c, bool):
+    if type(p) is not int or type(c) is not int:  # parsed JSON: exactly int (a bool is no count)
         return None
     details = usage.get("prompt_tokens_details")
+    if details is None and "cache_read_input_tokens" not in usage and "cache_creation_input_tokens" not in usage:
+        return Tokens(max(p, 0), max(c, 0))  # no cache fields: the common case, on the request path
     details = details if isinstance(details, dict) else {}
     cached = _int(details.get("cached_tokens")) or _int(usage.get("cache_read_input_tokens"))
     write = _int(details.get("cache_creation_tokens")) or _int(usage.get("cache_creation_input_tokens"))
