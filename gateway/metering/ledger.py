@@ -19,7 +19,7 @@ from redis.exceptions import ConnectionError, NoScriptError, ResponseError, Time
 
 from gateway.metering.layout import KeyKeys
 from gateway.metering.pipe import Command, Connection, RedisPipe
-from gateway.metering.scripts import ADMIT, CHARGE
+from gateway.metering.scripts import ADMIT, CHARGE, CHARGE_FIELDS
 
 __all__ = ["SEP", "AdmitResult", "Charge", "Ledger", "LedgerPolicy", "calendar_of"]
 
@@ -199,26 +199,28 @@ class Ledger:
             k = KeyKeys(key_id)
             keys = _KeyList([k.record, k.reservations, k.stream])
             pos = keys.pos
+            pack = CHARGE_FIELDS.pack
             args: list[Any] = [p.idempotency_days * _DAY, p.ledger_days * _DAY, p.stream_maxlen, p.request_index_days * _DAY]
-            per_minute: dict[tuple[int, int], tuple[str, str, str]] = {}  # the fields charges of one minute share
+            per_minute: dict[tuple[int, int], tuple[int, int, int, int, int, int]] = {}  # what one minute's charges share
             for i in idx:
                 c = charges[i]
                 shared = per_minute.get((c.ts_ms // 60_000, c.minute))
                 if shared is None:
                     day, month, _, _ = calendar_of(c.ts_ms)
                     shared = per_minute[(c.ts_ms // 60_000, c.minute)] = (
-                        f"{day},{month},{pos(k.done(day))},{pos(k.window(c.minute))},", f"{pos(k.counters(day))},",
-                        f",{pos(k.requests(day))},")
+                        int(day), int(month), pos(k.done(day)), pos(k.window(c.minute)), pos(k.counters(day)),
+                        pos(k.requests(day)))
+                d, m, done, window, counters, requests = shared
                 r = c.record
-                head = (f"{c.id},{c.cost_micros},{c.token_delta},{c.request_delta},{1 if c.key_state else 0},"
-                        f"{c.reserved_micros},{shared[0]}")
                 if r is None:
-                    args += (head + "0,0,0,0,0,0,0,,", "")
+                    args += (pack(c.cost_micros, c.token_delta, c.request_delta, c.key_state, c.reserved_micros, d, m,
+                                  done, window, 0, 0, 0, 0, 0, 0, 0) + f"{c.id},,".encode(), "")
                     continue
                 wf = r.get("workflow")
-                args += (f"{head}{shared[1]}{pos(k.workflow_records(wf)) if wf else 0}{shared[2]}{r['prompt_tokens']},"
-                         f"{r['completion_tokens']},{r['reference_cost_micros']},{1 if r['estimated'] else 0},"
-                         f"{(r.get('request_id') or '').replace(',', '_')},{c.group}", orjson.dumps(r))
+                args += (pack(c.cost_micros, c.token_delta, c.request_delta, c.key_state, c.reserved_micros, d, m, done,
+                              window, counters, pos(k.workflow_records(wf)) if wf else 0, requests, r["prompt_tokens"],
+                              r["completion_tokens"], r["reference_cost_micros"], r["estimated"])
+                         + f"{c.id},{(r.get('request_id') or '').replace(',', '_')},{c.group}".encode(), orjson.dumps(r))
             cmds.append(("EVALSHA", CHARGE.sha, len(keys.names), *keys.names, *args))
         return cmds, list(groups.values())
 

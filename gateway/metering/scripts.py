@@ -19,8 +19,9 @@ replay) is not counted against the current one. `reserved`: the sum of live rese
 from __future__ import annotations
 
 import hashlib
+import struct
 
-__all__ = ["ADMIT", "CHARGE", "Script"]
+__all__ = ["ADMIT", "CHARGE", "CHARGE_FIELDS", "Script"]
 
 
 class Script:
@@ -195,15 +196,15 @@ return out
 #       (charge ids seen per day, rate windows, daily counters, workflow lists, request index entries).
 # ARGV: 1 ttl of charge ids (s), 2 ttl of counters and workflows (s), 3 stream MAXLEN, 4 ttl of the request
 #       index (s); then per charge i two arguments (base a = 4 + 2 * (i - 1)):
-#       a+1 its fields, comma-separated, the group last (it may hold commas):
-#           charge id, cost (micro-dollars), token correction (actual - counted at admission), request
-#           correction (requests a lease counted and did not use, <= 0), correct the key's limit state
-#           ('1': it has a budget or a rate limit), reservation amount (released as the member
-#           '<charge id>:<amount>'; 0: none), day (YYYYMMDD), month (YYYYMM), then KEYS positions of its
-#           charge-id set, rate window, counters, workflow list (0: no workflow), the day's request index,
-#           then prompt tokens, completion tokens, reference cost, estimated ('1'/'0'), the request id
-#           (no commas: gateway/serving.py), then the group ('tier<US>backend/model<US>agent<US>workflow',
-#           US = \\x1f)
+#       a+1 its fields: 16 numbers packed little-endian (`CHARGE_FIELDS`, Lua's `struct`: no parsing of
+#           digits), then 'charge id,request id,group' (the group last: it may hold commas; the ids hold none,
+#           gateway/serving.py). The numbers: cost (micro-dollars), token correction (actual - counted at
+#           admission), request correction (requests a lease counted and did not use, <= 0), correct the
+#           key's limit state (1: it has a budget or a rate limit), reservation amount (released as the
+#           member '<charge id>:<amount>'; 0: none), day (YYYYMMDD), month (YYYYMM), then KEYS positions of
+#           its charge-id set, rate window, counters, workflow list (0: no workflow), the day's request
+#           index, then prompt tokens, completion tokens, reference cost, estimated (1/0). The group is
+#           'tier<US>backend/model<US>agent<US>workflow', US = \\x1f
 #       a+2 the record (JSON; '' when nothing was served: only the key's state is corrected)
 # Counter fields are '<group><US><metric>' (metrics req pt ct cost ref est): one field per combination of
 # tier, model, agent and workflow; summaries by any one of them add the combinations up when read. Charges
@@ -212,19 +213,20 @@ return out
 # Each charge is applied once (its id not yet in its day's set decides: one SMISMEMBER and one SADD per
 # set and batch) and in order; the script is atomic as a whole.
 # Returns, per charge: 1 applied, 0 applied before.
+CHARGE_FIELDS = struct.Struct("<qqqBqIIHHHHHqqqB")  # what Lua's struct.unpack reads as '<i8i8i8Bi8I4I4HHHHHi8i8i8B'
 CHARGE = Script("""
 local n = (#ARGV - 4) / 2
 local out = {}
 local metrics = {'req', 'pt', 'ct', 'cost', 'ref', 'est'}
-local pattern = '^([^,]*),(-?%d+),(-?%d+),(-?%d+),(%d),(%d+),(%d+),(%d+),(%d+),(%d+),(%d+),(%d+),(%d+),' ..
-                '(%d+),(%d+),(%d+),(%d),([^,]*),(.*)$'
 local items = {}
 -- The ids not applied yet: one SMISMEMBER per charge-id set (a day), then one SADD of the new ones.
 local by_set, set_keys = {}, {}
 for i = 1, n do
-  local f = {string.match(ARGV[4 + 2 * i - 1], pattern)}
+  local s = ARGV[4 + 2 * i - 1]
+  local f = {0, struct.unpack('<i8i8i8Bi8I4I4HHHHHi8i8i8B', s)}  -- f[2..17]; f[18]: where the text starts
+  f[1], f[18], f[19] = string.match(s, '^([^,]*),([^,]*),(.*)$', f[18])
   items[i] = f
-  local d = KEYS[tonumber(f[9])]
+  local d = KEYS[f[9]]
   if not by_set[d] then by_set[d] = {}; set_keys[#set_keys + 1] = d end
   local l = by_set[d]
   l[#l + 1] = i
@@ -261,17 +263,17 @@ for i = 1, n do
     out[i] = 0
   else
     out[i] = 1
-    local cost = tonumber(f[2])
-    if f[5] == '1' then
-      local amount = tonumber(f[6])
+    local cost = f[2]
+    if f[5] == 1 then
+      local amount = f[6]
       if amount > 0 then
-        resv[#resv + 1] = f[1] .. ':' .. f[6]
+        resv[#resv + 1] = f[1] .. ':' .. string.format('%d', amount)
         resv_amount[#resv] = amount
       end
       if cost > 0 then
         if not state then
           local r = redis.call('HMGET', KEYS[1], 'spent_d', 'spent_d_on', 'spent_m', 'spent_m_on')
-          state = {tonumber(r[1]) or 0, r[2], tonumber(r[3]) or 0, r[4], false}
+          state = {tonumber(r[1]) or 0, tonumber(r[2]), tonumber(r[3]) or 0, tonumber(r[4]), false}
         end
         local day, month = f[7], f[8]
         if state[2] == day then state[1] = state[1] + cost; state[5] = true
@@ -279,9 +281,9 @@ for i = 1, n do
         if state[4] == month then state[3] = state[3] + cost; state[5] = true
         elseif not state[4] or state[4] < month then state[3] = cost; state[4] = month; state[5] = true end
       end
-      local delta, rdelta = tonumber(f[3]), tonumber(f[4])
+      local delta, rdelta = f[3], f[4]
       if delta ~= 0 or rdelta ~= 0 then
-        local w = KEYS[tonumber(f[10])]
+        local w = KEYS[f[10]]
         if not windows[w] then windows[w] = {0, 0}; window_keys[#window_keys + 1] = w end
         windows[w][1] = windows[w][1] + delta
         windows[w][2] = windows[w][2] + rdelta
@@ -289,25 +291,25 @@ for i = 1, n do
     end
     local record = ARGV[4 + 2 * i]
     if record ~= '' then
-      local ck = KEYS[tonumber(f[11])]
+      local ck = KEYS[f[11]]
       local c = counters[ck]
       if not c then c = {{}, {}}; counters[ck] = c; counter_keys[#counter_keys + 1] = ck end
       local group = f[19]
       local sums = c[1][group]
       if not sums then sums = {0, 0, 0, 0, 0, 0}; c[1][group] = sums; c[2][#c[2] + 1] = group end
       sums[1] = sums[1] + 1
-      sums[2] = sums[2] + tonumber(f[14])
-      sums[3] = sums[3] + tonumber(f[15])
+      sums[2] = sums[2] + f[14]
+      sums[3] = sums[3] + f[15]
       sums[4] = sums[4] + cost
-      sums[5] = sums[5] + tonumber(f[16])
-      sums[6] = sums[6] + tonumber(f[17])
+      sums[5] = sums[5] + f[16]
+      sums[6] = sums[6] + f[17]
       local entry = redis.call('XADD', KEYS[3], 'MAXLEN', '~', ARGV[3], '*', 'r', record)
-      local rk = KEYS[tonumber(f[13])]
+      local rk = KEYS[f[13]]
       local rl = index[rk]
       if not rl then rl = {}; index[rk] = rl; index_keys[#index_keys + 1] = rk end
       rl[#rl + 1] = f[18]
       rl[#rl + 1] = entry
-      local wi = tonumber(f[12])
+      local wi = f[12]
       if wi > 0 then
         local wk = KEYS[wi]
         if not workflows[wk] then workflows[wk] = {}; workflow_keys[#workflow_keys + 1] = wk end
@@ -330,8 +332,8 @@ if #resv > 0 then
   end
 end
 if state and state[5] then
-  redis.call('HSET', KEYS[1], 'spent_d', string.format('%d', state[1]), 'spent_d_on', state[2],
-             'spent_m', string.format('%d', state[3]), 'spent_m_on', state[4])
+  redis.call('HSET', KEYS[1], 'spent_d', string.format('%d', state[1]), 'spent_d_on', string.format('%d', state[2]),
+             'spent_m', string.format('%d', state[3]), 'spent_m_on', string.format('%d', state[4]))
 end
 for _, w in ipairs(window_keys) do
   local d = windows[w]
