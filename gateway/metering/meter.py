@@ -194,7 +194,7 @@ class Meter:
         if isinstance(auth, Principal):  # the bootstrap admin key: no record, no limits
             return Ticket(charge_id, now_ms, auth, prompt, 0, minute, key_state=False)
         worst_tokens = prompt + max_out
-        worst = self._worst[tier.name].cost(Tokens(prompt, max_out))
+        worst = self._worst[tier.name].plain(prompt, max_out)
         leases = self.leases
         wanted = 1
         if leases is not None:
@@ -328,14 +328,18 @@ class Meter:
         estimated = toks is None
         if toks is None:
             toks = Tokens(ticket.prompt_estimate, max(1, x.output_estimate or 1))
-        cost = self._price(x.tier, x.model).cost(toks)
+        price, reference = self._price(x.tier, x.model), self.pricing.reference
+        if toks.cached or toks.cache_write:
+            cost, reference_cost = price.cost(toks), reference.cost(toks)
+        else:
+            cost, reference_cost = price.plain(toks.prompt, toks.completion), reference.plain(toks.prompt, toks.completion)
         record: dict[str, Any] = {
             "id": ticket.charge_id, "request_id": x.request_id, "ts": ticket.ts_ms, "tenant": p.tenant,
             "key_id": p.key_id, "workflow": x.workflow, "agent": x.agent, "arm": x.arm,
             "tier": x.tier, "requested_tier": x.requested_tier, "backend": x.backend, "model": x.model,
             "endpoint": x.endpoint, "stream": x.stream,
             "prompt_tokens": toks.prompt, "completion_tokens": toks.completion, "cached_tokens": toks.cached,
-            "cost_micros": cost, "reference_cost_micros": self.pricing.reference.cost(toks),
+            "cost_micros": cost, "reference_cost_micros": reference_cost,
             "reference_model": self.pricing.reference_model,
             "latency_ms": round((time.perf_counter() - x.started) * 1000),
             "status": x.status, "estimated": estimated, "attempts": x.attempts,

@@ -50,6 +50,10 @@ class ModelPrice:
     cached_input: int
     cache_write: int
 
+    def plain(self, prompt: int, completion: int) -> int:
+        """The cost of tokens none of which touched a prompt cache (the request path's common case)."""
+        return -(-(prompt * self.input + completion * self.output) // 1_000_000)  # ceil: never under-bill
+
     def cost(self, t: Tokens) -> int:
         if not t.cached and not t.cache_write:  # the common case, on the request path
             return -(-(t.prompt * self.input + t.completion * self.output) // 1_000_000)

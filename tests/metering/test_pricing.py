@@ -47,6 +47,9 @@ def test_cost_is_one_integer_ceiling_with_cache_prices() -> None:
     assert sonnet.cost(t) == (300 * 3_000_000 + 600 * 300_000 + 100 * 3_750_000 + 200 * 15_000_000) // 1_000_000
     assert ModelPrice(150_000, 600_000, 75_000, 150_000).cost(Tokens(1, 0)) == 1  # 0.15 micro-USD bills as 1
     assert ModelPrice(0, 0, 0, 0).cost(Tokens(10, 10)) == 0
+    for price in (sonnet, ModelPrice(150_000, 600_000, 75_000, 150_000), ModelPrice(1, 3, 1, 1)):
+        for p, c in ((0, 0), (1, 0), (7, 13), (1000, 200)):
+            assert price.plain(p, c) == price.cost(Tokens(p, c))  # the request path's short form
 
 
 def test_usage_parsing_reads_openai_and_anthropic_cache_fields() -> None:
@@ -55,6 +58,9 @@ def test_usage_parsing_reads_openai_and_anthropic_cache_fields() -> None:
     assert tokens_from_usage({"prompt_tokens": 10, "completion_tokens": 2, "cache_read_input_tokens": 3,
                               "cache_creation_input_tokens": 5}) == Tokens(10, 2, 3, 5)
     assert tokens_from_usage({"prompt_tokens": "10", "completion_tokens": 2}) is None
+    assert tokens_from_usage({"prompt_tokens": True, "completion_tokens": 2}) is None  # a bool is no count
+    assert tokens_from_usage({"prompt_tokens": 10, "completion_tokens": 2, "prompt_tokens_details": None}) == Tokens(10, 2)
+    assert tokens_from_usage({"prompt_tokens": -1, "completion_tokens": 2}) == Tokens(0, 2)
     assert tokens_from_usage(None) is None
 
 
