@@ -10,8 +10,9 @@ Figures (one gateway worker each, this machine, Redis on loopback):
   * CPU per request of the gateway process (on and off) and of Redis: on a small shared machine these say
     more than requests/s, which move with whatever else runs
   * a check that the ledger booked every request that wrk saw answered
-Runs are interleaved (off, on, off, on) and the medians reported; the on/off ratio is the median of the
-rounds' ratios.
+Runs are interleaved in 16 rounds of 2 s (off and on back to back, in turn first) and the medians reported;
+the on/off ratio is the median of the rounds' ratios (this machine's speed drifts within seconds: many
+short pairs estimate the ratio better than a few long ones).
 """
 
 from __future__ import annotations
@@ -32,8 +33,8 @@ import yaml
 
 from bench.harness import free_port, gateway, median, ms, nginx_mock, wrk
 
-ROUNDS = int(os.environ.get("QLP_BENCH_ROUNDS", "8"))
-DURATION = int(os.environ.get("QLP_BENCH_SECONDS", "4"))
+ROUNDS = int(os.environ.get("QLP_BENCH_ROUNDS", "16"))
+DURATION = int(os.environ.get("QLP_BENCH_SECONDS", "2"))
 
 PRICING = {"reference_model": "gpt-4", "external": {"gpt-4": {"input": 30, "output": 60}},
            "local": {"T0": {"gpu_hour_usd": 0.80, "tokens_per_hour": 9_000_000}}}
@@ -183,12 +184,15 @@ def main(argv: list[str]) -> int:
             for url in urls.values():  # warm-up
                 wrk(url, 32, 2, env=auth)
             runs: dict[str, list[dict[str, float]]] = {"off32": [], "on32": [], "unix32": [], "off1": [], "on1": []}
-            for _ in range(ROUNDS):
-                runs["off32"].append(_measured(urls["off"], 32, [pids["off"]]))
-                runs["on32"].append(_measured(urls["on"], 32, [pids["on"], redis_pid], auth))
+            for i in range(ROUNDS):
+                # off and on back to back, in turn first: a machine that speeds up or slows down within a
+                # round favours neither
+                pair = [("off", [pids["off"]], None), ("on", [pids["on"], redis_pid], auth)]
+                for name, ps, env in pair if i % 2 == 0 else pair[::-1]:
+                    runs[name + "32"].append(_measured(urls[name], 32, ps, env))
                 runs["unix32"].append(_measured(urls["unix"], 32, [pids["unix"], redis_pid], auth))
-                runs["off1"].append(_measured(urls["off"], 1, [pids["off"]]))
-                runs["on1"].append(_measured(urls["on"], 1, [pids["on"], redis_pid], auth))
+                for name, ps, env in pair if i % 2 == 0 else pair[::-1]:
+                    runs[name + "1"].append(_measured(urls[name], 1, ps, env))
             admissions = _admissions(on)
         answered = sum(r["rps"] * DURATION for k in ("on32", "unix32", "on1") for r in runs[k])
         booked = asyncio.run(_booked(redis_url))
@@ -211,6 +215,10 @@ def main(argv: list[str]) -> int:
     print(f"1 connection: added latency p50 {ms(med('on1', 'p50') - med('off1', 'p50'))}, "
           f"p99 {ms(med('on1', 'p99') - med('off1', 'p99'))} (on p50 {ms(med('on1', 'p50'))} p99 {ms(med('on1', 'p99'))}, "
           f"off p50 {ms(med('off1', 'p50'))} p99 {ms(med('off1', 'p99'))})")
+    # One request at a time the cores are mostly idle, so CPU per request is not inflated by the other
+    # processes' work (on this machine a busy sibling core slows a core's work down 2x or more).
+    print(f"  CPU per request at 1 connection: gateway {med('on1', 'cpu0') * 1e6:.0f} us on, "
+          f"{med('off1', 'cpu0') * 1e6:.0f} us off; Redis {med('on1', 'cpu1') * 1e6:.0f} us")
     total = sum(admissions.values()) or 1.0
     print(f"admissions of the metered gateway (TCP): {admissions.get('lease', 0) / total:.1%} from leases (in-process), "
           f"{admissions.get('redis', 0) / total:.1%} through Redis (leases report when given back)")
