@@ -8,7 +8,7 @@ one pipelined LRANGE of its record list in each key's slot.
 
 from __future__ import annotations
 
-import datetime as dt
+import time
 from collections.abc import Iterable
 from typing import Any, Literal
 
@@ -17,7 +17,7 @@ from redis.asyncio import Redis
 
 from gateway.feedback.keys import log_key, request_key, workflow_key
 from gateway.metering.keys import KeyStore
-from gateway.metering.layout import KeyKeys
+from gateway.metering.layout import KeyKeys, day_of
 
 __all__ = ["LOG_MAXLEN", "MGET_BATCH", "Outcome", "find_request", "find_workflow", "outcomes", "save"]
 
@@ -30,9 +30,9 @@ async def find_request(redis: Redis, tenant: str, request_id: str, days: int) ->
     """The tenant's ledger record of `request_id` (the latest one when several keys used the same id), among
     the requests booked in the last `days` UTC days (the request index is one hash per key and day)."""
     key_ids = await KeyStore(redis).key_ids(tenant)
-    today = dt.datetime.now(dt.UTC).date()
+    now_ms = time.time_ns() // 1_000_000
     # Newest first; tomorrow too: a gateway whose clock is ahead may have booked it under that day.
-    dates = [(today - dt.timedelta(days=i)).strftime("%Y%m%d") for i in range(-1, days + 1)]
+    dates = [day_of(now_ms - i * 86_400_000) for i in range(-1, days + 1)]
     async with redis.pipeline(transaction=False) as p:
         for k in key_ids:
             kk = KeyKeys(k)

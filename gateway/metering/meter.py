@@ -328,11 +328,7 @@ class Meter:
         estimated = toks is None
         if toks is None:
             toks = Tokens(ticket.prompt_estimate, max(1, x.output_estimate or 1))
-        price, reference = self._price(x.tier, x.model), self.pricing.reference
-        if toks.cached or toks.cache_write:
-            cost, reference_cost = price.cost(toks), reference.cost(toks)
-        else:
-            cost, reference_cost = price.plain(toks.prompt, toks.completion), reference.plain(toks.prompt, toks.completion)
+        cost, reference_cost = self._price(x.tier, x.model).cost(toks), self.pricing.reference.cost(toks)
         record: dict[str, Any] = {
             "id": ticket.charge_id, "request_id": x.request_id, "ts": ticket.ts_ms, "tenant": p.tenant,
             "key_id": p.key_id, "workflow": x.workflow, "agent": x.agent, "arm": x.arm,

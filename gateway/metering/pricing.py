@@ -56,7 +56,7 @@ class ModelPrice:
 
     def cost(self, t: Tokens) -> int:
         if not t.cached and not t.cache_write:  # the common case, on the request path
-            return -(-(t.prompt * self.input + t.completion * self.output) // 1_000_000)
+            return self.plain(t.prompt, t.completion)
         cached = min(t.cached, t.prompt)
         write = min(t.cache_write, t.prompt - cached)
         plain = t.prompt - cached - write
