@@ -18,7 +18,7 @@ import os
 import time
 from collections.abc import Callable
 
-from bench.bench_metering import _cpu_seconds, _pid_of, redis_server
+from bench.bench_metering import _cpu_seconds, redis_pid_of, redis_server
 from bench.harness import median
 from gateway.metering import ledger as ledger_mod
 from gateway.metering.ledger import SEP, Charge, Ledger, LedgerPolicy
@@ -86,8 +86,7 @@ async def _run(url: str, redis_pid: int) -> dict[str, list[tuple[float, float]]]
 
 def main(argv: list[str]) -> int:
     with redis_server() as (url, _):
-        redis_pid = _pid_of("redis-server", f":{url.rsplit(':', 1)[1].split('/')[0]}")
-        runs = asyncio.run(_run(url, redis_pid))
+        runs = asyncio.run(_run(url, redis_pid_of(url)))
 
     def med(name: str, i: int) -> float:
         return median([r[i] for r in runs[name]]) * 1e6

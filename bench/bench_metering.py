@@ -117,6 +117,11 @@ def _cpu_seconds(pid: int) -> float:
     return (int(fields[11]) + int(fields[12])) / os.sysconf("SC_CLK_TCK")
 
 
+def redis_pid_of(url: str) -> int:
+    """The pid of the Redis (started by `redis_server`) listening at `url`."""
+    return _pid_of("redis-server", f":{url.rsplit(':', 1)[1].split('/')[0]}")
+
+
 def _pid_of(*needles: str) -> int:
     """The process whose command line contains every needle (the gateway by its port, Redis by its)."""
     for d in Path("/proc").iterdir():
@@ -149,7 +154,7 @@ def metered_setup(prefix: str) -> Iterator[MeteredSetup]:
     try:
         with nginx_mock() as upstream, redis_server() as (redis_url, redis_unix):
             key = asyncio.run(_create_key(redis_url))
-            redis_pid = _pid_of("redis-server", f":{redis_url.rsplit(':', 1)[1].split('/')[0]}")
+            redis_pid = redis_pid_of(redis_url)
             env = {"QLP_METERING": "true", "QLP_REDIS_URL": redis_url, "QLP_PRICING": str(pricing),
                    "QLP_SPOOL_PATH": str(tmp / "spool" / "ledger.jsonl")}
             yield MeteredSetup(upstream, redis_url, redis_unix, redis_pid, key, env)
@@ -188,10 +193,12 @@ def main(argv: list[str]) -> int:
                 # off and on back to back, in turn first: a machine that speeds up or slows down within a
                 # round favours neither
                 pair = [("off", [pids["off"]], None), ("on", [pids["on"], redis_pid], auth)]
-                for name, ps, env in pair if i % 2 == 0 else pair[::-1]:
+                if i % 2:
+                    pair.reverse()
+                for name, ps, env in pair:
                     runs[name + "32"].append(_measured(urls[name], 32, ps, env))
                 runs["unix32"].append(_measured(urls["unix"], 32, [pids["unix"], redis_pid], auth))
-                for name, ps, env in pair if i % 2 == 0 else pair[::-1]:
+                for name, ps, env in pair:
                     runs[name + "1"].append(_measured(urls[name], 1, ps, env))
             admissions = _admissions(on)
         answered = sum(r["rps"] * DURATION for k in ("on32", "unix32", "on1") for r in runs[k])
