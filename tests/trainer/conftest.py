@@ -1,5 +1,5 @@
 """Fixtures for the trainer: synthetic capture files, one short real AdaLoRA run on the real base model
-(shared by the whole session), its plain-LoRA export, and a real model server process.
+(shared by the whole session), its plain-LoRA export, and the session's real vLLM as the model server.
 
 The run is deliberately tiny (12 training examples of ~60 tokens, 6 optimizer steps, q/v projections,
 rank 4 -> 2) so that CI trains for well under two minutes on 2 cores, yet it goes through every AdaLoRA
@@ -11,14 +11,13 @@ from __future__ import annotations
 
 import json
 import sys
-from collections.abc import Iterator
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
 import pytest
 
-from tests.fakes.model_server import RunningModelServer, start_model_server, stop_model_server
+from tests.conftest import RunningVllm
 
 ROOT = Path(__file__).resolve().parents[2]
 MODEL_DIR = ROOT / "models" / "base"
@@ -104,11 +103,9 @@ def exported(trained: TrainedRun) -> Exported:
     return Exported(out, export_lora(trained.cfg.base_model, trained.result.adapter_dir, out))
 
 
-# ---- a real model server process ----
+# ---- the model server: the session's real vLLM (tests/conftest.py) ----
 
-# The trainer's tests use the shared helper (tests/fakes/model_server.py).
-ModelServer = RunningModelServer
-stop_process = stop_model_server
+ModelServer = RunningVllm
 
 
 @pytest.fixture(scope="session")
@@ -117,9 +114,5 @@ def adapters_root(tmp_path_factory: pytest.TempPathFactory) -> Path:
 
 
 @pytest.fixture(scope="session")
-def model_server(adapters_root: Path, tmp_path_factory: pytest.TempPathFactory) -> Iterator[ModelServer]:
-    log = tmp_path_factory.mktemp("server") / "model-server.log"
-    srv = start_model_server(["--allowed-adapter-dir", str(adapters_root), "--max-model-len", "512",
-                              "--max-batch-size", "4", "--num-threads", "1"], log)
-    yield srv
-    stop_process(srv.proc)
+def model_server(vllm_server: RunningVllm) -> ModelServer:
+    return vllm_server

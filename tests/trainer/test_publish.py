@@ -5,11 +5,13 @@ from __future__ import annotations
 
 import http.server
 import json
+import shutil
 import threading
 from collections.abc import Callable, Iterator
 from pathlib import Path
 from typing import Any
 
+import httpx
 import openai
 import pytest
 import torch
@@ -105,10 +107,18 @@ def test_server_that_refuses_the_adapter_fails_the_publish(
     trained: TrainedRun, exported: Exported, model_server: ModelServer, tmp_path: Path,
     capsys: pytest.CaptureFixture[str],
 ) -> None:
-    # tmp_path is outside the server's --allowed-adapter-dir: the server answers 400 and we say so.
-    assert _publish(trained, exported, tmp_path, "v9", "--servers", model_server.url) == 2
+    # An adapter whose rank exceeds vLLM's --max-lora-rank (64): vLLM 0.32 refuses it (with a 500, as its worker
+    # raises), publish fails naming the cause, and the server keeps serving.
+    too_wide = tmp_path / "too-wide"
+    shutil.copytree(exported.path, too_wide)
+    cfg = json.loads((too_wide / "adapter_config.json").read_text())
+    (too_wide / "adapter_config.json").write_text(json.dumps({**cfg, "r": 128, "rank_pattern": {}}))
+    assert main(["publish", "--output-dir", str(trained.cfg.output_path), "--base-model", trained.cfg.base_model,
+                 "--name", NAME, "--version", "v9", "--adapters-root", str(tmp_path / "root"),
+                 "--lora", str(too_wide), "--servers", model_server.url]) == 2
     err = capsys.readouterr().err
-    assert "loading 'dev-test'" in err and "(400)" in err and "allowed" in err
+    assert "loading 'dev-test'" in err and "LoRA rank 128 is greater than max_lora_rank 64" in err, err
+    assert httpx.get(f"{model_server.url}/health", timeout=10).status_code == 200
 
 
 # ---- the gateway's admin route, on a loopback stand-in (the real route: tests/rollout, tests/trainer/test_loop.py) ----
