@@ -2,12 +2,11 @@
 
 from __future__ import annotations
 
+import subprocess
 from collections.abc import Callable, Iterator
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
-
-import subprocess
-from dataclasses import dataclass
 
 import pytest
 

@@ -22,11 +22,11 @@ __all__ = ["DASHBOARDS", "DATASOURCE", "build", "main"]
 OUT = Path(__file__).resolve().parent / "dashboards"
 DATASOURCE = {"type": "prometheus", "uid": "qlp-prometheus"}  # provisioning/datasources/prometheus.yml
 QUANTILES = ((0.5, "p50"), (0.95, "p95"), (0.99, "p99"))
-# Both vLLM generations: `kv_cache_usage_perc` (V1 engine) and `gpu_cache_usage_perc` (older releases).
-KV = 'vllm:kv_cache_usage_perc{%(sel)s} or vllm:gpu_cache_usage_perc{%(sel)s}'
-# Inter-token latency: `inter_token_latency_seconds` (V1) and `time_per_output_token_seconds` (older).
-ITL = ('rate(vllm:inter_token_latency_seconds_bucket{%(sel)s}[$__rate_interval])'
-       ' or rate(vllm:time_per_output_token_seconds_bucket{%(sel)s}[$__rate_interval])')
+# vLLM 0.32's names (the release pinned everywhere, services/vllm/requirements-cpu.txt): 0.11's
+# `gpu_cache_usage_perc` and `time_per_output_token_seconds` are gone; KV use is `kv_cache_usage_perc` on every
+# device, and the per-token gap is `inter_token_latency_seconds`.
+KV = 'vllm:kv_cache_usage_perc{%(sel)s}'
+ITL = 'rate(vllm:inter_token_latency_seconds_bucket{%(sel)s}[$__rate_interval])'
 
 
 # -- panel builders ----------------------------------------------------------------------------------------
@@ -324,7 +324,7 @@ def model_servers() -> dict[str, Any]:
         ], "short"),
         timeseries("KV cache use", [target(f"max by (tier, instance) ({KV % {'sel': s}})", "{{tier}} {{instance}}")],
                    "percentunit", maxv=1, lines=[(0.95, "red")],
-                   desc="vllm:kv_cache_usage_perc, or vllm:gpu_cache_usage_perc on older vLLM."),
+                   desc="vllm:kv_cache_usage_perc (0..1)."),
         row("Latency"),
         timeseries("Time to first token p50 / p95 / p99", quantiles("vllm:time_to_first_token_seconds", s), "s"),
         timeseries("End-to-end latency p50 / p95 / p99", quantiles("vllm:e2e_request_latency_seconds", s), "s"),

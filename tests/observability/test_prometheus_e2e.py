@@ -1,5 +1,5 @@
 """End to end: a real Prometheus, running the project's scrape config and rules, scrapes a real gateway
-(metering on, real Redis) and a real CPU model server (the base model) under a little traffic sent with
+(metering on, real Redis) and real vLLM (the session's engine, the base model) under a little traffic sent with
 the official openai client. Then every PromQL expression the project ships must parse and return data:
 every dashboard panel (Grafana variables replaced by what their own queries return), every recording
 rule, and every alert without its threshold (tests/observability/exprs.py explains the convention).
@@ -33,8 +33,8 @@ import redis.asyncio as aredis
 from openai.types.chat import ChatCompletionMessageParam
 
 from gateway.metering.keys import KeyLimits, KeyStore
+from tests.conftest import RunningVllm
 from tests.fakes.gateway import RunningGateway, free_port, start_gateway
-from tests.fakes.model_server import start_model_server, stop_model_server
 from tests.fakes.upstream import FakeUpstream, Script
 from tests.observability import exprs
 from tests.observability.prom import Prometheus, eventually, loopback_config, require_binary, running
@@ -52,14 +52,11 @@ MODEL_REQUESTS_PER_ROUND = 3
 
 # -- processes ---------------------------------------------------------------------------------------------
 
-@contextlib.contextmanager
-def model_server(log: Path) -> Iterator[str]:
-    """`qlp model-server --port 0 --model models/base`; yields its URL once it printed its ready line."""
-    srv = start_model_server(["--max-model-len", "512", "--max-batch-size", "8"], log, timeout=120)
-    try:
-        yield srv.url
-    finally:
-        stop_model_server(srv.proc, timeout=20)
+def _vllm_requests(url: str) -> int:
+    """Requests vLLM has finished so far (the session's engine also serves other suites)."""
+    text = httpx.get(url + "/metrics", timeout=10).text
+    return sum(int(float(line.rsplit(" ", 1)[1])) for line in text.splitlines()
+               if line.startswith("vllm:e2e_request_latency_seconds_count"))
 
 
 def _create_keys(redis_url: str) -> dict[str, str]:
@@ -175,7 +172,7 @@ class Observed:
 
 
 @pytest.fixture(scope="module")
-def observed(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Observed]:
+def observed(tmp_path_factory: pytest.TempPathFactory, vllm_server: RunningVllm) -> Iterator[Observed]:
     prometheus = require_binary("prometheus")
     require_binary("redis-server", "redis-server")
     from tests.fakes.redis_server import RedisServer
@@ -183,7 +180,8 @@ def observed(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Observed]:
     assert (MODEL_DIR / "config.json").is_file(), "models/base is missing: run `make model` first"
     tmp = tmp_path_factory.mktemp("observability")
     with contextlib.ExitStack() as stack:
-        ms_url = stack.enter_context(model_server(tmp / "model-server.log"))
+        ms_url = vllm_server.url
+        served_before = _vllm_requests(ms_url)
         redis = RedisServer(tmp / "redis").start()
         stack.callback(redis.stop)
         t3 = FakeUpstream("t3").start()
@@ -195,22 +193,22 @@ def observed(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Observed]:
         stack.callback(gw.stop)
 
         ms_addr, gw_addr = ms_url.removeprefix("http://"), f"127.0.0.1:{gw.port}"
-        # The CPU server speaks vLLM's metrics, so it stands in for the vLLM targets too.
+        # One vLLM engine stands behind both model-server jobs (the compose CPU profile's and the GPU profile's).
         cfg = loopback_config({"qlp-gateway": gw_addr, "qlp-model-servers": ms_addr, "vllm": ms_addr})
         prom = stack.enter_context(running(prometheus, cfg, tmp / "prometheus"))
         # Round 1 creates the series, round 2 (after Prometheus has seen round 1) makes them move.
         for n in (1, 2):
             _round(gw, t3, keys)
-            _wait_scraped(gw, prom, n)
+            _wait_scraped(gw, prom, n, served_before)
         # Twice, so that rules reading another group's recorded series (the budget) see this evaluation's.
         scraped = time.time()
         eventually(lambda: _rules_evaluated_since(prom, scraped + 1.5), 15, "every rule group evaluated twice")
         yield Observed(prom, gw)
 
 
-def _wait_scraped(gw: RunningGateway, prom: Prometheus, rounds: int) -> None:
+def _wait_scraped(gw: RunningGateway, prom: Prometheus, rounds: int, served_before: int) -> None:
     """Until Prometheus has scraped what `rounds` rounds of traffic did, on the gateway and the model server."""
-    expected, served = rounds * REQUESTS_PER_ROUND, rounds * MODEL_REQUESTS_PER_ROUND
+    expected, served = rounds * REQUESTS_PER_ROUND, served_before + rounds * MODEL_REQUESTS_PER_ROUND
     eventually(lambda: _gateway_count(gw) == expected, 10, f"the gateway to count {expected} requests")
     eventually(lambda: _all_up(prom), 30, "every scrape target up")
     eventually(lambda: _scraped(prom, 'sum(qlp_requests_total{job="qlp-gateway"})') == expected, 15,
