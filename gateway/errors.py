@@ -7,7 +7,8 @@
       NotFound (404)                  unknown model / route
       BodyTooLarge (413)
       RateLimited (429)               with Retry-After
-      UpstreamError (502/503/504)     raised only by gateway.upstream, which maps transport errors
+      UpstreamError (502/503/504)     raised only by gateway.upstream, which maps transport errors; an
+                                      upstream 4xx (`rejected`) renders as invalid_request_error
 
 Every route renders errors through `envelope()`; nothing else writes an error body. Messages are written
 for the caller and never carry upstream secrets or stack traces.
@@ -115,14 +116,23 @@ class UpstreamError(GatewayError):
         status: int = 502,
         upstream_status: int | None = None,
         retry_after: float | None = None,
-        upstream_body: bytes | None = None,
+        param: str | None = None,
+        upstream_code: str | None = None,
     ) -> None:
-        super().__init__(message, status=status, code=kind)
+        super().__init__(message, status=status, code=kind, param=param)
         self.kind = kind
         self.retryable = retryable
         self.upstream_status = upstream_status
         self.retry_after = retry_after
-        self.upstream_body = upstream_body
+        self.upstream_code = upstream_code
+
+    def body(self) -> bytes:
+        if self.kind == "rejected":
+            # The upstream found fault with the request itself (context too long, a bad parameter, an adapter
+            # it does not serve): the caller gets OpenAI's client error, with the upstream's param and code.
+            code = self.upstream_code or ("model_not_found" if self.status == 404 else None)
+            return envelope(self.message, "invalid_request_error", self.param, code)
+        return super().body()
 
 
 def envelope(message: str, type_: str, param: str | None = None, code: str | None = None) -> bytes:

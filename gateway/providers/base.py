@@ -56,12 +56,13 @@ class ErrorClass:
     message: str
     upstream_status: int | None = None
     retry_after: float | None = None
-    upstream_body: bytes | None = None
+    param: str | None = None  # a rejected request: the field the upstream named (OpenAI's `param`)
+    code: str | None = None  # ... and its error code, when it gave a string one
 
     def to_error(self, sanitize: Callable[[str], str]) -> UpstreamError:
         return UpstreamError(sanitize(self.message), kind=self.kind, retryable=self.retryable, status=self.status,
                              upstream_status=self.upstream_status, retry_after=self.retry_after,
-                             upstream_body=self.upstream_body)
+                             param=self.param, upstream_code=self.code)
 
 
 class ProviderError(Exception):

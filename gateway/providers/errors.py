@@ -11,8 +11,8 @@
     other 5xx                                        status_5xx      no (falls back)        502
 
 The quota and auth cases are the operator's problem, not the caller's: their message says so without
-repeating the provider's text (which can name the account). `rejected` keeps the provider's message (the
-caller needs it to fix the request); `ErrorClass.to_error` redacts secrets from every message.
+repeating the provider's text (which can name the account). `rejected` keeps the provider's message,
+param and code (the caller needs them to fix the request); `ErrorClass.to_error` redacts secrets from every message.
 """
 
 from __future__ import annotations
@@ -88,7 +88,7 @@ def _codes(err: Mapping[str, Any]) -> set[str]:
     return {v for v in values if isinstance(v, str)}
 
 
-def _common(status: int, headers: Mapping[str, str], body: bytes, err: Mapping[str, Any]) -> ErrorClass:
+def _common(status: int, headers: Mapping[str, str], err: Mapping[str, Any]) -> ErrorClass:
     detail = _message(err)
     if status == 429:
         ra = retry_after(headers)
@@ -98,8 +98,10 @@ def _common(status: int, headers: Mapping[str, str], body: bytes, err: Mapping[s
         # The caller's key was fine (the gateway checked it); the gateway's own credentials were refused.
         return ErrorClass("upstream_auth", False, 502, "upstream refused the gateway's credentials", status)
     if 400 <= status < 500:
+        param, code = err.get("param"), err.get("code")  # vLLM sends its status as an int `code`: not a code
         return ErrorClass("rejected", False, status, detail or f"upstream rejected the request ({status})", status,
-                          upstream_body=body)
+                          param=param if isinstance(param, str) else None,
+                          code=code if isinstance(code, str) else None)
     if status in (502, 503, 504):
         return ErrorClass("status_5xx", True, status, f"upstream unavailable ({status})", status, retry_after(headers))
     return ErrorClass("status_5xx", False, 502, f"upstream failed ({status})", status)
@@ -116,7 +118,7 @@ def classify_openai(status: int, headers: Mapping[str, str], body: bytes) -> Err
     err = error_object(body)
     if (status == 429 and _codes(err) & _QUOTA_CODES) or status == 402:
         return _quota(status)
-    return _common(status, headers, body, err)
+    return _common(status, headers, err)
 
 
 def classify_anthropic(status: int, headers: Mapping[str, str], body: bytes) -> ErrorClass:
@@ -128,7 +130,7 @@ def classify_anthropic(status: int, headers: Mapping[str, str], body: bytes) -> 
         return _quota(status)
     if status == 400 and _ANTHROPIC_QUOTA_TEXT.search(_message(err)):
         return _quota(status)
-    c = _common(status, headers, body, err)
+    c = _common(status, headers, err)
     # Anthropic's error body is not OpenAI's: never hand it to anything that might pass it through.
     return ErrorClass(c.kind, c.retryable, c.status, c.message, c.upstream_status, c.retry_after)
 

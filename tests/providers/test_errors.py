@@ -77,7 +77,19 @@ def test_400_401_403_are_never_retried(kind, status) -> None:
 def test_the_callers_message_for_a_rejected_request_is_the_providers() -> None:
     c = provider_for("anthropic").classify_error(400, {}, anthropic_err("invalid_request_error", "max_tokens: too big"))
     assert c.message == "max_tokens: too big"
-    assert c.upstream_body is None  # Anthropic's envelope is never passed through as if it were OpenAI's
+    assert (c.param, c.code) == (None, None)  # Anthropic's error fields are never taken for OpenAI's
+
+
+def test_a_rejected_request_reaches_the_caller_as_openais_client_error() -> None:
+    """vLLM's 400 names the field; its `code` is the HTTP status as an int, which is no error code."""
+    body = orjson.dumps({"error": {"message": "max_tokens is too large", "type": "BadRequestError",
+                                   "param": "max_tokens", "code": 400}})
+    err = provider_for("openai").classify_error(400, {}, body).to_error(lambda m: m)
+    assert (err.status, err.kind) == (400, "rejected")
+    assert orjson.loads(err.body())["error"] == {"message": "max_tokens is too large", "type": "invalid_request_error",
+                                                 "param": "max_tokens", "code": None}
+    missing = provider_for("openai").classify_error(404, {}, orjson.dumps({"error": {"message": "no", "code": 404}}))
+    assert orjson.loads(missing.to_error(lambda m: m).body())["error"]["code"] == "model_not_found"
 
 
 def test_quota_and_auth_messages_do_not_repeat_the_providers_text() -> None:
