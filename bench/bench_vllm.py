@@ -7,7 +7,7 @@ concurrency 1/8/16 and time to first token p50/p99, direct and through the gatew
 vLLM: `services/vllm/launch.py` with `services/vllm/cpu.yaml`, as `qlp up` starts it, once per dtype
 (QLP_BENCH_VLLM_DTYPES, default "bfloat16,float32"; the KV space is QLP_VLLM_KV_CACHE_GIB, default 2, and the
 thread binding QLP_BENCH_VLLM_THREADS_BIND, default vLLM's own choice). llama.cpp: llama-cpp-python's
-OpenAI server on the GGUF file that `make model` converts (bench_llamacpp.py builds its venv; when it cannot
+OpenAI server on the GGUF file that `make model` converts (bench/llamacpp.py builds its venv; when it cannot
 be built, or QLP_BENCH_LLAMACPP=0, that column is skipped). The gateway: `qlp gateway`, metering off, T0
 pointing at each engine in turn (QLP_BENCH_VIA_GATEWAY=0 skips it).
 
@@ -29,10 +29,8 @@ from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
 
-from bench.bench_llamacpp import BUILD_ENV, BUILD_TIMEOUT, LLAMACPP_VERSION, VENV, gguf_file, llamacpp
 from bench.harness import (
     ROOT,
-    ensure_venv,
     fleet_config,
     gateway,
     machine_note,
@@ -41,6 +39,7 @@ from bench.harness import (
     rss_mb,
     write_results,
 )
+from bench.llamacpp import LLAMACPP_VERSION, ensure, llamacpp
 
 MODEL_DIR = ROOT / "models" / "base"
 ROUNDS = int(os.environ.get("QLP_BENCH_ROUNDS", "2"))
@@ -168,11 +167,10 @@ def main(argv: list[str]) -> int:
             res[name] = {**engine(name, url, pid, model, {"ignore_eos": True}), "started_s": started}
     if WITH_LLAMACPP:
         try:
-            gguf = gguf_file()
-            ensure_venv(VENV, [f"llama-cpp-python[server]=={LLAMACPP_VERSION}"], env=BUILD_ENV, timeout=BUILD_TIMEOUT)
+            gguf = ensure()
         except (RuntimeError, OSError) as exc:
             print(f"bench_vllm: llama.cpp skipped: {str(exc).strip()}")
-        else:  # llamacpp() runs it with 2 threads and OMP_WAIT_POLICY=PASSIVE, as bench_llamacpp does
+        else:  # 2 threads, OMP_WAIT_POLICY=PASSIVE (bench/llamacpp.py)
             with llamacpp(gguf) as (url, pid, model):
                 res["llamacpp"] = engine("llamacpp", url, pid, model, {"min_tokens": NEW_TOKENS})
     out = table(res, note)

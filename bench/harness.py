@@ -222,7 +222,7 @@ def ms(x: float) -> str:
     return f"{x * 1000:.3f} ms"
 
 
-# -- helpers for the side-by-side benchmarks (bench_litellm, bench_scale, bench_llamacpp) --------------------
+# -- helpers for the side-by-side benchmarks (bench_litellm, bench_scale, bench_vllm) --------------------
 
 RESULTS = ROOT / "bench" / "results"
 

@@ -4,7 +4,7 @@
 
 Runs with a bench-only interpreter that has matplotlib (bench/.venv-litellm; bench_litellm creates it), so
 the project never depends on matplotlib; imports nothing from the project. NAME: bench_litellm,
-bench_scale, bench_llamacpp (default: every result found). The benchmarks call it after writing results.
+bench_scale (default: every result found). The benchmarks call it after writing results.
 """
 
 from __future__ import annotations
@@ -100,28 +100,7 @@ def plot_scale(d: dict[str, Any], out: Path) -> list[Path]:
     return [path]
 
 
-def plot_llamacpp(d: dict[str, Any], out: Path) -> list[Path]:
-    import matplotlib.pyplot as plt
-
-    if d.get("skipped"):
-        return []
-    conc = [str(c) for c in d["concurrency"]]
-    fig, ax = plt.subplots(figsize=(6.5, 4.5))
-    _bars(ax, conc, {"ours (qlp model-server)": [d["results"]["ours"][c]["tok_s"] for c in conc],
-                     f"llama-cpp-python {d['llamacpp_version']}": [d["results"]["llamacpp"][c]["tok_s"] for c in conc]},
-          [OURS, THEIRS], "{:,.1f}")
-    _headroom(ax)
-    ax.set_title(f"generated tokens/s, greedy, {d['new_tokens']} new tokens")
-    ax.set_xlabel("concurrent requests")
-    fig.suptitle(d["machine"], fontsize=8)
-    fig.tight_layout()
-    path = out / "bench_llamacpp.png"
-    fig.savefig(path, dpi=110)
-    plt.close(fig)
-    return [path]
-
-
-PLOTS = {"bench_litellm": plot_litellm, "bench_scale": plot_scale, "bench_llamacpp": plot_llamacpp}
+PLOTS = {"bench_litellm": plot_litellm, "bench_scale": plot_scale}
 
 
 def main(argv: list[str]) -> int:

@@ -16,8 +16,7 @@ __all__ = ["main"]
 COMMANDS: dict[str, tuple[str, str]] = {
     "up": ("gateway.fleet:main", "start the local fleet (Redis, model servers, gateway) in the foreground"),
     "gateway": ("gateway.server:main", "run the gateway (uvicorn, one process per worker)"),
-    "model-server": ("services.model_server.cli:main", "run the CPU/GPU reference model server"),
-    "prepare-model": ("services.model_server.prepare:main", "convert the GGUF base model to safetensors"),
+    "prepare-model": ("services.base_model.prepare:main", "convert the GGUF base model to safetensors"),
     "keys": ("gateway.metering.keys_cli:main", "create, list and revoke API keys"),
     "ledger": ("gateway.metering.ledger_cli:main", "read the cost ledger"),
     "capture": ("gateway.capture.cli:main", "export captured exchanges as the trainer's JSONL"),

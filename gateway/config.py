@@ -27,7 +27,7 @@ class _Model(BaseModel):
 
 
 class Kind(enum.StrEnum):
-    LOCAL = "local"  # a model server of ours (vLLM or the CPU reference server)
+    LOCAL = "local"  # a model server of ours (vLLM, on GPUs or CPUs)
     OPENAI = "openai"  # an external OpenAI-compatible API
     AZURE = "azure"  # Azure OpenAI: deployment URLs, api-version, api-key header
     ANTHROPIC = "anthropic"  # Anthropic Messages API, translated to and from OpenAI's

@@ -1,8 +1,7 @@
 """`qlp up`: the local fleet in the foreground — Redis, real vLLM for the local tiers, the gateway.
 
 One vLLM engine per distinct loopback port in the fleet config: the default config points T0-T2 at one
-engine on :8100 (its adapters serve each tier), which is what fits a 2-core machine (docs/model_server.md).
-`--engine reference` starts the reference server instead, for CPUs vLLM cannot run on (no AVX2).
+engine on :8100 (its adapters serve each tier), which is what fits a 2-core machine (services/vllm/README.md).
 
 Every process is started in its own process group and stopped on Ctrl-C (or SIGTERM), children included;
 nothing is left running. Prepared state (the .venv, models/base, var/) is reused by the next `qlp up`.
@@ -125,8 +124,6 @@ def main(argv: list[str]) -> int:
     ap = argparse.ArgumentParser(prog="qlp up", description=__doc__)
     ap.add_argument("--config", default=str(s.config))
     ap.add_argument("--model", default="models/base", help="base model folder for the local model servers")
-    ap.add_argument("--engine", choices=("vllm", "reference"), default="vllm",
-                    help="vllm (default): real vLLM from .venv-vllm; reference: services/model_server (no AVX2)")
     ap.add_argument("--kv-cache-gib", type=float, default=float(os.environ.get("QLP_VLLM_KV_CACHE_GIB", "2")),
                     help="vLLM's KV cache per engine (VLLM_CPU_KVCACHE_SPACE)")
     ap.add_argument("--gateway-workers", type=int, default=1)
@@ -166,11 +163,6 @@ def main(argv: list[str]) -> int:
                 if _port_open(port):
                     raise SystemExit(f"port {port} (model server for {', '.join(tiers)}) is taken; "
                                      "stop what listens there, or pass --no-model-servers to use it")
-                if args.engine == "reference":
-                    fleet.start(f"model-server-{port}", [*qlp, "model-server", "--model", args.model, "--port",
-                                                         str(port), "--allowed-adapter-dir", "models/adapters"])
-                    print(f"reference model server for {', '.join(tiers)} starting on :{port}", flush=True)
-                    continue
                 print(f"vLLM for {', '.join(tiers)} starting on :{port} (log: {var}/logs/vllm-{port}.log)", flush=True)
                 try:
                     v = vllm_launch.start(Path(args.model), port, var / "logs" / f"vllm-{port}.log",

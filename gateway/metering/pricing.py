@@ -7,7 +7,7 @@ what it does in an hour:
     USD per 1M tokens = gpu_hour_usd / tokens_per_hour * 1,000,000
 
 `tokens_per_hour` is the tier's measured aggregate generation throughput at saturation (output tokens/s
-from bench/bench_model_server.py on the tier's GPU, times 3600); `input_tokens_per_hour` (prefill) defaults
+from bench/bench_vllm.py on the tier's hardware, times 3600); `input_tokens_per_hour` (prefill) defaults
 to the same figure, which prices input conservatively. An explicit `input`/`output` overrides the
 derivation. Every price becomes an integer number of micro-dollars per 1M tokens when loaded (decimal
 arithmetic, rounded up), and a request's cost is one integer ceiling division: no float is ever stored.

@@ -51,6 +51,6 @@ class OpenAIProvider(Provider):
 
 
 class LocalProvider(OpenAIProvider):
-    """A model server of ours (vLLM or the CPU reference server): OpenAI's wire format."""
+    """A model server of ours (vLLM, on GPUs or CPUs): OpenAI's wire format."""
 
     kind = "local"

@@ -342,7 +342,7 @@ def model_servers() -> dict[str, Any]:
              legend="{{job}} {{tier}} {{instance}}", mappings=UP_MAPPINGS, steps=[(None, "red"), (1, "green")]),
     ]
     return dashboard("qlp-model-servers", "QLP / Model servers",
-                     "vLLM and the CPU reference server (same metric names), by tier.",
+                     "vLLM (GPU or CPU image) per tier: load, throughput, latency, KV cache, LoRA adapters.",
                      panels, [variable("job", "Job", "label_values(vllm:num_requests_running, job)"),
                               variable("tier", "Tier", 'label_values(vllm:num_requests_running{job=~"$job"}, tier)')])
 

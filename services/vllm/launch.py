@@ -73,7 +73,7 @@ def cpu_flags() -> set[str]:
 
 def default_dtype(flags: set[str] | None = None) -> str:
     """bfloat16 where the CPU computes it natively (AVX512-BF16 or AMX): faster than float32 here (measured,
-    docs/model_server.md); float32 elsewhere, where bf16 is emulated and slower."""
+    bench/bench_vllm.py); float32 elsewhere, where bf16 is emulated and slower."""
     f = cpu_flags() if flags is None else flags
     return "bfloat16" if {"avx512_bf16", "amx_bf16"} & f else "float32"
 

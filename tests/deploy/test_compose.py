@@ -1,5 +1,6 @@
-"""docker-compose.alora.yml: valid for every profile, the cpu profile stands in for vLLM, vLLM per tier is
-launched with runtime LoRA loading, and the gateway reads its own fleet config."""
+"""docker-compose.alora.yml: valid for every profile, vLLM per tier (GPU image or the CPU image built from
+the tested pin) launched from the same files with runtime LoRA loading, and the gateway reads its own
+fleet config."""
 
 from __future__ import annotations
 
@@ -149,10 +150,31 @@ def test_each_tier_gets_its_own_gpu_by_default() -> None:
     assert len(set(ids)) == len(TIERS), "count: 1 would hand GPU 0 to every tier; device_ids must differ"
 
 
-def test_cpu_profile_needs_no_gpu_and_no_vllm() -> None:
+def test_cpu_profile_needs_no_gpu_and_no_gpu_image() -> None:
     for name, svc in compose_services("cpu").items():
         assert "deploy" not in svc, f"{name} reserves devices in the cpu profile"
-        assert not str(svc.get("image", "")).startswith("vllm/"), f"{name} runs vLLM in the cpu profile"
+        assert not str(svc.get("image", "")).startswith("vllm/"), f"{name} runs the GPU vLLM image in the cpu profile"
+
+
+@pytest.mark.parametrize("tier", TIERS)
+def test_cpu_profile_runs_the_tested_vllm_with_the_gpu_launch_files(tier: str) -> None:
+    svc = compose_raw()["services"][f"vllm-cpu-{tier}"]
+    assert svc["profiles"] == ["cpu"]
+    assert svc["image"].endswith(f"/vllm-cpu:{VLLM_VERSION}")  # built from the vllm-cpu pin
+    assert svc["build"]["dockerfile"] == "services/vllm/Dockerfile.cpu"
+    assert svc["command"] == ["--config", f"/etc/qlp/vllm/{tier}.yaml"]
+    assert "./services/vllm:/etc/qlp/vllm:ro" in svc["volumes"]
+    assert "adapters:/app/models/adapters:ro" in svc["volumes"]
+    assert f"vllm-{tier}" in _aliases(svc)
+
+
+def test_cpu_image_bakes_the_model_where_the_launch_files_look_and_tags_the_pin() -> None:
+    dockerfile = (ROOT / "services/vllm/Dockerfile.cpu").read_text()
+    assert f"-t qlp-alora/vllm-cpu:{VLLM_VERSION} " in dockerfile
+    assert "COPY --from=model /models/base /models/base" in dockerfile
+    assert yaml.safe_load((ROOT / "services/vllm/t0.yaml").read_text())["model"] == "/models/base"
+    assert "VLLM_ALLOW_RUNTIME_LORA_UPDATING=True" in dockerfile
+    assert 'ENTRYPOINT ["python", "-m", "vllm.entrypoints.openai.api_server"]' in dockerfile
 
 
 def test_trainer_is_a_batch_service_of_its_own_profile() -> None:

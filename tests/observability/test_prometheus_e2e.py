@@ -193,8 +193,8 @@ def observed(tmp_path_factory: pytest.TempPathFactory, vllm_server: RunningVllm)
         stack.callback(gw.stop)
 
         ms_addr, gw_addr = ms_url.removeprefix("http://"), f"127.0.0.1:{gw.port}"
-        # One vLLM engine stands behind both model-server jobs (the compose CPU profile's and the GPU profile's).
-        cfg = loopback_config({"qlp-gateway": gw_addr, "qlp-model-servers": ms_addr, "vllm": ms_addr})
+        # One vLLM engine stands behind the three tier targets of the `vllm` job.
+        cfg = loopback_config({"qlp-gateway": gw_addr, "vllm": ms_addr})
         prom = stack.enter_context(running(prometheus, cfg, tmp / "prometheus"))
         # Round 1 creates the series, round 2 (after Prometheus has seen round 1) makes them move.
         for n in (1, 2):
@@ -277,7 +277,7 @@ def _variable_values(prom: Prometheus) -> tuple[dict[str, dict[str, str]], list[
 
 def test_every_scrape_job_of_the_config_is_up(observed: Observed) -> None:
     jobs = {t["labels"]["job"] for t in observed.prom.targets() if t["health"] == "up"}
-    assert jobs == {"qlp-gateway", "qlp-model-servers", "vllm"}
+    assert jobs == {"qlp-gateway", "vllm"}
     tiers = {t["labels"].get("tier") for t in observed.prom.targets() if t["labels"]["job"] == "vllm"}
     assert tiers == {"T0", "T1", "T2"}, "model-server targets carry their tier"
 

