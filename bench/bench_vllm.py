@@ -6,7 +6,8 @@ concurrency 1/8/16 and time to first token p50/p99, direct and through the gatew
 
 vLLM: `services/vllm/launch.py` with `services/vllm/cpu.yaml`, as `qlp up` starts it, once per dtype
 (QLP_BENCH_VLLM_DTYPES, default "bfloat16,float32"; the KV space is QLP_VLLM_KV_CACHE_GIB, default 2, and the
-thread binding QLP_BENCH_VLLM_THREADS_BIND, default vLLM's own choice). llama.cpp: llama-cpp-python's
+thread binding QLP_BENCH_VLLM_THREADS_BIND, default vLLM's own choice; more vLLM flags in
+QLP_BENCH_VLLM_ARGS). llama.cpp: llama-cpp-python's
 OpenAI server on the GGUF file that `make model` converts (bench/llamacpp.py builds its venv; when it cannot
 be built, or QLP_BENCH_LLAMACPP=0, that column is skipped). The gateway: `qlp gateway`, metering off, T0
 pointing at each engine in turn (QLP_BENCH_VIA_GATEWAY=0 skips it).
@@ -48,6 +49,7 @@ CONCURRENCY = [int(c) for c in os.environ.get("QLP_BENCH_LLM_CONCURRENCY", "1,8,
 DTYPES = [d for d in os.environ.get("QLP_BENCH_VLLM_DTYPES", "bfloat16,float32").split(",") if d]
 KV_GIB = float(os.environ.get("QLP_VLLM_KV_CACHE_GIB", "2"))
 THREADS_BIND = os.environ.get("QLP_BENCH_VLLM_THREADS_BIND") or None
+EXTRA_ARGS = os.environ.get("QLP_BENCH_VLLM_ARGS", "").split()  # e.g. "--no-enable-chunked-prefill"
 VIA_GATEWAY = os.environ.get("QLP_BENCH_VIA_GATEWAY", "1") != "0"
 WITH_LLAMACPP = os.environ.get("QLP_BENCH_LLAMACPP", "1") != "0"
 PROMPTS = ["Tell me a story about a dragon.", "Explain how a hash map works.",
@@ -60,7 +62,7 @@ def vllm(dtype: str) -> Iterator[tuple[str, int, str, float]]:
 
     log = Path(tempfile.mkdtemp(prefix="qlp-vllm-")) / "vllm.log"
     v = launch.start(MODEL_DIR, launch.free_port(), log, timeout=300, dtype=dtype, kv_cache_gib=KV_GIB,
-                     threads_bind=THREADS_BIND, extra=["--max-num-seqs", str(max(CONCURRENCY))])
+                     threads_bind=THREADS_BIND, extra=["--max-num-seqs", str(max(CONCURRENCY)), *EXTRA_ARGS])
     try:
         yield v.url, v.proc.pid, "SmolLM2-135M-Instruct", v.started_s
     finally:
@@ -78,16 +80,20 @@ async def load(url: str, model: str, concurrency: int, extra: dict[str, Any]) ->
     async def one(i: int) -> None:
         t0 = time.perf_counter()
         first: float | None = None
-        used = 0
+        used = chunks = 0
         stream = await client.chat.completions.create(
             model=model, messages=[{"role": "user", "content": PROMPTS[i % len(PROMPTS)]}], temperature=0,
             max_tokens=NEW_TOKENS, stream=True, stream_options={"include_usage": True}, extra_body=extra)
         async for chunk in stream:
-            if first is None and chunk.choices and chunk.choices[0].delta.content:
-                first = time.perf_counter() - t0
+            if chunk.choices and chunk.choices[0].delta.content:
+                chunks += 1
+                if first is None:
+                    first = time.perf_counter() - t0
             if chunk.usage is not None:
                 used = chunk.usage.completion_tokens
-        tokens.append(used)
+        # llama-cpp-python's server sends no usage chunk (include_usage is ignored); it streams one token
+        # per chunk, so its content chunks are its tokens.
+        tokens.append(used or chunks)
         ttft.append(first if first is not None else float("nan"))
 
     await asyncio.gather(*(one(i) for i in range(concurrency)))
@@ -149,6 +155,9 @@ def table(res: dict[str, Any], note: str) -> str:
             if name != "llamacpp":
                 d = r["direct"]
                 best = max(v["tok_s"] for v in lc.values())
+                if not best or not lc[str(c_lo)]["tok_s"]:
+                    lines.append(f"- {name} / llama.cpp: no ratio, llama.cpp produced no tokens")
+                    continue
                 lines.append(f"- {name} / llama.cpp: c={c_hi} aggregate {d[str(c_hi)]['tok_s'] / best:.2f}x llama.cpp's "
                              f"best, single stream {d[str(c_lo)]['tok_s'] / lc[str(c_lo)]['tok_s']:.2f}x")
     return "\n".join(lines) + "\n"
