@@ -9,15 +9,16 @@ VLLM_VENV := .venv-vllm
 VLLM_STAMP := $(VLLM_VENV)/.installed
 # torch is pinned to the CPU build that lies on this kind of machine's disk; a bare `torch` would pull CUDA.
 TORCH ?= torch==2.13.0
-SYS_PKGS := redis-server prometheus wrk docker-compose nginx
+SYS_PKGS := redis-server prometheus wrk docker-compose nginx libtcmalloc-minimal4
 
-.PHONY: up test lint bench soak fuzz venv vllm sysdeps model clean help
+.PHONY: up test lint bench proof soak fuzz venv vllm sysdeps model clean help
 
 help:
 	@echo "make up     - start the local fleet (Redis, vLLM for T0-T2, gateway on :8080)"
 	@echo "make test   - install what is needed and run the test suite"
 	@echo "make lint   - ruff + mypy"
 	@echo "make bench  - run the benchmarks under bench/"
+	@echo "make proof  - the learning-loop proof: adapter vs base model on held-out tasks, through the fleet"
 	@echo "make soak   - 10-minute soak of the gateway (QLP_SOAK_SECONDS)"
 	@echo "make fuzz   - long schemathesis run against the gateway's OpenAPI description"
 
@@ -48,6 +49,7 @@ sysdeps:
 	@missing=""; \
 	for b in redis-server:redis-server promtool:prometheus wrk:wrk docker-compose:docker-compose nginx:nginx; do \
 	  command -v $${b%%:*} >/dev/null 2>&1 || missing="$$missing $${b##*:}"; done; \
+	test -f /usr/lib/x86_64-linux-gnu/libtcmalloc_minimal.so.4 || [ "$$(uname -m)" != x86_64 ] || missing="$$missing libtcmalloc-minimal4"; \
 	if [ -n "$$missing" ]; then \
 	  if [ "$$(id -u)" = 0 ] && command -v apt-get >/dev/null; then \
 	    echo "installing system packages:$$missing"; \
@@ -76,6 +78,10 @@ lint: $(STAMP)
 
 bench: $(STAMP) $(VLLM_STAMP) model sysdeps
 	$(BIN)/python -m bench
+
+# The learning loop's proof (bench/bench_proof.py; tens of minutes on 2 cores). QLP_PROOF_SCALE=smoke: minutes.
+proof: $(STAMP) $(VLLM_STAMP) model sysdeps
+	$(BIN)/python -m bench bench_proof
 
 # Long reliability runs, never part of `make test` (docs/reliability.md).
 soak: $(STAMP) sysdeps
