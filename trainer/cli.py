@@ -166,10 +166,12 @@ def _publish(cfg: TrainConfig, args: argparse.Namespace) -> int:
     from .publish import admin_key, load_into_server, publish_folder, route_gateway
 
     lora = args.lora or cfg.output_path / "lora"
-    adalora = args.adalora or cfg.output_path / "adalora"
+    adalora = args.adalora or cfg.fit_path
     version = cfg.version or time.strftime("v%Y%m%d-%H%M%S", time.gmtime())
-    card = build_card(cfg, lora, adalora if adalora.is_dir() else None)
-    dest = publish_folder(lora, adalora if adalora.is_dir() else None, card, Path(cfg.adapters_root), cfg.name,
+    # The AdaLoRA checkpoint travels with the export; a plain LoRA fit is the export, less its padding.
+    fit = adalora if cfg.method == "adalora" and adalora.is_dir() else None
+    card = build_card(cfg, lora, fit)
+    dest = publish_folder(lora, fit, card, Path(cfg.adapters_root), cfg.name,
                           version, force=args.force)
     print(json.dumps({"published": str(dest)}))
     server_root = Path(args.server_adapters_root) if args.server_adapters_root else Path(cfg.adapters_root).resolve()
@@ -202,10 +204,10 @@ def _run(args: argparse.Namespace, cfg: TrainConfig) -> int:
         return 0
     if command == "eval":
         ds = load_dataset(args.dataset or root / "dataset")
-        eval_stage(cfg, ds, args.adapter or root / "adalora", args.report or root / "eval.json")
+        eval_stage(cfg, ds, args.adapter or cfg.fit_path, args.report or root / "eval.json")
         return 0
     if command == "export":
-        export_stage(cfg, args.adalora or root / "adalora", args.out or root / "lora", not args.no_check)
+        export_stage(cfg, args.adalora or cfg.fit_path, args.out or root / "lora", not args.no_check)
         return 0
     if command == "publish":
         return _publish(cfg, args)
@@ -215,9 +217,9 @@ def _run(args: argparse.Namespace, cfg: TrainConfig) -> int:
     if not dist_setup().main:
         return 0
     if not args.skip_eval:
-        eval_stage(cfg, ds, root / "adalora", root / "eval.json")
-    export_stage(cfg, root / "adalora", root / "lora", True)
-    args.lora, args.adalora = root / "lora", root / "adalora"
+        eval_stage(cfg, ds, cfg.fit_path, root / "eval.json")
+    export_stage(cfg, cfg.fit_path, root / "lora", True)
+    args.lora, args.adalora = root / "lora", cfg.fit_path
     return _publish(cfg, args)
 
 

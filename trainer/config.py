@@ -53,6 +53,8 @@ class TrainConfig:
     max_examples: int | None = _f(None, "keep at most this many examples (a hash-chosen subset); smoke runs", "data")
 
     # ---- AdaLoRA (names as in PEFT's AdaLoraConfig) ----
+    method: str = _f("adalora", "adapter to train: adalora (PEFT AdaLoraConfig) or lora (plain LoraConfig with "
+                     "r = target_r: the rank budget AdaLoRA prunes down to)", "adalora")
     init_r: int = _f(12, "initial rank of every adapted matrix", "adalora")
     target_r: int = _f(8, "average rank left after pruning", "adalora")
     lora_alpha: int = _f(32, "LoRA alpha (AdaLoRA scales by alpha / init_r)", "adalora")
@@ -95,6 +97,9 @@ class TrainConfig:
     # ---- evaluation ----
     eval_batch_size: int = _f(4, "examples per forward pass in evaluation", "eval", resume=False)
     pass_at_1: bool = _f(True, "run HumanEval tasks of the eval split (pass@1, greedy)", "eval", resume=False)
+    success_check: str | None = _f(None, "task family whose check grades greedy replies to the eval split "
+                                   "(trainer/tasks.py, e.g. signature-json); the loop gates on it", "eval",
+                                   resume=False)
     eval_max_tasks: int | None = _f(None, "evaluate at most this many code tasks", "eval", resume=False)
     max_new_tokens: int = _f(384, "generation length for code tasks", "eval", resume=False)
     sandbox_timeout: float = _f(10.0, "seconds per code task (wall clock; CPU limit likewise)", "eval",
@@ -120,6 +125,7 @@ class TrainConfig:
         need(self.max_seq_len >= 16, "max_seq_len", "must be at least 16")
         need(0.0 <= self.eval_fraction <= 0.5, "eval_fraction", "must be in [0, 0.5]")
         need(self.max_examples is None or self.max_examples >= 2, "max_examples", "must be at least 2")
+        need(self.method in {"adalora", "lora"}, "method", "must be adalora or lora")
         need(self.target_r >= 1, "target_r", "must be at least 1")
         need(self.init_r > self.target_r, "init_r", f"must be greater than target_r ({self.target_r})")
         need(self.lora_alpha > 0, "lora_alpha", "must be positive")
@@ -152,6 +158,10 @@ class TrainConfig:
         need(self.eval_batch_size >= 1, "eval_batch_size", "must be at least 1")
         need(self.eval_max_tasks is None or self.eval_max_tasks >= 0, "eval_max_tasks", "must be >= 0")
         need(self.max_new_tokens >= 1, "max_new_tokens", "must be at least 1")
+        from .tasks import TASKS
+
+        need(self.success_check is None or self.success_check in TASKS, "success_check",
+             f"must be one of {', '.join(sorted(TASKS))}")
         need(self.sandbox_timeout > 0, "sandbox_timeout", "must be positive")
         need(self.sandbox_memory_mb >= 64, "sandbox_memory_mb", "must be at least 64")
         need(bool(NAME_RE.match(self.name)), "name", "must be 1-64 of [A-Za-z0-9._-], not starting with . - _")
@@ -170,7 +180,7 @@ class TrainConfig:
         total = self.max_steps if self.max_steps is not None else steps_per_epoch * self.epochs
         tinit = round(self.tinit_ratio * total) if self.tinit_ratio is not None else self.tinit
         tfinal = round(self.tfinal_ratio * total) if self.tfinal_ratio is not None else self.tfinal
-        if tinit >= total - tfinal:
+        if self.method == "adalora" and tinit >= total - tfinal:
             raise ConfigError(
                 f"AdaLoRA phases do not fit: tinit ({tinit}) + tfinal ({tfinal}) must leave at least one "
                 f"pruning step inside total_step ({total} = ceil({n_train} examples / ({self.batch_size} "
@@ -192,6 +202,11 @@ class TrainConfig:
     @property
     def output_path(self) -> Path:
         return Path(self.output_dir)
+
+    @property
+    def fit_path(self) -> Path:
+        """The trained adapter in PEFT's format (`qlp train fit` writes it, export reads it)."""
+        return self.output_path / ("adalora" if self.method == "adalora" else "lora-fit")
 
 
 @dataclass(frozen=True)

@@ -20,10 +20,13 @@ from typing import Any
 
 import torch
 
+from gateway.report.compute import wilson
+
 from .data import IGNORE_INDEX, Dataset, load_tokenizer
 from .peft_compat import adalora_quiet
 from .records import Example, human_eval_problems
 from .sandbox import Limits, detect_isolation, run_program
+from .tasks import TASKS
 from .train import collate, encode_split
 
 __all__ = ["evaluate", "extract_code", "format_report", "generate", "held_out_loss", "humaneval_program",
@@ -149,7 +152,30 @@ def evaluate(cfg: Any, dataset: Dataset, adapter_dir: Path, *, device: torch.dev
         }
     else:
         report["pass_at_1"] = None
+    report["task_success"] = _task_success(cfg, model, tokenizer, dataset.eval, device)
     return report
+
+
+def _task_success(cfg: Any, model: Any, tokenizer: Any, examples: list[Example], device: torch.device
+                  ) -> dict[str, Any] | None:
+    """Greedy replies of base and adapter to the eval split, graded by the task family's check (each
+    example's own request: no lookup). None without `success_check`."""
+    if not cfg.success_check or not examples:
+        return None
+    family = TASKS[cfg.success_check]
+    tasks = examples[: cfg.eval_max_tasks] if cfg.eval_max_tasks is not None else examples
+    chats = [t.chat() for t in tasks]
+    with model.disable_adapter():
+        base = generate(model, tokenizer, chats, cfg.max_new_tokens, cfg.eval_batch_size, device)
+    adapter = generate(model, tokenizer, chats, cfg.max_new_tokens, cfg.eval_batch_size, device)
+    ok_base = [family.check(c, r) for c, r in zip(chats, base, strict=True)]
+    ok_adapter = [family.check(c, r) for c, r in zip(chats, adapter, strict=True)]
+    n = len(tasks)
+    return {"check": family.name, "tasks": n, "max_new_tokens": cfg.max_new_tokens,
+            "base": sum(ok_base) / n, "adapter": sum(ok_adapter) / n,
+            "base_ci95": wilson(sum(ok_base), n), "adapter_ci95": wilson(sum(ok_adapter), n),
+            "per_task": [{"id": t.id, "base": b, "adapter": a, "base_reply": rb[:200], "adapter_reply": ra[:200]}
+                         for t, b, a, rb, ra in zip(tasks, ok_base, ok_adapter, base, adapter, strict=True)]}
 
 
 def format_report(report: dict[str, Any]) -> str:
@@ -159,5 +185,8 @@ def format_report(report: dict[str, Any]) -> str:
     p = report.get("pass_at_1")
     if p:
         rows.append((f"pass@1 ({p['tasks']} HumanEval tasks)", f"{p['base']:.3f}", f"{p['adapter']:.3f}"))
+    s = report.get("task_success")
+    if s:
+        rows.append((f"{s['check']} success ({s['tasks']} tasks)", f"{s['base']:.3f}", f"{s['adapter']:.3f}"))
     width = max(len(r[0]) for r in rows)
     return "\n".join(f"{a:<{width}}  {b:>10}  {c:>10}" for a, b, c in rows)

@@ -85,23 +85,30 @@ def _load_adalora(base: Any, adalora_dir: Path) -> Any:
     if not config_file.is_file():
         raise ExportError(f"{adalora_dir}: no adapter_config.json (not a PEFT adapter folder)")
     peft_type = json.loads(config_file.read_text()).get("peft_type")
-    if peft_type != "ADALORA":
-        raise ExportError(f"{adalora_dir}: peft_type is {peft_type!r}, expected ADALORA")
+    if peft_type not in ("ADALORA", "LORA"):
+        raise ExportError(f"{adalora_dir}: peft_type is {peft_type!r}, expected ADALORA or LORA")
     with adalora_quiet():
         model = PeftModel.from_pretrained(base, str(adalora_dir), adapter_name=ADAPTER, is_trainable=False)
     return model.to(torch.float64).eval()
 
 
 def fold_adalora(peft_model: Any) -> dict[str, tuple[torch.Tensor, torch.Tensor]]:
-    """Per module name ("model.layers.0.self_attn.q_proj"): (A', B') with the kept ranks only."""
+    """Per module name ("model.layers.0.self_attn.q_proj"): (A', B') with the kept ranks only. A plain
+    LoRA fit (`method: lora`) folds the same way: A' = A x alpha/r, B' = B, every rank kept."""
     from peft.tuners.adalora import AdaLoraLayer
+    from peft.tuners.lora import LoraLayer
 
     out = {}
     for name, module in peft_model.named_modules():
-        if not isinstance(module, AdaLoraLayer) or ADAPTER not in module.lora_A:
+        if not isinstance(module, LoraLayer) or ADAPTER not in module.lora_A:
             continue
         if not isinstance(module.get_base_layer(), torch.nn.Linear):
             raise ExportError(f"{name}: only Linear layers can be exported (vLLM LoRA)")
+        if not isinstance(module, AdaLoraLayer):
+            plain_a = module.lora_A[ADAPTER].weight.detach().double()
+            out[name.removeprefix("base_model.model.")] = (plain_a * float(module.scaling[ADAPTER]),
+                                                          module.lora_B[ADAPTER].weight.detach().double())
+            continue
         A = module.lora_A[ADAPTER].detach().double()
         E = module.lora_E[ADAPTER].detach().double()
         B = module.lora_B[ADAPTER].detach().double()
@@ -111,7 +118,7 @@ def fold_adalora(peft_model: Any) -> dict[str, tuple[torch.Tensor, torch.Tensor]
         kept = (E.view(-1) != 0).nonzero().view(-1)
         out[name.removeprefix("base_model.model.")] = ((A * E)[kept] * factor, B[:, kept])
     if not out:
-        raise ExportError("the model has no AdaLoRA layers")
+        raise ExportError("the model has no LoRA or AdaLoRA layers")
     return out
 
 

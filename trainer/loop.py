@@ -9,6 +9,7 @@
   3. evaluate the new adapter against the current arm (the heaviest arm of the tier/agent rollout on the
      gateway) on the same held-out split
   4. gate: publish only when the new held-out loss is at most (1 + --max-regression) x the current arm's
+     and, with a success_check, its task success is at most --max-success-drop below the current arm's
   5. publish models/adapters/<name>/<vN>/, load it into every --servers model server as <name>-<vN>, and
      add it to the gateway's rollout as a canary arm at --weight percent
   6. print the rollout report for the tier and agent
@@ -62,6 +63,10 @@ def _parser() -> argparse.ArgumentParser:
     loop.add_argument("--max-regression", type=float, default=0.02,
                       help="publish only if the new held-out loss is at most this fraction worse than the "
                            "current arm's [default: 0.02]")
+    loop.add_argument("--max-success-drop", type=float, default=0.0,
+                      help="with a success_check: publish only if the new adapter's task success on the held-out "
+                           "split is at most this much (a fraction, 0.05 = 5 points) below the current arm's "
+                           "[default: 0]")
     loop.add_argument("--admin-key-file", type=Path, help="gateway admin key [default: $QLP_ADMIN_KEY]")
     loop.add_argument("--redis-url", help="Redis of the capture stream [default: $QLP_REDIS_URL or local]")
     loop.add_argument("--server-adapters-root", help="adapters_root as the model servers see it "
@@ -146,6 +151,10 @@ class Gate:
     current_loss: float
     new_loss: float
     max_regression: float
+    # Task success on the held-out split (config `success_check`), when the task family has a check.
+    current_success: float | None = None
+    new_success: float | None = None
+    max_success_drop: float = 0.0
 
     @property
     def regression(self) -> float:
@@ -153,17 +162,36 @@ class Gate:
         return (self.new_loss - self.current_loss) / self.current_loss if self.current_loss else 0.0
 
     @property
-    def passed(self) -> bool:
+    def loss_passed(self) -> bool:
         return self.new_loss <= self.current_loss * (1.0 + self.max_regression)
+
+    @property
+    def success_passed(self) -> bool:
+        if self.new_success is None or self.current_success is None:
+            return True
+        return self.new_success >= self.current_success - self.max_success_drop
+
+    @property
+    def passed(self) -> bool:
+        return self.loss_passed and self.success_passed
+
+    def why_not(self) -> str:
+        if not self.success_passed:
+            return (f"task success {self.new_success:.3f} is below the current arm's {self.current_success:.3f} "
+                    f"by more than --max-success-drop {self.max_success_drop:g}")
+        return (f"held-out loss {self.new_loss:.4f} is {self.regression:.1%} worse than the current arm's "
+                f"{self.current_loss:.4f} (--max-regression {self.max_regression:g})")
 
     def as_dict(self) -> dict[str, Any]:
         return {"current_loss": self.current_loss, "new_loss": self.new_loss,
                 "regression": round(self.regression, 5), "max_regression": self.max_regression,
-                "passed": self.passed}
+                "current_success": self.current_success, "new_success": self.new_success,
+                "max_success_drop": self.max_success_drop, "passed": self.passed}
 
 
-def gate(current_loss: float, new_loss: float, max_regression: float) -> Gate:
-    return Gate(current_loss, new_loss, max_regression)
+def gate(current_loss: float, new_loss: float, max_regression: float, current_success: float | None = None,
+         new_success: float | None = None, max_success_drop: float = 0.0) -> Gate:
+    return Gate(current_loss, new_loss, max_regression, current_success, new_success, max_success_drop)
 
 
 def _comparison(current: CurrentArm, cur: dict[str, Any], new: dict[str, Any], new_name: str) -> str:
@@ -176,6 +204,10 @@ def _comparison(current: CurrentArm, cur: dict[str, Any], new: dict[str, Any], n
     p = new.get("pass_at_1")
     if p and cur.get("pass_at_1") is not None:
         rows.append((f"pass@1 ({p['tasks']} HumanEval tasks)", f"{cur['pass_at_1']:.3f}", f"{p['adapter']:.3f}"))
+    s = new.get("task_success")
+    if s and cur.get("task_success") is not None:
+        rows.append((f"{s['check']} success ({s['tasks']} tasks)", f"{cur['task_success']:.3f}",
+                     f"{s['adapter']:.3f}"))
     widths = [max(len(r[i]) for r in rows) for i in range(3)]
     return "\n".join(f"{a:<{widths[0]}}  {b:>{widths[1]}}  {c:>{widths[2]}}" for a, b, c in rows)
 
@@ -225,6 +257,8 @@ def _check(args: argparse.Namespace, cfg: TrainConfig, key: str | None) -> None:
         raise Refused(f"--weight must be in (0, 100] percent (got {args.weight:g})")
     if args.max_regression < 0:
         raise Refused(f"--max-regression must be >= 0 (got {args.max_regression:g})")
+    if not 0 <= args.max_success_drop <= 1:
+        raise Refused(f"--max-success-drop must be in [0, 1] (got {args.max_success_drop:g})")
     if args.min_examples < 1:
         raise Refused(f"--min-examples must be at least 1 (got {args.min_examples})")
     if cfg.gateway and not key:
@@ -274,8 +308,8 @@ def _loop(args: argparse.Namespace, cfg: TrainConfig) -> int:
     ds = dataset_stage(cfg)
     _say("dataset", {"path": str(ds.path), "hash": ds.hash, "counts": ds.card["counts"]})
     fit_stage(cfg, ds, fresh=not _resumable(cfg, ds))
-    lora, adalora = root / "lora", root / "adalora"
-    export_stage(cfg, adalora, lora, True)
+    lora = root / "lora"
+    export_stage(cfg, cfg.fit_path, lora, True)
 
     # 3. evaluate against the current arm (as it is now, after the training), on the same held-out split
     rollouts = admin_get(cfg.gateway, key, "/v1/admin/rollouts")["data"] if cfg.gateway else []
@@ -286,14 +320,17 @@ def _loop(args: argparse.Namespace, cfg: TrainConfig) -> int:
     if current.folder is not None:
         old = evaluate(cfg, ds, current.folder)
         cur = {"loss": old["held_out_loss"]["adapter"],
-               "pass_at_1": old["pass_at_1"] and old["pass_at_1"]["adapter"]}
+               "pass_at_1": old["pass_at_1"] and old["pass_at_1"]["adapter"],
+               "task_success": old["task_success"] and old["task_success"]["adapter"]}
     else:
-        cur = {"loss": new["held_out_loss"]["base"], "pass_at_1": new["pass_at_1"] and new["pass_at_1"]["base"]}
+        cur = {"loss": new["held_out_loss"]["base"], "pass_at_1": new["pass_at_1"] and new["pass_at_1"]["base"],
+               "task_success": new["task_success"] and new["task_success"]["base"]}
     version = cfg.version or next_version(adapters_root / cfg.name)
     served_as = f"{cfg.name}-{version}"
 
     # 4. gate
-    g = gate(cur["loss"], new["held_out_loss"]["adapter"], args.max_regression)
+    g = gate(cur["loss"], new["held_out_loss"]["adapter"], args.max_regression, cur["task_success"],
+             new["task_success"] and new["task_success"]["adapter"], args.max_success_drop)
     evaluation = {**new, "current_arm": {"name": current.name, "adapter": current.adapter,
                                          "folder": current.folder and str(current.folder), "note": current.note,
                                          **cur}, "gate": g.as_dict()}
@@ -301,8 +338,7 @@ def _loop(args: argparse.Namespace, cfg: TrainConfig) -> int:
     print(_comparison(current, cur, new, served_as))
     _say("gate", {**g.as_dict(), "current_arm": current.name, "note": current.note})
     if not g.passed:
-        print(f"qlp loop: not published: held-out loss {g.new_loss:.4f} is {g.regression:.1%} worse than the "
-              f"current arm's {g.current_loss:.4f} (--max-regression {args.max_regression:g})", file=sys.stderr)
+        print(f"qlp loop: not published: {g.why_not()}", file=sys.stderr)
         return EXIT_GATED
 
     # 5. publish, load side by side with the current version, add the canary arm
@@ -310,10 +346,11 @@ def _loop(args: argparse.Namespace, cfg: TrainConfig) -> int:
         _say("dry_run", {"would_publish": str(adapters_root / cfg.name / version), "adapter": served_as,
                          "servers": cfg.servers, "gateway": cfg.gateway, "weight": args.weight})
     else:
-        card = build_card(cfg, lora, adalora)
+        fit = cfg.fit_path if cfg.method == "adalora" else None
+        card = build_card(cfg, lora, fit)
         card["loop"] = {"served_as": served_as, "weight": args.weight, "since": args.since, "until": args.until,
                         "captured_successes": n, "current_arm": evaluation["current_arm"], "gate": g.as_dict()}
-        dest = publish_folder(lora, adalora, card, adapters_root, cfg.name, version)
+        dest = publish_folder(lora, fit, card, adapters_root, cfg.name, version)
         _say("published", str(dest))
         server_root = (Path(args.server_adapters_root) if args.server_adapters_root
                        else adapters_root.resolve())

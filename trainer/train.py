@@ -44,7 +44,7 @@ __all__ = [
     "Dist",
     "StepInfo",
     "TrainResult",
-    "build_adalora",
+    "build_adapter",
     "collate",
     "dist_setup",
     "encode_split",
@@ -102,10 +102,16 @@ def load_base_model(path: str | Path, device: torch.device, dtype: torch.dtype) 
     return model.to(device)
 
 
-def build_adalora(model: Any, cfg: TrainConfig, schedule: Schedule) -> Any:
-    from peft import AdaLoraConfig, get_peft_model
+def build_adapter(model: Any, cfg: TrainConfig, schedule: Schedule) -> Any:
+    from peft import AdaLoraConfig, LoraConfig, get_peft_model
 
-    config = AdaLoraConfig(
+    config: Any = LoraConfig(
+        task_type="CAUSAL_LM",
+        r=cfg.target_r,  # AdaLoRA's final budget: the equal-parameter comparison
+        lora_alpha=cfg.lora_alpha,
+        lora_dropout=cfg.lora_dropout,
+        target_modules=list(cfg.target_modules),
+    ) if cfg.method == "lora" else AdaLoraConfig(
         task_type="CAUSAL_LM",
         init_r=cfg.init_r,
         target_r=cfg.target_r,
@@ -246,6 +252,11 @@ def _lora_state(peft_model: Any) -> dict[str, torch.Tensor]:
 def _rank_summary(peft_model: Any) -> dict[str, int]:
     """Kept rank per adapted module, from the rank pattern (all ranks before the first allocation)."""
     from peft.tuners.adalora import AdaLoraLayer
+    from peft.tuners.lora import LoraLayer
+
+    if str(getattr(peft_model.peft_config[ADAPTER].peft_type, "value", "")) == "LORA":
+        return {name.removeprefix("base_model.model."): int(m.r[ADAPTER]) for name, m in peft_model.named_modules()
+                if isinstance(m, LoraLayer) and ADAPTER in m.lora_A}
 
     # Keys read "base_model.model.<module>.lora_E.default" (or without ".default" once PEFT has saved).
     pattern = {k.split(".lora_E")[0].removeprefix("base_model.model."): v
@@ -270,7 +281,8 @@ def train(
     progress: bool = True,
     dist: Dist | None = None,
 ) -> TrainResult:
-    """Train an AdaLoRA adapter on `dataset`; write checkpoints and `<output_dir>/adalora/`.
+    """Train an adapter (AdaLoRA, or plain LoRA with `method: lora`) on `dataset`; write checkpoints and
+    `cfg.fit_path` (`<output_dir>/adalora/` or `lora-fit/`).
 
     With `resume`, continues from the newest checkpoint under `output_dir` (which must come from the same
     configuration and dataset). Raises TrainingInterrupted after a signal, once a checkpoint is saved.
@@ -289,8 +301,10 @@ def train(
     if cfg.gradient_checkpointing:
         model.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
         model.enable_input_require_grads()
-    peft_model = build_adalora(model, cfg, schedule)
-    adalora = peft_model.base_model  # AdaLoraModel: owns update_and_allocate and the rank allocator
+    peft_model = build_adapter(model, cfg, schedule)
+    # AdaLoraModel owns update_and_allocate and the rank allocator; plain LoRA has neither.
+    adalora = peft_model.base_model if cfg.method == "adalora" else None
+    lora_budget = cfg.target_r * len(_rank_summary(peft_model)) if adalora is None else 0
     params = [p for p in peft_model.parameters() if p.requires_grad]
     optimizer = torch.optim.AdamW(params, lr=cfg.learning_rate, weight_decay=cfg.weight_decay)
     from transformers import get_scheduler
@@ -311,11 +325,13 @@ def train(
                 p.copy_(adapter_state[k].to(p.device, p.dtype))
         optimizer.load_state_dict(state["optimizer"])
         scheduler.load_state_dict(state["scheduler"])
-        alloc = adalora.rankallocator
-        to_dev = {k: {n: t.to(device) for n, t in state["allocator"][k].items()}
-                  for k in ("ipt", "exp_avg_ipt", "exp_avg_unc")}
-        alloc.ipt, alloc.exp_avg_ipt, alloc.exp_avg_unc = to_dev["ipt"], to_dev["exp_avg_ipt"], to_dev["exp_avg_unc"]
-        peft_model.peft_config[ADAPTER].rank_pattern = state["rank_pattern"]
+        if adalora is not None:
+            alloc = adalora.rankallocator
+            to_dev = {k: {n: t.to(device) for n, t in state["allocator"][k].items()}
+                      for k in ("ipt", "exp_avg_ipt", "exp_avg_unc")}
+            alloc.ipt, alloc.exp_avg_ipt, alloc.exp_avg_unc = (to_dev["ipt"], to_dev["exp_avg_ipt"],
+                                                               to_dev["exp_avg_unc"])
+            peft_model.peft_config[ADAPTER].rank_pattern = state["rank_pattern"]
         set_rng_state(state["rng"])
         history = list(state.get("log", []))
         start_step = resumed_from = ckpt.step
@@ -337,16 +353,17 @@ def train(
     def checkpoint(step: int) -> Path | None:
         if not dist.main:
             return None
-        alloc = adalora.rankallocator
-        state = {
+        state: dict[str, Any] = {
             "step": step,
             "optimizer": optimizer.state_dict(),
             "scheduler": scheduler.state_dict(),
             "rng": rng_state(),
-            "allocator": {"ipt": alloc.ipt, "exp_avg_ipt": alloc.exp_avg_ipt, "exp_avg_unc": alloc.exp_avg_unc},
-            "rank_pattern": peft_model.peft_config[ADAPTER].rank_pattern,
             "log": history,
         }
+        if adalora is not None:
+            alloc = adalora.rankallocator
+            state["allocator"] = {"ipt": alloc.ipt, "exp_avg_ipt": alloc.exp_avg_ipt, "exp_avg_unc": alloc.exp_avg_unc}
+            state["rank_pattern"] = peft_model.peft_config[ADAPTER].rank_pattern
         return save_checkpoint(root, step, _lora_state(peft_model), state, cfg.resume_hash(), dataset.hash,
                                cfg.save_total_limit)
 
@@ -363,7 +380,8 @@ def train(
     if progress and dist.main:
         from tqdm.auto import tqdm
 
-        bar = tqdm(total=schedule.total_step, initial=start_step, unit="step", desc="AdaLoRA", dynamic_ncols=True)
+        bar = tqdm(total=schedule.total_step, initial=start_step, unit="step", desc="AdaLoRA" if adalora else "LoRA",
+                   dynamic_ncols=True)
     groups_cache: dict[int, list[list[list[int]]]] = {}
     peft_model.train()
     with _stop_on_signals(handle_signals) as stop:
@@ -391,13 +409,14 @@ def train(
                 scheduler.step()
                 global_step = step + 1
                 # After the update, before the gradients are cleared: the allocator scores p * p.grad.
-                adalora.update_and_allocate(global_step)
+                if adalora is not None:
+                    adalora.update_and_allocate(global_step)
                 optimizer.zero_grad(set_to_none=True)
 
                 elapsed += time.perf_counter() - t0
                 tokens += step_tokens * dist.world
                 last_loss = step_loss
-                budget = adalora.rankallocator.budget_schedule(global_step)[0]
+                budget = adalora.rankallocator.budget_schedule(global_step)[0] if adalora else lora_budget
                 info = StepInfo(global_step, schedule.total_step, epoch, step_loss, scheduler.get_last_lr()[0],
                                 tokens, tokens / elapsed if elapsed else 0.0, budget)
                 if dist.main:
@@ -426,7 +445,7 @@ def train(
                 bar.close()
 
     final_step = schedule.total_step
-    adapter_dir = root / "adalora"
+    adapter_dir = cfg.fit_path
     if dist.main:
         if start_step < final_step:  # a completed run that is "resumed" only rewrites its adapter
             checkpoint(final_step)

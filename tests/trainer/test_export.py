@@ -83,7 +83,30 @@ def test_fold_drops_pruned_ranks_and_zero_rank_modules_and_pads(tmp_path: Path) 
     assert result.adapter_effect is not None and result.adapter_effect > 1e-3
 
 
-def test_export_refuses_a_plain_lora_input(tmp_path: Path, exported: Exported, trained: TrainedRun) -> None:
-    with pytest.raises(ExportError, match="expected ADALORA"):
-        export_lora(trained.cfg.base_model, exported.path, tmp_path / "again")
+def test_a_plain_lora_fit_exports_with_alpha_over_r_folded_in(tmp_path: Path) -> None:
+    # `method: lora`: the fit is a PEFT LoRA (alpha 16, r 4); the export is vLLM's plain LoRA at scale 1.
+    from peft import LoraConfig, get_peft_model
+    from transformers import LlamaForCausalLM
+
+    base_dir, _ = _tiny_adalora(tmp_path / "ada")
+    model = get_peft_model(LlamaForCausalLM.from_pretrained(base_dir),
+                           LoraConfig(r=4, lora_alpha=16, target_modules=["q_proj", "v_proj"]))
+    with torch.no_grad():
+        for n, p in model.named_parameters():
+            if "lora_" in n:
+                p.normal_(0, 0.5)
+    model.save_pretrained(tmp_path / "lora-fit")
+    result = export_lora(base_dir, tmp_path / "lora-fit", tmp_path / "lora", sample_ids=[[1, 5, 9, 33, 2, 7]])
+    assert result.r == 8 and set(result.rank_pattern.values()) == {4} and result.modules == 4
+    assert result.max_abs_diff is not None and result.max_abs_diff < 1e-6
+    assert result.adapter_effect is not None and result.adapter_effect > 1e-3
+    assert json.loads((tmp_path / "lora" / "adapter_config.json").read_text())["lora_alpha"] == 8
+
+
+def test_export_refuses_a_folder_that_is_no_lora(tmp_path: Path) -> None:
+    (tmp_path / "ia3").mkdir()
+    (tmp_path / "ia3" / "adapter_config.json").write_text(json.dumps({"peft_type": "IA3"}))
+    base_dir, _ = _tiny_adalora(tmp_path / "ada")
+    with pytest.raises(ExportError, match="expected ADALORA or LORA"):
+        export_lora(base_dir, tmp_path / "ia3", tmp_path / "again")
     assert not (tmp_path / "again").exists()
