@@ -110,10 +110,10 @@ class Teacher:
     def __init__(self) -> None:
         from transformers import AutoTokenizer
 
-        from trainer.tasks import signature_answer
+        from trainer.tasks import signature_expected
 
         tok = AutoTokenizer.from_pretrained(str(MODEL_DIR))
-        answer, self.calls = signature_answer, 0
+        answer, self.calls = signature_expected, 0
         teacher = self
 
         class Handler(BaseHTTPRequestHandler):
@@ -124,9 +124,7 @@ class Teacher:
 
             def do_POST(self) -> None:
                 body = json.loads(self.rfile.read(int(self.headers.get("Content-Length", 0))))
-                prompt = body["messages"][-1]["content"]
-                code = prompt.split("```python\n", 1)[-1].rsplit("\n```", 1)[0]
-                reply = json.dumps(answer(code) or {})
+                reply = json.dumps(answer(body["messages"]) or {})
                 teacher.calls += 1
                 usage = {"prompt_tokens": len(tok.apply_chat_template(body["messages"], add_generation_prompt=True)),
                          "completion_tokens": len(tok(reply)["input_ids"]) + 1}

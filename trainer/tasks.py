@@ -20,7 +20,6 @@ that is graded without judgement.
 from __future__ import annotations
 
 import ast
-import hashlib
 import json
 import re
 import sys
@@ -32,7 +31,9 @@ from functools import cache
 from pathlib import Path
 from typing import Any
 
-__all__ = ["TASKS", "Family", "Task", "signature_answer", "split_of"]
+from .data import split_bucket
+
+__all__ = ["TASKS", "Family", "Task", "signature_answer", "signature_expected", "split_of"]
 
 
 @dataclass(frozen=True)
@@ -56,7 +57,7 @@ class Family:
 def split_of(task_id: str, salt: str, bounds: Sequence[tuple[str, float]]) -> str:
     """The named slice a task falls in, by hash of salt:task_id: `bounds` = [(name, upper bound in [0, 1])]
     in increasing order. Content-only, so adding tasks never moves one across."""
-    x = int.from_bytes(hashlib.sha256(f"{salt}:{task_id}".encode()).digest()[:8], "big") / 2**64
+    x = split_bucket(task_id, salt)  # the trainer's own train/eval split hash
     for name, upper in bounds:
         if x < upper:
             return name
@@ -161,10 +162,15 @@ def _last_user(messages: Sequence[Any]) -> str:
     return ""
 
 
+def signature_expected(messages: Sequence[Any]) -> dict[str, Any] | None:
+    """The right answer to a signature-json request: `ast`'s reading of the function in its code block."""
+    m = _CODE.search(_last_user(messages))
+    return signature_answer(m.group(1)) if m else None
+
+
 def check_signature(messages: Sequence[Any], reply: str) -> bool:
     """Success: the reply is one JSON object equal to `ast`'s reading of the function in the request."""
-    m = _CODE.search(_last_user(messages))
-    expected = signature_answer(m.group(1)) if m else None
+    expected = signature_expected(messages)
     if expected is None:
         return False
     try:
