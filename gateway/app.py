@@ -29,7 +29,7 @@ from starlette.types import Scope
 from gateway.config import load_config
 from gateway.errors import BodyTooLarge, GatewayError, envelope
 from gateway.feedback import routes as feedback_routes
-from gateway.http import header, send_error
+from gateway.http import header, request_id, send_error, with_request_id
 from gateway.metering import routes as ledger_routes
 from gateway.metrics import observe
 from gateway.protocol import Endpoint
@@ -52,8 +52,9 @@ _STATUS_TYPES = {401: "authentication_error", 403: "permission_error", 404: "inv
 def _error_response(status: int, message: str, code: str | None = None, param: str | None = None,
                     headers: dict[str, str] | None = None) -> Response:
     type_ = _STATUS_TYPES.get(status, "invalid_request_error" if status < 500 else "internal_error")
+    retry = "true" if status >= 500 or status == 429 else "false"
     return Response(envelope(message, type_, param, code), status_code=status, media_type="application/json",
-                    headers=headers)
+                    headers={**(headers or {}), "x-should-retry": retry})
 
 
 def _allowed_methods(app: FastAPI, scope: Scope) -> list[str]:
@@ -73,7 +74,8 @@ def _allowed_methods(app: FastAPI, scope: Scope) -> list[str]:
 def _install_error_handlers(app: FastAPI) -> None:
     @app.exception_handler(GatewayError)
     async def _gateway_error(_: Request, exc: GatewayError) -> Response:
-        return Response(exc.body(), status_code=exc.status, media_type="application/json", headers=exc.headers)
+        return Response(exc.body(), status_code=exc.status, media_type="application/json",
+                        headers=exc.response_headers())
 
     @app.exception_handler(HTTPException)
     async def _http_error(request: Request, exc: HTTPException) -> Response:
@@ -119,7 +121,9 @@ class Gateway:
                                     "body": envelope("internal error", "internal_error", None, "internal_error")})
                 return
         if scope["type"] == "http":
-            await self._bounded_api(scope, receive, send)
+            # Every response names its request, the router's own 404 and 405 included.
+            rid = request_id(header(scope["headers"], b"x-request-id"))
+            await self._bounded_api(scope, receive, with_request_id(send, rid))
             return
         await self.api(scope, receive, send)
 

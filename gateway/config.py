@@ -93,7 +93,8 @@ class Tier(_Model):
 
 
 class FleetConfig(_Model):
-    default_tier: str | None = "T0"
+    default_tier: str | None = Field("T0", description="the tier of a request that names neither tier nor model")
+    catch_all: bool = Field(False, description="a `model` no tier lists goes to default_tier (off: 404, as OpenAI)")
     max_n: int = Field(8, ge=1)
     max_tokens_limit: int = Field(32768, ge=1)
     retry: RetryConfig = RetryConfig()
@@ -148,6 +149,8 @@ class FleetConfig(_Model):
                 raise ValueError(f"rollouts[{key!r}]: {exc}") from exc
         if self.default_tier is not None and self.default_tier not in names:
             raise ValueError(f"default_tier {self.default_tier!r} is not a configured tier")
+        if self.catch_all and self.default_tier is None:
+            raise ValueError("catch_all needs a default_tier to send unknown models to")
         keys: dict[str, str] = {}
         for name, tier in self.tiers.items():
             for key in (*tier.aliases, *tier.adapters):

@@ -12,10 +12,15 @@
 
 Every route renders errors through `envelope()`; nothing else writes an error body. Messages are written
 for the caller and never carry upstream secrets or stack traces.
+
+Every error also says whether a retry can help (`x-should-retry`, which OpenAI's SDKs obey before their own
+status rules): client errors and a spent budget never, a rate limit or a busy fleet yes, with `Retry-After`
+when the wait is known.
 """
 
 from __future__ import annotations
 
+import math
 from typing import Any
 
 import orjson
@@ -38,6 +43,7 @@ class GatewayError(Exception):
     status = 500
     type = "internal_error"
     code: str | None = None
+    should_retry = False  # may the same request succeed later? (x-should-retry)
 
     def __init__(
         self,
@@ -47,6 +53,7 @@ class GatewayError(Exception):
         code: str | None = None,
         status: int | None = None,
         headers: dict[str, str] | None = None,
+        should_retry: bool | None = None,
     ) -> None:
         super().__init__(message)
         self.message = message
@@ -55,10 +62,16 @@ class GatewayError(Exception):
             self.code = code
         if status is not None:
             self.status = status
+        if should_retry is not None:
+            self.should_retry = should_retry
         self.headers = headers or {}
 
     def body(self) -> bytes:
         return envelope(self.message, self.type, self.param, self.code)
+
+    def response_headers(self) -> dict[str, str]:
+        """The headers every rendering of this error carries (the hot path's and FastAPI's alike)."""
+        return {**self.headers, "x-should-retry": "true" if self.should_retry else "false"}
 
 
 class InvalidRequest(GatewayError):
@@ -93,11 +106,13 @@ class RateLimited(GatewayError):
     status = 429
     type = "rate_limit_error"
     code = "rate_limit_exceeded"
+    should_retry = True
 
 
 class ServiceUnavailable(GatewayError):
     status = 503
     type = "service_unavailable"
+    should_retry = True  # unless the fleet is missing configuration (should_retry=False)
 
 
 class UpstreamError(GatewayError):
@@ -119,7 +134,8 @@ class UpstreamError(GatewayError):
         param: str | None = None,
         upstream_code: str | None = None,
     ) -> None:
-        super().__init__(message, status=status, code=kind, param=param)
+        super().__init__(message, status=status, code=kind, param=param, should_retry=retryable,
+                         headers={"Retry-After": str(max(1, math.ceil(retry_after)))} if retryable and retry_after else None)
         self.kind = kind
         self.retryable = retryable
         self.upstream_status = upstream_status

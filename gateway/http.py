@@ -5,15 +5,40 @@ The proxy routes are plain ASGI callables (see gateway/app.py for why): these he
 
 from __future__ import annotations
 
+import os
+import re
 from collections.abc import Iterable
+from typing import Any
 
 from gateway.errors import BodyTooLarge, GatewayError, InvalidRequest
 
-__all__ = ["ClientDisconnected", "Headers", "read_body", "send_error", "send_json"]
+__all__ = ["ClientDisconnected", "Headers", "read_body", "request_id", "send_error", "send_json", "with_request_id"]
 
 Headers = list[tuple[bytes, bytes]]
 Receive = object  # typed loosely: ASGI callables
 JSON = b"application/json"
+
+
+_REQUEST_ID = re.compile(rb"^[A-Za-z0-9._:\-]{1,128}$")
+
+
+def request_id(given: bytes | None) -> str:
+    """The caller's X-Request-Id when it is a sane token, else a fresh one."""
+    return given.decode() if given is not None and _REQUEST_ID.match(given) else os.urandom(16).hex()
+
+
+def with_request_id(send: Any, rid: str) -> Any:
+    """`send` that adds X-Request-Id to the response (for routes that do not set it themselves)."""
+    value = rid.encode()
+
+    async def sending(message: dict[str, Any]) -> None:
+        if message["type"] == "http.response.start":
+            headers = list(message.get("headers", ()))
+            if not any(k.lower() == b"x-request-id" for k, _ in headers):
+                message = {**message, "headers": [*headers, (b"x-request-id", value)]}
+        await send(message)
+
+    return sending
 
 
 class ClientDisconnected(Exception):
@@ -76,5 +101,5 @@ async def send_json(send, status: int, body: bytes, headers: Headers) -> None:  
 
 
 async def send_error(send, exc: GatewayError, headers: Headers) -> None:  # type: ignore[no-untyped-def]
-    extra = [(k.lower().encode(), v.encode()) for k, v in exc.headers.items()]
+    extra = [(k.lower().encode(), v.encode()) for k, v in exc.response_headers().items()]
     await send_json(send, exc.status, exc.body(), [*headers, *extra])

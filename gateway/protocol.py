@@ -1,8 +1,10 @@
 """Request bodies: parsed once (orjson), validated where it matters, passed through otherwise.
 
-We check only what the gateway itself relies on or what would waste an upstream call (messages, roles,
-`n`, `max_tokens`, `stream`); everything else, known to OpenAI or not, goes to the upstream unchanged so
-new API fields work without a gateway release.
+We check what the gateway itself relies on (messages, roles, `n`, `max_tokens`, `stream`) and the sampling
+fields whose ranges OpenAI documents (temperature, top_p, penalties, logprobs, seed, stop, logit_bias), so a
+bad value gets OpenAI's 400 naming the field before any upstream is called, whichever upstream serves the
+tier. Everything else, known to OpenAI or not, goes to the upstream unchanged so new API fields work
+without a gateway release.
 """
 
 from __future__ import annotations
@@ -51,6 +53,53 @@ def _int_field(body: dict[str, Any], name: str, lo: int, hi: int) -> int | None:
     if not lo <= v <= hi:
         raise InvalidRequest(f"'{name}' must be between {lo} and {hi}, got {v}", param=name, code="invalid_value")
     return v
+
+
+# OpenAI's documented ranges (the API reference of chat and legacy completions).
+_NUMBER_RANGES = {"temperature": (0.0, 2.0), "top_p": (0.0, 1.0), "presence_penalty": (-2.0, 2.0),
+                  "frequency_penalty": (-2.0, 2.0)}
+INT64 = (-(2**63), 2**63 - 1)
+
+
+def _number_field(body: dict[str, Any], name: str, lo: float, hi: float) -> None:
+    v = body.get(name)
+    if v is None:
+        return
+    if isinstance(v, bool) or not isinstance(v, int | float):
+        raise InvalidRequest(f"'{name}' must be a number", param=name, code="invalid_type")
+    if not lo <= v <= hi:
+        raise InvalidRequest(f"'{name}' must be between {lo:g} and {hi:g}, got {v}"[:200], param=name,
+                             code="invalid_value")
+
+
+def _check_sampling(body: dict[str, Any], endpoint: Endpoint) -> None:
+    for name, (lo, hi) in _NUMBER_RANGES.items():
+        _number_field(body, name, lo, hi)
+    _int_field(body, "seed", *INT64)
+    if endpoint == "chat":
+        lp = body.get("logprobs")
+        if lp is not None and not isinstance(lp, bool):
+            raise InvalidRequest("'logprobs' must be a boolean", param="logprobs", code="invalid_type")
+        _int_field(body, "top_logprobs", 0, 20)
+    else:
+        _int_field(body, "logprobs", 0, 5)
+    stop = body.get("stop")
+    if stop is not None and not isinstance(stop, str) and not (
+            isinstance(stop, list) and all(isinstance(s, str) for s in stop)):
+        raise InvalidRequest("'stop' must be a string or an array of strings", param="stop", code="invalid_type")
+    bias = body.get("logit_bias")
+    if bias is not None:
+        if not isinstance(bias, dict):
+            raise InvalidRequest("'logit_bias' must be an object of token id to bias", param="logit_bias",
+                                 code="invalid_type")
+        for k, v in bias.items():
+            if isinstance(v, bool) or not isinstance(v, int | float) or not -100 <= v <= 100:
+                raise InvalidRequest(f"logit_bias[{k[:20]!r}] must be a number between -100 and 100",
+                                     param="logit_bias", code="invalid_value")
+    for name in ("tools", "functions"):
+        v = body.get(name)
+        if v is not None and not (isinstance(v, list) and all(isinstance(t, dict) for t in v)):
+            raise InvalidRequest(f"'{name}' must be an array of objects", param=name, code="invalid_type")
 
 
 def _check_messages(messages: Any) -> None:
@@ -127,6 +176,7 @@ def parse_request(raw: bytes, endpoint: Endpoint, *, max_n: int, max_tokens_limi
         _check_messages(body.get("messages"))
     else:
         _check_prompt(body)
+    _check_sampling(body, endpoint)
     n = _int_field(body, "n", 1, max_n) or 1
     max_tokens = _int_field(body, "max_tokens", 1, max_tokens_limit)
     mct = _int_field(body, "max_completion_tokens", 1, max_tokens_limit)

@@ -31,7 +31,8 @@ class BackendState:
 
 
 class TierResolver:
-    """Header, then `model` (tier alias, adapter name or tier name), then the default tier."""
+    """Header, then `model` (tier alias, adapter name or tier name), then the default tier: for a request
+    without `model`, or for any model when the fleet is configured as a catch-all."""
 
     def __init__(self, config: FleetConfig) -> None:
         self.config = config
@@ -56,6 +57,9 @@ class TierResolver:
             name_or_none = self._by_model.get(model) or self._by_model.get(model.lower())
             if name_or_none is not None:
                 return tiers[name_or_none]
+            if not self.config.catch_all:  # OpenAI's answer to a model it does not serve
+                raise NotFound(f"The model {model[:100]!r} does not exist; GET /v1/models lists the tiers, aliases "
+                               "and adapters, or send X-QLP-Tier", param="model")
         if self.config.default_tier is None:
             raise NotFound(
                 f"The model {model[:100]!r} does not exist; send X-QLP-Tier or use a tier alias"

@@ -16,9 +16,7 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import logging
-import os
 import random
-import re
 import time
 from dataclasses import dataclass, field
 from typing import Any
@@ -27,7 +25,7 @@ import orjson
 
 from gateway.config import Backend
 from gateway.errors import GatewayError, InvalidRequest, ServiceUnavailable, UpstreamError, envelope
-from gateway.http import ClientDisconnected, Headers, read_body, send_error, send_json
+from gateway.http import ClientDisconnected, Headers, read_body, request_id, send_error, send_json
 from gateway.metering.estimate import completion_tokens_of_body
 from gateway.metering.meter import Ticket
 from gateway.protocol import Endpoint, ParsedRequest, parse_request
@@ -39,7 +37,6 @@ __all__ = ["Exchange", "handle"]
 
 log = logging.getLogger("qlp.gateway")
 
-_REQUEST_ID = re.compile(rb"^[A-Za-z0-9._:\-]{1,128}$")
 SSE_HEADERS: Headers = [(b"content-type", b"text/event-stream"), (b"cache-control", b"no-cache")]
 
 
@@ -88,9 +85,8 @@ def _response_headers(x: Exchange) -> Headers:
 
 async def handle(rt: Runtime, endpoint: Endpoint, scope: dict[str, Any], receive: Any, send: Any) -> Exchange:
     hdrs = _scope_headers(scope)
-    rid = hdrs.get(b"x-request-id")
     x = Exchange(
-        request_id=rid.decode() if rid is not None and _REQUEST_ID.match(rid) else os.urandom(16).hex(),
+        request_id=request_id(hdrs.get(b"x-request-id")),
         started=time.perf_counter(),
         endpoint=endpoint,
     )
@@ -209,7 +205,7 @@ async def _proxy(rt: Runtime, req: ParsedRequest, target: Target, x: Exchange, r
                 last = ServiceUnavailable(
                     f"tier {tier.name} upstream {backend.name!r} is not configured: set QLP_{backend.api_key_secret.upper()}"  # type: ignore[union-attr]
                     f" or the file {rt.settings.secrets_dir}/{backend.api_key_secret}",
-                    code="upstream_not_configured",
+                    code="upstream_not_configured", should_retry=False,
                 )
                 break
             if retries:

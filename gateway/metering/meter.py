@@ -386,8 +386,9 @@ def _rejection(r: AdmitResult) -> GatewayError:
         return RateLimited(f"the {which} budget of this API key is held by requests in flight (their worst case is "
                            "reserved until they finish); retry in a moment", code="budget_exceeded",
                            headers={"Retry-After": "1"})
+    # Spent: the period's end is when it frees up (Retry-After), no retry within the SDK's patience helps.
     return RateLimited(f"the {which} budget of this API key is spent", code="budget_exceeded",
-                       headers={"Retry-After": str(retry_after)})
+                       headers={"Retry-After": str(retry_after)}, should_retry=False)
 
 
 def _safe_url(url: str) -> str:

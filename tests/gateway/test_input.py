@@ -50,12 +50,49 @@ def assert_envelope(r: httpx.Response, status: int, code: str | None = None) -> 
         ({"messages": MSG, "stream": "yes"}, "invalid_type", "stream"),
         ({"messages": MSG, "model": 7}, "invalid_type", "model"),
         ({"messages": MSG, "stream_options": 1}, "invalid_type", "stream_options"),
+        ({"messages": MSG, "temperature": 5}, "invalid_value", "temperature"),
+        ({"messages": MSG, "temperature": -0.1}, "invalid_value", "temperature"),
+        ({"messages": MSG, "temperature": "hot"}, "invalid_type", "temperature"),
+        ({"messages": MSG, "top_p": 1.5}, "invalid_value", "top_p"),
+        ({"messages": MSG, "presence_penalty": 3}, "invalid_value", "presence_penalty"),
+        ({"messages": MSG, "frequency_penalty": -2.5}, "invalid_value", "frequency_penalty"),
+        ({"messages": MSG, "logprobs": 3}, "invalid_type", "logprobs"),
+        ({"messages": MSG, "top_logprobs": 21}, "invalid_value", "top_logprobs"),
+        ({"messages": MSG, "seed": 1.5}, "invalid_type", "seed"),
+        ({"messages": MSG, "seed": 2**64}, "invalid_value", "seed"),
+        ({"messages": MSG, "stop": [1]}, "invalid_type", "stop"),
+        ({"messages": MSG, "logit_bias": {"5": 101}}, "invalid_value", "logit_bias"),
+        ({"messages": MSG, "logit_bias": [1]}, "invalid_type", "logit_bias"),
+        ({"messages": MSG, "tools": {"type": "function"}}, "invalid_type", "tools"),
     ],
 )
 def test_invalid_fields_are_400_naming_the_field(gw, upstreams, payload, code, param) -> None:  # type: ignore[no-untyped-def]
-    err = assert_envelope(post(gw, json=payload), 400, code)
-    assert err["param"] == param
+    r = post(gw, json=payload)
+    err = assert_envelope(r, 400, code)
+    assert err["param"] == param and err["type"] == "invalid_request_error"
+    assert r.headers["x-should-retry"] == "false" and r.headers["x-request-id"]
     assert not upstreams["a"].requests
+
+
+def test_documented_edges_of_the_ranges_are_accepted(gw, upstreams) -> None:  # type: ignore[no-untyped-def]
+    ok = {"temperature": 2, "top_p": 0, "presence_penalty": -2, "frequency_penalty": 2.0, "logprobs": True,
+          "top_logprobs": 20, "seed": -1, "stop": ["a", "b"], "logit_bias": {"50256": -100}}
+    r = post(gw, json={"messages": MSG, **ok})
+    assert r.status_code == 200, r.text
+    assert {k: upstreams["a"].requests[0]["body"][k] for k in ok} == ok
+
+
+def test_unknown_model_is_404_model_not_found_and_not_retried(gw, upstreams) -> None:  # type: ignore[no-untyped-def]
+    r = post(gw, json={"model": "gpt-4o-mini", "messages": MSG})
+    err = assert_envelope(r, 404, "model_not_found")
+    assert err["param"] == "model" and r.headers["x-should-retry"] == "false"
+    assert not upstreams["a"].requests
+
+
+def test_catch_all_serves_an_unknown_model_on_the_default_tier(upstreams, gateway_factory) -> None:  # type: ignore[no-untyped-def]
+    gw = gateway_factory(fleet(upstreams, catch_all=True))
+    r = post(gw, json={"model": "gpt-4o-mini", "messages": MSG})
+    assert r.status_code == 200 and r.headers["x-qlp-tier"] == "T0"
 
 
 @pytest.mark.parametrize("raw", [b"{bad", b"[1,2]", b"", b"\xff\xfe", b'"str"', b"null"])
@@ -100,9 +137,13 @@ def test_chunked_body_over_limit_is_413(gw, upstreams) -> None:  # type: ignore[
 
 
 def test_unknown_route_and_wrong_method_use_the_envelope(gw) -> None:  # type: ignore[no-untyped-def]
-    assert_envelope(httpx.get(gw.url + "/v1/nothing"), 404)
-    assert_envelope(httpx.get(gw.url + "/v1/chat/completions"), 405)
-    assert_envelope(httpx.delete(gw.url + "/v1/models"), 405)
+    for r, status in ((httpx.get(gw.url + "/v1/nothing"), 404), (httpx.get(gw.url + "/v1/chat/completions"), 405),
+                      (httpx.delete(gw.url + "/v1/models"), 405)):
+        assert_envelope(r, status)
+        assert len(r.headers["x-request-id"]) == 32 and r.headers["x-should-retry"] == "false"
+    r = httpx.get(gw.url + "/v1/nothing", headers={"X-Request-Id": "mine-1"})
+    assert r.headers["x-request-id"] == "mine-1"
+    assert httpx.get(gw.url + "/v1/models").headers["x-request-id"]
 
 
 def test_models_lists_tiers_aliases_and_adapters(gw) -> None:  # type: ignore[no-untyped-def]

@@ -51,7 +51,7 @@ def test_non_stream_response_is_the_upstreams_with_routing_headers(upstreams, ga
 
 def test_request_id_is_generated_when_absent(upstreams, gateway_factory) -> None:
     gw = gateway_factory(fleet(upstreams))
-    r = httpx.post(gw.url + "/v1/chat/completions", json={"model": "x", "messages": MSG})
+    r = httpx.post(gw.url + "/v1/chat/completions", json={"model": "qlp-t0", "messages": MSG})
     assert r.status_code == 200 and len(r.headers["x-request-id"]) == 32
 
 
@@ -63,7 +63,7 @@ def test_tier_header_routes_to_that_tier(upstreams, gateway_factory) -> None:
 
 def test_agent_header_sends_the_agents_adapter_upstream(upstreams, gateway_factory) -> None:
     gw = gateway_factory(fleet(upstreams))
-    r = client(gw, **{"X-QLP-Agent": "developer"}).chat.completions.with_raw_response.create(model="gpt-4", messages=MSG)
+    r = client(gw, **{"X-QLP-Agent": "developer"}).chat.completions.with_raw_response.create(model="qlp-t0", messages=MSG)
     assert r.headers["x-qlp-backend"] == "a/dev-v1" and upstreams["a"].requests[0]["body"]["model"] == "dev-v1"
 
 

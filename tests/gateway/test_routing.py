@@ -44,9 +44,26 @@ def test_adapter_name_selects_its_tier_and_is_sent_upstream() -> None:
     assert (t.tier.name, t.model, t.adapter) == ("T1", "t1-arch", "t1-arch")
 
 
-def test_unknown_model_goes_to_default_tier() -> None:
-    t = TierResolver(CONFIG).resolve(None, "gpt-4", None)
+def test_unknown_model_is_404_as_openai_answers() -> None:
+    with pytest.raises(NotFound) as e:
+        TierResolver(CONFIG).resolve(None, "gpt-4", None)
+    assert e.value.status == 404 and e.value.code == "model_not_found" and e.value.param == "model"
+    assert "/v1/models" in e.value.message
+
+
+def test_no_model_goes_to_default_tier() -> None:
+    t = TierResolver(CONFIG).resolve(None, None, None)
     assert (t.tier.name, t.model) == ("T0", "base")
+
+
+def test_catch_all_sends_unknown_models_to_default_tier() -> None:
+    t = TierResolver(CONFIG.model_copy(update={"catch_all": True})).resolve(None, "gpt-4", None)
+    assert (t.tier.name, t.model) == ("T0", "base")
+
+
+def test_catch_all_needs_a_default_tier() -> None:
+    with pytest.raises(ValueError, match="catch_all"):
+        FleetConfig.model_validate({"catch_all": True, "default_tier": None, "tiers": {"T0": {"model": "m"}}})
 
 
 def test_unknown_model_without_default_tier_is_404() -> None:
