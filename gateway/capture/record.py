@@ -20,6 +20,7 @@ from typing import TYPE_CHECKING, Any
 import orjson
 
 from gateway.capture.redact import Redactor
+from gateway.sse import EventBuffer, data_of, events_of
 
 if TYPE_CHECKING:
     from gateway.capture.capture import Pending
@@ -84,10 +85,11 @@ def reply_text(response: bytes, stream: bool) -> tuple[str | None, str | None, d
     parts: list[str] = []
     finish = usage = None
     done = False
-    for line in response.split(b"\n"):
-        if not line.startswith(b"data:"):
+    events = EventBuffer()
+    for event in events_of(events.feed(response) + events.rest() + b"\n\n"):
+        data = data_of(event)
+        if data is None:
             continue
-        data = line[5:].strip()
         if data == b"[DONE]":
             done = True
             break

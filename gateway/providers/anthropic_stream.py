@@ -31,6 +31,7 @@ import orjson
 
 from gateway.providers.base import ErrorClass, ProviderError
 from gateway.providers.errors import anthropic_event_error
+from gateway.sse import EventBuffer, data_of, events_of
 
 __all__ = ["AnthropicStream", "finish_reason", "message_to_completion", "usage_from"]
 
@@ -73,7 +74,8 @@ def message_to_completion(msg: Mapping[str, Any], created: int | None = None) ->
         elif block.get("type") == "tool_use":
             calls.append({"id": block.get("id"), "type": "function",
                           "function": {"name": block.get("name"), "arguments": _arguments(block.get("input"))}})
-    message: dict[str, Any] = {"role": "assistant", "content": "".join(texts) if texts or not calls else None}
+    message: dict[str, Any] = {"role": "assistant", "content": "".join(texts) if texts or not calls else None,
+                               "refusal": None}
     if calls:
         message["tool_calls"] = calls
     usage = msg.get("usage")
@@ -90,7 +92,7 @@ class AnthropicStream:
     """Feed Anthropic SSE bytes split anywhere; get complete OpenAI SSE events back."""
 
     def __init__(self, created: int | None = None) -> None:
-        self._buf = b""
+        self._events = EventBuffer()
         self._id = ""
         self._model = ""
         self._created = created or int(time.time())
@@ -100,17 +102,9 @@ class AnthropicStream:
         self.done = False
 
     def feed(self, chunk: bytes) -> bytes:
-        buf = self._buf + chunk
-        if b"\r" in buf:
-            buf = buf.replace(b"\r\n", b"\n")  # on the whole buffer: a \r\n may straddle two chunks
-        cut = buf.rfind(b"\n\n")
-        if cut < 0:
-            self._buf = buf
-            return b""
-        complete, self._buf = buf[:cut], buf[cut + 2:]
         out: list[bytes] = []
-        for event in complete.split(b"\n\n"):
-            data = b"\n".join(line[5:].lstrip(b" ") for line in event.split(b"\n") if line.startswith(b"data:"))
+        for event in events_of(self._events.feed(chunk)):
+            data = data_of(event)
             if not data or self.done:
                 continue
             try:
