@@ -16,13 +16,14 @@ from __future__ import annotations
 
 import asyncio
 import re
+import ssl
 import time
 from collections.abc import AsyncIterator, Callable, Iterable
 
 from gateway.config import Timeouts
 from gateway.errors import UpstreamError
 from gateway.providers import Provider, ProviderError, classify_openai
-from gateway.upstream.http1 import Connection, Pool, ProtocolError, StaleConnection
+from gateway.upstream.http1 import Connection, Pool, ProtocolError, ProxyError, StaleConnection
 
 __all__ = ["UpstreamClient", "UpstreamResponse", "sanitize"]
 
@@ -195,6 +196,12 @@ class UpstreamClient:
             assert conn is not None
             pool.discard(conn)
             raise UpstreamError("upstream closed the connection", kind="connect", retryable=True) from exc
+        except ssl.SSLCertVerificationError as exc:
+            # Not a passing fault: the upstream's certificate is not one this machine trusts.
+            raise UpstreamError(f"upstream TLS certificate not trusted: {exc.verify_message}", kind="tls",
+                                retryable=False) from exc
+        except ProxyError as exc:
+            raise UpstreamError(f"HTTPS proxy: {exc}", kind="proxy", retryable=False) from exc
         except OSError as exc:
             if conn is None:
                 raise UpstreamError("upstream refused the connection", kind="connect", retryable=True) from exc

@@ -9,7 +9,11 @@ to a known upstream over a kept-alive connection, so this module does exactly th
   * requests written in one `transport.write`; responses parsed by httptools (chunked and
     content-length bodies); body chunks handed out as they arrive, with back-pressure (pause_reading);
   * a connection goes back to the pool only after a complete, keep-alive response; anything half-read
-    is closed; a pooled connection the server had already closed is retried once on a new one.
+    is closed; a pooled connection the server had already closed is retried once on a new one;
+  * https verifies the upstream against the system's trust store (`SSL_CERT_FILE` / `SSL_CERT_DIR` name
+    another, as for OpenSSL everywhere); `HTTPS_PROXY` (and `NO_PROXY`) send https upstreams through a
+    CONNECT tunnel, with `user:password@` as Basic proxy credentials. Plain-http upstreams (the local model
+    servers) always connect directly.
 
 Errors raised here are the builtin `OSError`/`ConnectionError`/`TimeoutError` family plus `ProtocolError`;
 gateway/upstream/client.py maps them to `UpstreamError` (the one translation boundary).
@@ -18,15 +22,17 @@ gateway/upstream/client.py maps them to `UpstreamError` (the one translation bou
 from __future__ import annotations
 
 import asyncio
+import base64
 import collections
 import ssl
 import time
+import urllib.request
 from typing import Any
-from urllib.parse import urlsplit
+from urllib.parse import unquote, urlsplit
 
 import httptools
 
-__all__ = ["Connection", "Pool", "ProtocolError", "StaleConnection"]
+__all__ = ["Connection", "Pool", "ProtocolError", "ProxyError", "StaleConnection"]
 
 _HIGH_WATER = 1 << 20  # bytes buffered from upstream before we stop reading the socket
 
@@ -37,6 +43,42 @@ class ProtocolError(Exception):
 
 class StaleConnection(ConnectionError):
     """A pooled connection was closed by the server before any response byte."""
+
+
+class ProxyError(ConnectionError):
+    """The HTTPS proxy refused or broke the CONNECT tunnel."""
+
+
+class _Tunnel(asyncio.Protocol):
+    """The proxy's answer to CONNECT, up to the blank line; then the socket is TLS's."""
+
+    def __init__(self) -> None:
+        self.answer: asyncio.Future[bytes] = asyncio.get_running_loop().create_future()
+        self._buf = b""
+
+    def data_received(self, data: bytes) -> None:
+        self._buf += data
+        if b"\r\n\r\n" in self._buf and not self.answer.done():
+            self.answer.set_result(self._buf)
+
+    def connection_lost(self, exc: Exception | None) -> None:
+        if not self.answer.done():
+            self.answer.set_exception(ProxyError("the proxy closed the connection during CONNECT"))
+
+
+def _https_proxy() -> tuple[str, int, bytes | None] | None:
+    """(host, port, Proxy-Authorization value) from HTTPS_PROXY, read once per pool."""
+    url = urllib.request.getproxies_environment().get("https")
+    if not url:
+        return None
+    u = urlsplit(url if "://" in url else f"http://{url}")
+    if u.scheme != "http" or not u.hostname:
+        raise ValueError(f"HTTPS_PROXY must be an http:// proxy URL, got scheme {u.scheme!r}")
+    auth = None
+    if u.username is not None:
+        creds = f"{unquote(u.username)}:{unquote(u.password or '')}".encode()
+        auth = b"Basic " + base64.b64encode(creds)
+    return u.hostname, u.port or 3128, auth
 
 
 class Connection(asyncio.Protocol):
@@ -176,6 +218,7 @@ class Pool:
         self._max_idle = max_idle_per_origin
         self._ssl: ssl.SSLContext | None = None
         self._origins: dict[str, tuple[tuple[str, str, int], str, bytes]] = {}
+        self._proxy = _https_proxy()
 
     def _origin(self, url: str) -> tuple[tuple[str, str, int], str, bytes]:
         """(pool key, path with query, Host header) for a URL; cached since upstream URLs are few."""
@@ -199,8 +242,36 @@ class Pool:
             if self._ssl is None:
                 self._ssl = ssl.create_default_context()
             ctx = self._ssl
+            if self._proxy is not None and not urllib.request.proxy_bypass_environment(host):
+                return await self._connect_tunnel(key, ctx)
         _, conn = await loop.create_connection(lambda: Connection(key), host, port, ssl=ctx,
                                                server_hostname=host if ctx else None)
+        return conn
+
+    async def _connect_tunnel(self, key: tuple[str, str, int], ctx: ssl.SSLContext) -> Connection:
+        """CONNECT through the HTTPS proxy, then TLS with the upstream over that tunnel."""
+        assert self._proxy is not None
+        _, host, port = key
+        phost, pport, auth = self._proxy
+        loop = asyncio.get_running_loop()
+        transport, tunnel = await loop.create_connection(_Tunnel, phost, pport)
+        try:
+            target = f"{host}:{port}".encode("idna")
+            head = b"CONNECT " + target + b" HTTP/1.1\r\nHost: " + target + b"\r\n"
+            if auth is not None:
+                head += b"Proxy-Authorization: " + auth + b"\r\n"
+            transport.write(head + b"\r\n")
+            answer = await tunnel.answer
+            status = answer.split(b"\r\n", 1)[0].split(b" ")
+            if len(status) < 2 or status[1] != b"200":
+                raise ProxyError(f"the proxy answered CONNECT with {b' '.join(status[1:])[:60].decode('latin-1')}")
+            conn = Connection(key)
+            tls = await loop.start_tls(transport, conn, ctx, server_hostname=host)
+        except BaseException:
+            transport.close()
+            raise
+        assert tls is not None
+        conn.connection_made(tls)
         return conn
 
     def _pop_idle(self, key: tuple[str, str, int]) -> Connection | None:

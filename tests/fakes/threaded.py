@@ -8,6 +8,7 @@ on such a loop (the fake upstreams and providers); the fault proxy is a plain as
 from __future__ import annotations
 
 import asyncio
+import ssl
 import threading
 from typing import Any, Self
 
@@ -58,9 +59,10 @@ class LoopThread:
 class ThreadedServer(LoopThread):
     """An aiohttp application on 127.0.0.1 (subclasses add its `routes`). Records requests."""
 
-    def __init__(self, name: str) -> None:
+    def __init__(self, name: str, tls: ssl.SSLContext | None = None) -> None:
         super().__init__(name)
         self.requests: list[dict[str, Any]] = []
+        self.tls = tls  # serve https with this server context
         self._runner: web.AppRunner | None = None
 
     def routes(self, app: web.Application) -> None:
@@ -71,7 +73,7 @@ class ThreadedServer(LoopThread):
         self.routes(app)
         self._runner = web.AppRunner(app, handle_signals=False)
         await self._runner.setup()
-        site = web.TCPSite(self._runner, "127.0.0.1", 0)
+        site = web.TCPSite(self._runner, "127.0.0.1", 0, ssl_context=self.tls)
         await site.start()
         self.port = site._server.sockets[0].getsockname()[1]  # type: ignore[union-attr]
 

@@ -8,6 +8,7 @@ client went away is noticed (so tests can prove the gateway closed the upstream)
 from __future__ import annotations
 
 import asyncio
+import ssl
 import threading
 import time
 from collections import deque
@@ -56,8 +57,8 @@ def chunk(model: str, delta: dict[str, Any], finish: str | None = None) -> bytes
 
 
 class FakeUpstream(ThreadedServer):
-    def __init__(self, name: str = "fake") -> None:
-        super().__init__(name)
+    def __init__(self, name: str = "fake", tls: ssl.SSLContext | None = None) -> None:
+        super().__init__(name, tls)
         self.scripts: deque[Script] = deque()
         self.default = Script()
         self.disconnects = 0
@@ -66,7 +67,8 @@ class FakeUpstream(ThreadedServer):
 
     @property
     def base_url(self) -> str:
-        return f"http://127.0.0.1:{self.port}/v1"
+        # https by name: the test CA's certificate is for localhost
+        return f"https://localhost:{self.port}/v1" if self.tls else f"http://127.0.0.1:{self.port}/v1"
 
     def push(self, *scripts: Script) -> None:
         self.scripts.extend(scripts)
