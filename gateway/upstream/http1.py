@@ -242,7 +242,7 @@ class Pool:
             if self._ssl is None:
                 self._ssl = ssl.create_default_context()
             ctx = self._ssl
-            if self._proxy is not None and not urllib.request.proxy_bypass_environment(host):
+            if self._proxy is not None and not urllib.request.proxy_bypass(host):
                 return await self._connect_tunnel(key, ctx)
         _, conn = await loop.create_connection(lambda: Connection(key), host, port, ssl=ctx,
                                                server_hostname=host if ctx else None)
