@@ -62,6 +62,13 @@ class Breaker:
         if self.state is BreakerState.HALF_OPEN or self.consecutive_failures >= self.failures_to_open:
             self.trip(now)
 
+    def upstream_failed(self, kind: str, now: float) -> None:
+        """An attempt failed before its first byte, as `kind` (UpstreamError.kind) says."""
+        if kind == "rejected":
+            self.success()  # it answered: healthy, the request was at fault
+        elif kind != "status_429":  # a rate limit is the upstream pacing us, not failing
+            self.failure(now)
+
     def trip(self, now: float) -> None:
         self.state = BreakerState.OPEN
         self.opened_at = now

@@ -144,7 +144,7 @@ class FleetConfig(_Model):
             try:
                 if not sep:
                     raise RolloutError("keys are '<tier>/<agent>', e.g. 'T0/developer'")
-                check_rollout(self, tier_name, agent, rollout)
+                check_rollout(self.tiers, tier_name, agent, rollout)
             except RolloutError as exc:
                 raise ValueError(f"rollouts[{key!r}]: {exc}") from exc
         if self.default_tier is not None and self.default_tier not in names:
@@ -157,6 +157,11 @@ class FleetConfig(_Model):
                 if keys.setdefault(key, name) != name:
                     raise ValueError(f"model name {key!r} is claimed by tiers {keys[key]} and {name}")
         return self
+
+
+def backend_key(tier: str, backend: str) -> str:
+    """"tier/backend": backend names are unique per tier, so breakers, providers and keys are kept under it."""
+    return f"{tier}/{backend}"
 
 
 def backend_provider(tier: Tier, backend: Backend) -> Provider:

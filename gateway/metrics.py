@@ -102,7 +102,7 @@ UPSTREAM_KINDS = frozenset({"connect", "timeout_connect", "timeout_first_byte", 
 
 
 def observe(m: Metrics, x: Any, now: float) -> None:
-    """Record one finished request (a `gateway.serving.Exchange`)."""
+    """Record one finished request (a `gateway.exchange.Exchange`)."""
     tier = x.tier or x.requested_tier or "none"
     backend = x.backend or "none"
     stream = "true" if x.stream else "false"

@@ -11,13 +11,18 @@ import contextlib
 import logging
 import time
 from dataclasses import dataclass, field
+from typing import Any
+
+import orjson
 
 from gateway.breaker import Breaker, BreakerState
 from gateway.capture.capture import Capture
-from gateway.config import Backend, FleetConfig, backend_provider
+from gateway.config import Backend, FleetConfig, Tier, backend_key, backend_provider
+from gateway.errors import InvalidRequest, ServiceUnavailable
 from gateway.metering.meter import Meter, connect
 from gateway.metering.pricing import load_pricing
 from gateway.metrics import Metrics
+from gateway.protocol import Endpoint
 from gateway.providers import Provider
 from gateway.rollout.registry import Rollouts
 from gateway.rollout.shadow import ShadowRunner
@@ -25,7 +30,7 @@ from gateway.routing import BackendState, TierResolver
 from gateway.settings import Settings
 from gateway.upstream import UpstreamClient
 
-__all__ = ["Runtime"]
+__all__ = ["Runtime", "UpstreamCall"]
 
 log = logging.getLogger("qlp.gateway")
 
@@ -34,6 +39,16 @@ def _root(base_url: str) -> str:
     """http://host:port/v1 -> http://host:port (health paths are relative to the host root, as vLLM's)."""
     scheme, _, rest = base_url.partition("://")
     return f"{scheme}://{rest.split('/', 1)[0]}"
+
+
+@dataclass(frozen=True, slots=True)
+class UpstreamCall:
+    """One upstream request, ready for `UpstreamClient.post`."""
+
+    url: str
+    body: bytes
+    headers: dict[str, str]
+    provider: Provider
 
 
 @dataclass
@@ -79,11 +94,35 @@ class Runtime:
                                    (*self.client.secrets, *((admin,) if admin else ())), metrics=self.metrics)
 
     @staticmethod
-    def key(tier: object, backend: Backend) -> str:
-        return f"{getattr(tier, 'name', tier)}/{backend.name}"
+    def key(tier: Tier, backend: Backend) -> str:
+        return backend_key(tier.name, backend.name)
 
     def states(self, tier_name: str, backends: tuple[Backend, ...], now: float) -> dict[str, BackendState]:
-        return {b.name: self.breakers[f"{tier_name}/{b.name}"].view(now) for b in backends}
+        return {b.name: self.breakers[backend_key(tier_name, b.name)].view(now) for b in backends}
+
+    def prepare(self, tier: Tier, backend: Backend, model: str, body: dict[str, Any], endpoint: Endpoint,
+                stream: bool, request_id: str) -> UpstreamCall:
+        """The request as this backend's provider writes it (the proxy's attempts and the shadow's mirror).
+        InvalidRequest: this provider cannot express it; ServiceUnavailable: the backend's secret is unset."""
+        key = backend_key(tier.name, backend.name)
+        provider = self.providers[key]
+        if endpoint not in provider.endpoints:
+            raise InvalidRequest(f"tier {tier.name} serves only /v1/chat/completions", code="unsupported_endpoint")
+        try:
+            data = provider.request_body(body, model, stream)
+        except orjson.JSONEncodeError as exc:
+            # orjson reads 1024 levels of nesting but writes only 254: such a body is no request for any
+            # upstream (and was a 500).
+            raise InvalidRequest("request body is nested too deeply", code="invalid_json") from exc
+        secret = self.backend_keys[key]
+        if backend.api_key_secret and secret is None:
+            raise ServiceUnavailable(
+                f"tier {tier.name} upstream {backend.name!r} is not configured: set QLP_{backend.api_key_secret.upper()}"
+                f" or the file {self.settings.secrets_dir}/{backend.api_key_secret}",
+                code="upstream_not_configured", should_retry=False,
+            )
+        return UpstreamCall(backend.base_url + provider.path(endpoint, model), data,
+                            provider.headers(secret, request_id), provider)
 
     async def start(self) -> None:
         await self.client.start()

@@ -18,13 +18,13 @@ import contextlib
 import logging
 import random
 import time
-from dataclasses import dataclass, field
 from typing import Any
 
 import orjson
 
-from gateway.config import Backend
+from gateway.config import backend_key
 from gateway.errors import GatewayError, InvalidRequest, ServiceUnavailable, UpstreamError, envelope
+from gateway.exchange import Exchange
 from gateway.http import ClientDisconnected, Headers, read_body, request_id, send_error, send_json
 from gateway.metering.estimate import completion_tokens_of_body
 from gateway.metering.meter import Ticket
@@ -33,41 +33,11 @@ from gateway.routing import Target, choose_backend, target_in
 from gateway.runtime import Runtime
 from gateway.upstream import SSEFilter, UpstreamResponse
 
-__all__ = ["Exchange", "handle"]
+__all__ = ["handle"]
 
 log = logging.getLogger("qlp.gateway")
 
 SSE_HEADERS: Headers = [(b"content-type", b"text/event-stream"), (b"cache-control", b"no-cache")]
-
-
-@dataclass(slots=True)
-class Exchange:
-    """What happened to one request; filled in along the path and handed to metering and metrics."""
-
-    request_id: str
-    started: float
-    endpoint: Endpoint
-    stream: bool = False
-    tier: str | None = None
-    requested_tier: str | None = None
-    backend: str | None = None
-    model: str | None = None
-    agent: str | None = None
-    workflow: str | None = None
-    arm: str | None = None  # the rollout arm that served (gateway/rollout), None: no rollout applies
-    tenant: str | None = None
-    attempts: int = 0
-    fallbacks: list[str] = field(default_factory=list)
-    status: int = 0
-    error_kind: str | None = None
-    usage: dict[str, Any] | None = None
-    output_estimate: int | None = None  # completion tokens counted locally, for when usage is missing
-    cost_micros: int | None = None  # set by metering when the request is settled (served: > 0)
-    reference_cost_micros: int | None = None  # the same tokens at the reference model's price
-    upstream_seconds: float = 0.0  # time spent waiting on upstreams (for the gateway-overhead figure)
-    first_byte_at: float | None = None
-    captured: list[bytes] | None = None  # the response as sent, when the capture wants this exchange
-    capture_limit: int = 0  # bytes: collecting stops past it (the capture then refuses the exchange)
 
 
 def _scope_headers(scope: dict[str, Any]) -> dict[bytes, bytes]:
@@ -124,7 +94,9 @@ async def handle(rt: Runtime, endpoint: Endpoint, scope: dict[str, Any], receive
         await send_error(send, exc, _response_headers(x))
     finally:
         if ticket is not None and meter is not None:
-            meter.settle(ticket, x)
+            priced = meter.settle(ticket, x)
+            if priced is not None:  # for the metrics, which read the exchange after this
+                x.cost_micros, x.reference_cost_micros = priced
         if x.status == 200 and req is not None:  # after the response: nothing here delays the caller
             if x.captured is not None and rt.capture is not None:
                 rt.capture.submit(x, req, b"".join(x.captured))
@@ -144,14 +116,6 @@ def _collect(x: Exchange, data: bytes) -> None:
 def _backoff(rt: Runtime, retry_no: int) -> float:
     r = rt.config.retry
     return random.uniform(0, min(r.backoff_max, r.backoff_base * (2 ** (retry_no - 1))))
-
-
-def _upstream_key(rt: Runtime, bkey: str, backend: Backend) -> tuple[bool, str | None]:
-    """(configured?, key): a backend that names a secret is usable only once the secret is set."""
-    if not backend.api_key_secret:
-        return True, None
-    key = rt.backend_keys[bkey]
-    return key is not None, key
 
 
 async def _proxy(rt: Runtime, req: ParsedRequest, target: Target, x: Exchange, receive: Any, send: Any) -> None:
@@ -180,33 +144,15 @@ async def _proxy(rt: Runtime, req: ParsedRequest, target: Target, x: Exchange, r
                     code="no_healthy_backend",
                 )
                 break
-            bkey = f"{tier.name}/{backend.name}"  # breakers, providers and keys are all keyed by it
-            provider = rt.providers[bkey]
-            if req.endpoint not in provider.endpoints:
-                unsupported = InvalidRequest(f"tier {tier.name} serves only /v1/chat/completions",
-                                             code="unsupported_endpoint")
-                if i == 0:
-                    raise unsupported
-                last = last or unsupported
-                break  # a fallback tier that cannot serve this endpoint is skipped
             try:
-                body = provider.request_body(req.body, tgt.model, req.stream)
-            except orjson.JSONEncodeError as exc:
-                # orjson reads 1024 levels of nesting but writes only 254: such a body is no request for
-                # any upstream (and was a 500).
-                raise InvalidRequest("request body is nested too deeply", code="invalid_json") from exc
+                call = rt.prepare(tier, backend, tgt.model, req.body, req.endpoint, req.stream, x.request_id)
             except InvalidRequest as exc:
                 if i == 0:
                     raise
                 last = last or exc
-                break  # the request cannot be expressed for this fallback's provider: skip it
-            configured, key = _upstream_key(rt, bkey, backend)
-            if not configured:
-                last = ServiceUnavailable(
-                    f"tier {tier.name} upstream {backend.name!r} is not configured: set QLP_{backend.api_key_secret.upper()}"  # type: ignore[union-attr]
-                    f" or the file {rt.settings.secrets_dir}/{backend.api_key_secret}",
-                    code="upstream_not_configured", should_retry=False,
-                )
+                break  # a fallback whose provider cannot serve or express this request is skipped
+            except ServiceUnavailable as exc:
+                last = exc
                 break
             if retries:
                 # Never sooner than the upstream's Retry-After; otherwise jittered exponential backoff.
@@ -216,20 +162,17 @@ async def _proxy(rt: Runtime, req: ParsedRequest, target: Target, x: Exchange, r
                 x.fallbacks.append(tier.name)
             tried.add(backend.name)
             x.tier, x.backend, x.model = tier.name, backend.name, tgt.model
-            breaker = rt.breakers[bkey]
+            breaker = rt.breakers[backend_key(tier.name, backend.name)]
             breaker.acquire(now)
             t_up = time.perf_counter()
             try:
-                resp = await rt.client.post(backend.base_url + provider.path(req.endpoint, tgt.model), body,
-                                            provider.headers(key, x.request_id), tier.timeouts, provider)
+                resp = await rt.client.post(call.url, call.body, call.headers, tier.timeouts, call.provider)
             except UpstreamError as exc:
                 x.upstream_seconds += time.perf_counter() - t_up
                 breaker.release()
+                breaker.upstream_failed(exc.kind, time.monotonic())
                 if exc.kind == "rejected":
-                    breaker.success()  # it answered: healthy, the request was at fault
                     raise
-                if exc.kind != "status_429":
-                    breaker.failure(time.monotonic())
                 last = exc
                 log.warning("upstream %s/%s failed before first byte: %s", tier.name, backend.name, exc.kind)
                 if exc.retryable and (exc.retry_after or 0) <= rt.config.retry.max_retry_after:

@@ -21,7 +21,6 @@ import asyncio
 import logging
 import re
 import time
-from dataclasses import dataclass
 from typing import TYPE_CHECKING, Any
 
 import orjson
@@ -29,13 +28,13 @@ from redis.asyncio import Redis
 from redis.exceptions import RedisError
 
 from gateway.capture.config import CaptureConfig
-from gateway.capture.record import build_record
+from gateway.capture.record import Pending, build_record
 from gateway.capture.redact import Redactor
 
 if TYPE_CHECKING:
+    from gateway.exchange import Exchange
     from gateway.metrics import Metrics
     from gateway.protocol import ParsedRequest
-    from gateway.serving import Exchange
 
 __all__ = ["AGENT_RE", "BATCH", "FLUSH_INTERVAL", "QUEUE_MAX", "Capture", "Pending", "stream_key"]
 
@@ -68,28 +67,6 @@ def _prompt_chars(body: dict[str, Any]) -> int:
 
 def stream_key(agent: str) -> str:
     return STREAM_PREFIX + agent
-
-
-@dataclass(slots=True)
-class Pending:
-    """One exchange as it was when submitted (the Exchange object may still change afterwards)."""
-
-    request_id: str
-    time_s: float
-    latency_ms: int
-    endpoint: str
-    stream: bool
-    tier: str | None
-    requested_tier: str | None
-    backend: str | None
-    model: str | None
-    agent: str
-    workflow: str | None
-    tenant: str | None
-    arm: str | None
-    usage: dict[str, Any] | None
-    body: dict[str, Any]
-    response: bytes
 
 
 class Capture:

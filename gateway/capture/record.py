@@ -15,20 +15,40 @@ teach the model to stop mid-answer.
 from __future__ import annotations
 
 import datetime as dt
-from typing import TYPE_CHECKING, Any
+from dataclasses import dataclass
+from typing import Any
 
 import orjson
 
 from gateway.capture.redact import Redactor
 from gateway.sse import EventBuffer, data_of, events_of
 
-if TYPE_CHECKING:
-    from gateway.capture.capture import Pending
-
-__all__ = ["build_record", "iso_time", "normalise_messages", "reply_text"]
+__all__ = ["Pending", "build_record", "iso_time", "normalise_messages", "reply_text"]
 
 ROLE_MAP = {"function": "tool"}  # the trainer knows system, developer, user, assistant, tool
 KEPT_FIELDS = ("name", "tool_call_id", "tool_calls")
+
+
+@dataclass(slots=True)
+class Pending:
+    """One exchange as it was when submitted (the Exchange object may still change afterwards)."""
+
+    request_id: str
+    time_s: float
+    latency_ms: int
+    endpoint: str
+    stream: bool
+    tier: str | None
+    requested_tier: str | None
+    backend: str | None
+    model: str | None
+    agent: str
+    workflow: str | None
+    tenant: str | None
+    arm: str | None
+    usage: dict[str, Any] | None
+    body: dict[str, Any]
+    response: bytes
 
 
 def iso_time(ts: float) -> str:

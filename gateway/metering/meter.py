@@ -46,8 +46,8 @@ from gateway.protocol import ParsedRequest
 from gateway.settings import Settings
 
 if TYPE_CHECKING:
+    from gateway.exchange import Exchange
     from gateway.metrics import Metrics
-    from gateway.serving import Exchange
 
 __all__ = ["UNAVAILABLE", "Meter", "Ticket", "connect"]
 
@@ -298,21 +298,23 @@ class Meter:
         return Ticket(charge_id, now_ms, known[0], prompt, 0, minute)
 
     # -- settlement ------------------------------------------------------------------------------------
-    def settle(self, ticket: Ticket, x: Exchange) -> None:
+    def settle(self, ticket: Ticket, x: Exchange) -> tuple[int, int] | None:
         """Book what was served (or release the reservation). Call exactly once per ticket; never raises.
-        The charge is queued and booked right after, together with those of concurrent requests."""
+        The charge is queued and booked right after, together with those of concurrent requests.
+        Returns (cost, the reference model's cost) in micro-dollars when something was served."""
+        priced = None
         try:
             charge = self.charge(ticket, x)
         except Exception:  # a bug here must not break the response that was already sent
             log.exception("could not price request %s", x.request_id)
         else:
-            if charge.record is not None:  # for the metrics, which read the exchange after this
-                x.cost_micros = charge.cost_micros
-                x.reference_cost_micros = charge.record["reference_cost_micros"]
+            if charge.record is not None:
+                priced = charge.cost_micros, int(charge.record["reference_cost_micros"])
             if charge.record is not None or charge.key_state:  # else: nothing served, no limit state to correct
                 self.booker.queue(charge)
         if ticket.lease is not None and self.leases is not None:
             self.leases.settled(ticket.lease)  # after the charge: a lease's release is booked after its requests
+        return priced
 
     async def drain(self) -> None:
         """Book every queued charge now (shutdown; tests that read the ledger at once)."""

@@ -15,12 +15,9 @@ time (gateway/rollout/registry.py). Validated here, for both.
 from __future__ import annotations
 
 import re
-from typing import TYPE_CHECKING
+from collections.abc import Collection
 
 from pydantic import BaseModel, ConfigDict, Field
-
-if TYPE_CHECKING:
-    from gateway.config import FleetConfig
 
 __all__ = ["Arm", "Rollout", "RolloutError", "Shadow", "check_rollout", "rollout_key"]
 
@@ -61,10 +58,10 @@ def rollout_key(tier: str, agent: str) -> str:
     return f"{tier}/{agent}"
 
 
-def check_rollout(config: FleetConfig, tier: str, agent: str, rollout: Rollout) -> None:
-    """Raise RolloutError when `rollout` cannot apply to `tier`/`agent` of `config`."""
-    if tier not in config.tiers:
-        raise RolloutError(f"unknown tier {tier[:20]!r}; configured tiers: {', '.join(config.tiers)}")
+def check_rollout(tiers: Collection[str], tier: str, agent: str, rollout: Rollout) -> None:
+    """Raise RolloutError when `rollout` cannot apply to `tier`/`agent` of a fleet with these tier names."""
+    if tier not in tiers:
+        raise RolloutError(f"unknown tier {tier[:20]!r}; configured tiers: {', '.join(tiers)}")
     if not AGENT.match(agent):
         raise RolloutError(f"invalid agent name {agent[:64]!r}")
     names: set[str] = set()
@@ -72,13 +69,13 @@ def check_rollout(config: FleetConfig, tier: str, agent: str, rollout: Rollout) 
         if arm.name in names:
             raise RolloutError(f"arm {arm.name!r} appears twice")
         names.add(arm.name)
-        if arm.tier is not None and arm.tier not in config.tiers:
+        if arm.tier is not None and arm.tier not in tiers:
             raise RolloutError(f"arm {arm.name!r}: unknown tier {arm.tier[:20]!r}")
     if rollout.arms and sum(a.weight for a in rollout.arms) <= 0:
         raise RolloutError("the arms' weights add up to 0: at least one arm needs a weight")
     s = rollout.shadow
     if s is not None:
-        if s.tier not in config.tiers:
+        if s.tier not in tiers:
             raise RolloutError(f"shadow: unknown tier {s.tier[:20]!r}")
         if s.tier == tier:
             raise RolloutError("shadow: the shadow tier must differ from the rollout's tier")

@@ -82,7 +82,7 @@ class Rollouts:
         return self._table.get((tier, agent))
 
     async def put(self, tier: str, agent: str, rollout: Rollout) -> None:
-        check_rollout(self.config, tier, agent, rollout)
+        check_rollout(self.config.tiers, tier, agent, rollout)
         redis = self._store()
         key = rollout_key(tier, agent)
         async with redis.pipeline(transaction=True) as p:
@@ -120,7 +120,7 @@ class Rollouts:
             tier, _, agent = key.partition("/")
             try:
                 r = Rollout.model_validate_json(v)
-                check_rollout(self.config, tier, agent, r)
+                check_rollout(self.config.tiers, tier, agent, r)
             except (ValidationError, RolloutError) as exc:
                 # Written by a gateway with another fleet config (a tier that is not here): not ours to apply.
                 log.error("ignoring rollout %s from Redis: %s", key[:80], str(exc)[:200])

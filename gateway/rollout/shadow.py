@@ -33,9 +33,9 @@ from gateway.rollout.model import Shadow
 from gateway.routing import Target, choose_backend, target_in
 
 if TYPE_CHECKING:
+    from gateway.exchange import Exchange
     from gateway.protocol import ParsedRequest
     from gateway.runtime import Runtime
-    from gateway.serving import Exchange
 
 __all__ = ["SHADOW_STREAM", "ShadowRunner"]
 
@@ -79,15 +79,11 @@ class ShadowRunner:
         if backend is None:
             child(rt.metrics, rt.metrics.shadow, tier.name, "none", "error").inc()
             return
-        bkey = f"{tier.name}/{backend.name}"
-        provider = rt.providers[bkey]
-        key = rt.backend_keys.get(bkey)
         t0 = time.perf_counter()
         status, usage = 200, None
         try:
-            data = provider.request_body(body, tgt.model, False)
-            resp = await rt.client.post(backend.base_url + provider.path(req.endpoint, tgt.model), data,
-                                        provider.headers(key, f"{x.request_id}-shadow"), tier.timeouts, provider)
+            call = rt.prepare(tier, backend, tgt.model, body, req.endpoint, False, f"{x.request_id}-shadow")
+            resp = await rt.client.post(call.url, call.body, call.headers, tier.timeouts, call.provider)
             try:
                 raw = await resp.read()
             finally:

@@ -10,6 +10,7 @@ from fastapi import APIRouter, Request
 from starlette.responses import JSONResponse
 
 from gateway.breaker import BreakerState
+from gateway.config import backend_key
 from gateway.runtime import Runtime
 
 __all__ = ["router"]
@@ -35,7 +36,7 @@ async def readyz(request: Request) -> JSONResponse:
     for name, tier in rt.config.tiers.items():
         backends = {}
         for b in tier.backends:
-            key = f"{name}/{b.name}"
+            key = backend_key(name, b.name)
             br = rt.breakers[key]
             configured = not b.api_key_secret or rt.backend_keys[key] is not None
             # Backends without a health path (external APIs) count as reachable while configured and closed.

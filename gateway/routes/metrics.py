@@ -9,6 +9,7 @@ from fastapi import APIRouter, Request
 from prometheus_client import CONTENT_TYPE_LATEST
 from starlette.responses import Response
 
+from gateway.config import backend_key
 from gateway.metrics import render
 from gateway.runtime import Runtime
 
@@ -24,7 +25,7 @@ async def metrics(request: Request) -> Response:
     m = rt.metrics
     for tier in rt.config.tiers.values():
         for b in tier.backends:
-            m.backend_state.labels(tier.name, b.name).set(int(rt.breakers[f"{tier.name}/{b.name}"].current(now)))
+            m.backend_state.labels(tier.name, b.name).set(int(rt.breakers[backend_key(tier.name, b.name)].current(now)))
     if rt.meter is not None:
         m.spool_depth.set(await asyncio.to_thread(rt.meter.spool.depth))
     return Response(render(m), media_type=CONTENT_TYPE_LATEST)

@@ -16,9 +16,9 @@ from redis.asyncio import Redis
 from gateway.capture.capture import QUEUE_MAX, Capture, stream_key
 from gateway.capture.config import CaptureConfig
 from gateway.capture.record import reply_text
+from gateway.exchange import Exchange
 from gateway.metrics import Metrics
 from gateway.protocol import ParsedRequest
-from gateway.serving import Exchange
 from tests.capture.conftest import planted
 from tests.fakes.upstream import chunk, completion
 
