@@ -69,7 +69,7 @@ models/base/config.json:
 up: $(STAMP) $(VLLM_STAMP) model sysdeps
 	$(BIN)/qlp up
 
-test: $(STAMP) $(VLLM_STAMP) model sysdeps
+test: $(STAMP) $(VLLM_STAMP) model sysdeps lint
 	$(BIN)/python -m pytest -q
 
 lint: $(STAMP)

@@ -312,7 +312,7 @@ def add_config_arguments(parser: argparse.ArgumentParser) -> None:
         flag = "--" + f.name.replace("_", "-")
         inner, _ = _base_type(hints[f.name])
         group = groups[f.metadata["group"]]
-        default = f.default if f.default is not dataclasses.MISSING else f.default_factory()  # type: ignore[misc]
+        default = f.default if f.default is not dataclasses.MISSING else f.default_factory()  # type: ignore[operator]
         help_ = f"{f.metadata['help']} [default: {default}]"
         if inner is bool:
             group.add_argument(flag, dest=f.name, action=argparse.BooleanOptionalAction,

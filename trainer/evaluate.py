@@ -40,7 +40,7 @@ def load_adapter_model(base_model: str | Path, adapter_dir: Path, device: torch.
     from peft import PeftModel
     from transformers import AutoModelForCausalLM
 
-    base = AutoModelForCausalLM.from_pretrained(str(base_model), dtype=dtype).to(device)
+    base = AutoModelForCausalLM.from_pretrained(str(base_model), dtype=dtype).to(device)  # type: ignore[arg-type]
     with adalora_quiet():
         return PeftModel.from_pretrained(base, str(adapter_dir), is_trainable=False).eval()
 

@@ -99,6 +99,7 @@ def fold_adalora(peft_model: Any) -> dict[str, tuple[torch.Tensor, torch.Tensor]
     from peft.tuners.lora import LoraLayer
 
     out = {}
+    module: Any  # a LoraLayer: torch types its submodule attributes as Tensor
     for name, module in peft_model.named_modules():
         if not isinstance(module, LoraLayer) or ADAPTER not in module.lora_A:
             continue

@@ -99,7 +99,7 @@ def load_base_model(path: str | Path, device: torch.device, dtype: torch.dtype) 
     from transformers import AutoModelForCausalLM
 
     model = AutoModelForCausalLM.from_pretrained(str(path), dtype=dtype)
-    return model.to(device)
+    return model.to(device)  # type: ignore[arg-type]  # transformers types .to() by its own wrapper
 
 
 def build_adapter(model: Any, cfg: TrainConfig, schedule: Schedule) -> Any:
@@ -388,10 +388,10 @@ def train(
         try:
             for step in range(start_step, schedule.total_step):
                 t0 = time.perf_counter()
-                epoch, k = divmod(step, schedule.steps_per_epoch)
+                epoch, in_epoch = divmod(step, schedule.steps_per_epoch)
                 if epoch not in groups_cache:
                     groups_cache = {epoch: _epoch_groups(len(train_set), epoch, cfg, dist)}
-                group = groups_cache[epoch][k]
+                group = groups_cache[epoch][in_epoch]
                 step_loss = 0.0
                 step_tokens = 0
                 for i, micro in enumerate(group):
