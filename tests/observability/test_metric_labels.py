@@ -83,7 +83,7 @@ def _request(client: httpx.Client, url: str, i: int) -> int:
 def test_metrics_series_do_not_grow_with_caller_supplied_values(upstreams: dict[str, FakeUpstream],
                                                                  tmp_path: Path) -> None:
     up = upstreams["a"]
-    config = {"default_tier": "T0", "health_interval": 60,
+    config = {"default_tier": "T0", "catch_all": True, "health_interval": 60,
               "tiers": {"T0": {"model": "m0", "aliases": ["qlp-t0"],
                                "backends": [{"name": "a", "base_url": up.base_url}]}}}
     with (gateway_process(config, tmp_path) as gw, httpx.Client(timeout=30, limits=httpx.Limits(max_connections=8))
