@@ -81,48 +81,45 @@ def test_untrusted_certificate_is_a_clear_502_never_retried(tls_upstream, upstre
     assert not up.requests
 
 
+@pytest.fixture
+def proxy() -> Iterator[ConnectProxy]:
+    """A CONNECT proxy that wants the credentials qlp:s3cret."""
+    p = ConnectProxy(credentials="qlp:s3cret").start()
+    yield p
+    p.stop()
+
+
 def test_https_proxy_tunnels_t3_and_the_local_tier_goes_direct(tls_upstream, upstreams, gateway_factory,  # type: ignore[no-untyped-def]
-                                                                 clean_env) -> None:
+                                                                 clean_env, proxy) -> None:
     up, ca = tls_upstream
     up.reset()
-    proxy = ConnectProxy(credentials="qlp:s3cret").start()
-    try:
-        clean_env.setenv("SSL_CERT_FILE", str(ca))
-        clean_env.setenv("HTTPS_PROXY", proxy.url.replace("http://", "http://qlp:s3cret@"))
-        gw = gateway_factory(fleet(up, upstreams["a"]))
-        assert ask(gw, "qlp-t3").status_code == 200
-        assert ask(gw, "qlp-t0").status_code == 200 and len(upstreams["a"].requests) == 1
-        assert proxy.connects == [(f"localhost:{up.port}", "Basic cWxwOnMzY3JldA==")]
-        assert len(up.requests) == 1
-    finally:
-        proxy.stop()
+    clean_env.setenv("SSL_CERT_FILE", str(ca))
+    clean_env.setenv("HTTPS_PROXY", proxy.url.replace("http://", "http://qlp:s3cret@"))
+    gw = gateway_factory(fleet(up, upstreams["a"]))
+    assert ask(gw, "qlp-t3").status_code == 200
+    assert ask(gw, "qlp-t0").status_code == 200 and len(upstreams["a"].requests) == 1
+    assert proxy.connects == [(f"localhost:{up.port}", "Basic cWxwOnMzY3JldA==")]
+    assert len(up.requests) == 1
 
 
 def test_a_proxy_that_refuses_connect_is_a_502_naming_the_proxy(tls_upstream, upstreams, gateway_factory,  # type: ignore[no-untyped-def]
-                                                                  clean_env) -> None:
+                                                                  clean_env, proxy) -> None:
     up, ca = tls_upstream
     up.reset()
-    proxy = ConnectProxy(credentials="qlp:s3cret").start()
-    try:
-        clean_env.setenv("SSL_CERT_FILE", str(ca))
-        clean_env.setenv("HTTPS_PROXY", proxy.url)  # no credentials: 407
-        gw = gateway_factory(fleet(up, upstreams["a"]))
-        r = ask(gw, "qlp-t3")
-        assert r.status_code == 502 and r.json()["error"]["code"] == "proxy" and "407" in r.json()["error"]["message"]
-        assert not up.requests
-    finally:
-        proxy.stop()
+    clean_env.setenv("SSL_CERT_FILE", str(ca))
+    clean_env.setenv("HTTPS_PROXY", proxy.url)  # no credentials: 407
+    gw = gateway_factory(fleet(up, upstreams["a"]))
+    r = ask(gw, "qlp-t3")
+    assert r.status_code == 502 and r.json()["error"]["code"] == "proxy" and "407" in r.json()["error"]["message"]
+    assert not up.requests
 
 
-def test_no_proxy_lets_a_host_connect_directly(tls_upstream, upstreams, gateway_factory, clean_env) -> None:  # type: ignore[no-untyped-def]
+def test_no_proxy_lets_a_host_connect_directly(tls_upstream, upstreams, gateway_factory, clean_env,  # type: ignore[no-untyped-def]
+                                               proxy) -> None:
     up, ca = tls_upstream
     up.reset()
-    proxy = ConnectProxy().start()
-    try:
-        clean_env.setenv("SSL_CERT_FILE", str(ca))
-        clean_env.setenv("HTTPS_PROXY", proxy.url)
-        clean_env.setenv("NO_PROXY", "localhost")
-        gw = gateway_factory(fleet(up, upstreams["a"]))
-        assert ask(gw, "qlp-t3").status_code == 200 and not proxy.connects
-    finally:
-        proxy.stop()
+    clean_env.setenv("SSL_CERT_FILE", str(ca))
+    clean_env.setenv("HTTPS_PROXY", proxy.url)
+    clean_env.setenv("NO_PROXY", "localhost")
+    gw = gateway_factory(fleet(up, upstreams["a"]))
+    assert ask(gw, "qlp-t3").status_code == 200 and not proxy.connects
