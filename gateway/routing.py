@@ -31,8 +31,8 @@ class BackendState:
 
 
 class TierResolver:
-    """Header, then `model` (tier alias, adapter name or tier name), then the default tier: for a request
-    without `model`, or for any model when the fleet is configured as a catch-all."""
+    """Header, then `model` (tier name, alias or adapter; else the model a tier serves, the first such tier),
+    then the default tier: for a request without `model`, or for any model when the fleet is a catch-all."""
 
     def __init__(self, config: FleetConfig) -> None:
         self.config = config
@@ -41,6 +41,8 @@ class TierResolver:
             self._by_model[name.lower()] = name
             for key in (*tier.aliases, *tier.adapters):
                 self._by_model[key] = name
+        for name, tier in config.tiers.items():  # `model: gpt-4` reaches the tier serving gpt-4
+            self._by_model.setdefault(tier.model, name)
 
     def tier_of(self, header_tier: str | None, model: str | None) -> Tier:
         tiers = self.config.tiers
@@ -58,8 +60,8 @@ class TierResolver:
             if name_or_none is not None:
                 return tiers[name_or_none]
             if not self.config.catch_all:  # OpenAI's answer to a model it does not serve
-                raise NotFound(f"The model {model[:100]!r} does not exist; GET /v1/models lists the tiers, aliases "
-                               "and adapters, or send X-QLP-Tier", param="model")
+                raise NotFound(f"The model {model[:100]!r} does not exist; GET /v1/models lists the models served "
+                               "here, or send X-QLP-Tier", param="model")
         if self.config.default_tier is None:
             raise NotFound(
                 f"The model {model[:100]!r} does not exist; send X-QLP-Tier or use a tier alias"

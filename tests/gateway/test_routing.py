@@ -44,6 +44,11 @@ def test_adapter_name_selects_its_tier_and_is_sent_upstream() -> None:
     assert (t.tier.name, t.model, t.adapter) == ("T1", "t1-arch", "t1-arch")
 
 
+def test_the_model_a_tier_serves_selects_that_tier() -> None:
+    t = TierResolver(CONFIG).resolve(None, "base1", None)
+    assert (t.tier.name, t.model, t.adapter) == ("T1", "base1", None)
+
+
 def test_unknown_model_is_404_as_openai_answers() -> None:
     with pytest.raises(NotFound) as e:
         TierResolver(CONFIG).resolve(None, "gpt-4", None)

@@ -177,7 +177,7 @@ def test_vllms_client_errors_reach_the_caller_in_openais_envelope_and_book_nothi
 
 @pytest.mark.parametrize(("bad", "param"), [
     ({"temperature": -1}, "temperature"), ({"top_p": 2}, "top_p"), ({"max_tokens": -3}, "max_tokens"),
-    ({"logprobs": True, "top_logprobs": 50}, "logprobs"),
+    ({"logprobs": True, "top_logprobs": 50}, "top_logprobs"),
 ])
 def test_bad_sampling_parameters_are_400_naming_the_field(gateway, key, bad: dict[str, Any], param: str) -> None:
     c = client(gateway, key, f"bad-{param}")
