@@ -88,6 +88,20 @@ def _codes(err: Mapping[str, Any]) -> set[str]:
     return {v for v in values if isinstance(v, str)}
 
 
+# A rejection that names no `param` (vLLM's answer to `tool_choice: auto` on a server started without a tool
+# parser, for one) still says which field it is about: the caller's SDK shows `param`, so name it.
+_PARAM_IN_MESSAGE = ((re.compile(r"\btool[ _]choice\b", re.IGNORECASE), "tool_choice"),
+                     (re.compile(r"\b(?:tools?|tool[ _]call(?:ing|s)?)\b", re.IGNORECASE), "tools"),
+                     (re.compile(r"\bresponse_format\b|\bjson[ _]schema\b", re.IGNORECASE), "response_format"))
+
+
+def _param(err: Mapping[str, Any], detail: str) -> str | None:
+    param = err.get("param")
+    if isinstance(param, str):
+        return param
+    return next((name for pattern, name in _PARAM_IN_MESSAGE if pattern.search(detail)), None)
+
+
 def _common(status: int, headers: Mapping[str, str], err: Mapping[str, Any]) -> ErrorClass:
     detail = _message(err)
     if status == 429:
@@ -98,10 +112,9 @@ def _common(status: int, headers: Mapping[str, str], err: Mapping[str, Any]) -> 
         # The caller's key was fine (the gateway checked it); the gateway's own credentials were refused.
         return ErrorClass("upstream_auth", False, 502, "upstream refused the gateway's credentials", status)
     if 400 <= status < 500:
-        param, code = err.get("param"), err.get("code")  # vLLM sends its status as an int `code`: not a code
+        code = err.get("code")  # vLLM sends its status as an int `code`: not a code
         return ErrorClass("rejected", False, status, detail or f"upstream rejected the request ({status})", status,
-                          param=param if isinstance(param, str) else None,
-                          code=code if isinstance(code, str) else None)
+                          param=_param(err, detail), code=code if isinstance(code, str) else None)
     if status in (502, 503, 504):
         return ErrorClass("status_5xx", True, status, f"upstream unavailable ({status})", status, retry_after(headers))
     return ErrorClass("status_5xx", False, 502, f"upstream failed ({status})", status)

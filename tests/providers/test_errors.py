@@ -92,6 +92,19 @@ def test_a_rejected_request_reaches_the_caller_as_openais_client_error() -> None
     assert orjson.loads(missing.to_error(lambda m: m).body())["error"]["code"] == "model_not_found"
 
 
+@pytest.mark.parametrize(("message", "param"), [
+    ('"auto" tool choice requires --enable-auto-tool-choice and --tool-call-parser to be set', "tool_choice"),
+    ("This model does not support tools", "tools"),
+    ("Invalid json_schema: unknown type", "response_format"),
+    ("prompt is too long", None),
+])
+def test_a_rejection_without_param_names_the_field_its_message_is_about(message: str, param: str | None) -> None:
+    """vLLM's 400 for `tool_choice: auto` without a tool parser has `param: null` (seen from vLLM 0.32)."""
+    body = orjson.dumps({"error": {"message": message, "type": "BadRequestError", "param": None, "code": 400}})
+    err = provider_for("openai").classify_error(400, {}, body).to_error(lambda m: m)
+    assert orjson.loads(err.body())["error"]["param"] == param
+
+
 def test_quota_and_auth_messages_do_not_repeat_the_providers_text() -> None:
     p = provider_for("openai")
     quota = p.classify_error(429, {}, openai_err("insufficient_quota", "org-SECRET has exceeded its quota"))
