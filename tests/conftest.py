@@ -1,4 +1,5 @@
-"""Shared fixtures: scriptable loopback upstreams, a gateway factory (real sockets, real HTTP) and real vLLM."""
+"""Shared fixtures: scriptable loopback upstreams, a gateway factory (real sockets, real HTTP), a real Redis
+and a metered gateway on it, and real vLLM."""
 
 from __future__ import annotations
 
@@ -9,9 +10,12 @@ from pathlib import Path
 from typing import Any
 
 import pytest
+import yaml
 
 from tests.fakes.gateway import RunningGateway, start_gateway
+from tests.fakes.redis_server import RedisServer, redis_server_binary
 from tests.fakes.upstream import FakeUpstream
+from tests.metered import ADMIN_KEY, PRICING, fleet
 
 MODEL_ROOT = Path(__file__).resolve().parents[1] / "models" / "base"
 
@@ -50,6 +54,45 @@ def gateway_factory(tmp_path: Path) -> Iterator[Callable[..., RunningGateway]]:
     yield make
     for gw in started:
         gw.stop()
+
+
+# -- real Redis and a metered gateway -----------------------------------------------------------------------
+
+@pytest.fixture(scope="session")
+def redis_server(tmp_path_factory: pytest.TempPathFactory) -> Iterator[RedisServer]:
+    if redis_server_binary() is None:
+        pytest.skip("redis-server is not installed (make sysdeps installs it)")
+    server = RedisServer(tmp_path_factory.mktemp("redis")).start()
+    yield server
+    server.stop()
+
+
+@pytest.fixture
+def redis_url(redis_server: RedisServer) -> str:
+    with redis_server.client() as c:
+        c.flushall()
+    return redis_server.url
+
+
+@pytest.fixture
+def pricing_file(tmp_path: Path) -> Path:
+    p = tmp_path / "pricing.yaml"
+    p.write_text(yaml.safe_dump(PRICING))
+    return p
+
+
+@pytest.fixture
+def metered(upstreams: dict[str, FakeUpstream], gateway_factory: Callable[..., RunningGateway], redis_url: str,
+            pricing_file: Path, tmp_path: Path) -> Callable[..., RunningGateway]:
+    """Start a gateway with metering on against the test Redis (settings overridable)."""
+    (tmp_path / "secrets").mkdir(exist_ok=True)
+    (tmp_path / "secrets" / "admin_key").write_text(ADMIN_KEY)
+
+    def make(config: dict[str, Any] | None = None, **settings: Any) -> RunningGateway:
+        settings = {"metering": True, "redis_url": redis_url, "pricing": pricing_file, **settings}
+        return gateway_factory(config or fleet(upstreams), **settings)
+
+    return make
 
 
 # -- real vLLM ----------------------------------------------------------------------------------------------

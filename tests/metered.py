@@ -1,25 +1,22 @@
-"""Metering fixtures: a real Redis server, a pricing file, keys, and a metered gateway."""
+"""Helpers of the metered suites: keys in a real Redis, the test fleet and prices, ledger reads.
+
+The fixtures that go with them (a session Redis, a pricing file, a metered gateway) are in tests/conftest.py."""
 
 from __future__ import annotations
 
 import asyncio
-import time
-from collections.abc import Callable, Iterator
-from pathlib import Path
-from typing import Any, TypeVar
+from collections.abc import Callable
+from typing import Any
 
 import httpx
-import pytest
 import redis.asyncio as aredis
-import yaml
 from prometheus_client.parser import text_string_to_metric_families
 
 from gateway.metering.keys import KeyInfo, KeyLimits, KeyStore, Role
 from tests.fakes.gateway import RunningGateway
-from tests.fakes.redis_server import RedisServer, redis_server_binary
 from tests.fakes.upstream import FakeUpstream
+from tests.wait import eventually
 
-T = TypeVar("T")
 ADMIN_KEY = "qlp-test-admin-key-0123456789abcdef0123456789"
 MSG = [{"role": "user", "content": "hi"}]
 
@@ -44,29 +41,6 @@ def fleet(ups: dict[str, FakeUpstream], **over: Any) -> dict[str, Any]:
     }
     cfg.update(over)
     return cfg
-
-
-@pytest.fixture(scope="session")
-def redis_server(tmp_path_factory: pytest.TempPathFactory) -> Iterator[RedisServer]:
-    if redis_server_binary() is None:
-        pytest.skip("redis-server is not installed (make sysdeps installs it)")
-    server = RedisServer(tmp_path_factory.mktemp("redis")).start()
-    yield server
-    server.stop()
-
-
-@pytest.fixture
-def redis_url(redis_server: RedisServer) -> str:
-    with redis_server.client() as c:
-        c.flushall()
-    return redis_server.url
-
-
-@pytest.fixture
-def pricing_file(tmp_path: Path) -> Path:
-    p = tmp_path / "pricing.yaml"
-    p.write_text(yaml.safe_dump(PRICING))
-    return p
 
 
 def run(fn: Callable[[aredis.Redis], Any], url: str) -> Any:
@@ -94,32 +68,6 @@ def metric(url: str, name: str, **labels: str) -> float:
             if sample.name == name and all(sample.labels.get(k) == v for k, v in labels.items()):
                 total += sample.value
     return total
-
-
-def eventually(fn: Callable[[], T], timeout: float = 10.0, what: str = "condition") -> T:
-    """Poll `fn` until it returns something truthy (charges are booked just after the response is sent)."""
-    deadline = time.monotonic() + timeout
-    while True:
-        value = fn()
-        if value:
-            return value
-        if time.monotonic() > deadline:
-            raise AssertionError(f"timed out waiting for {what}; last value {value!r}")
-        time.sleep(0.02)
-
-
-@pytest.fixture
-def metered(upstreams: dict[str, FakeUpstream], gateway_factory: Callable[..., RunningGateway], redis_url: str,
-            pricing_file: Path, tmp_path: Path) -> Callable[..., RunningGateway]:
-    """Start a gateway with metering on against the test Redis (settings overridable)."""
-    (tmp_path / "secrets").mkdir(exist_ok=True)
-    (tmp_path / "secrets" / "admin_key").write_text(ADMIN_KEY)
-
-    def make(config: dict[str, Any] | None = None, **settings: Any) -> RunningGateway:
-        settings = {"metering": True, "redis_url": redis_url, "pricing": pricing_file, **settings}
-        return gateway_factory(config or fleet(upstreams), **settings)
-
-    return make
 
 
 def auth(key: str) -> dict[str, str]:

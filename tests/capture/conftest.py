@@ -1,11 +1,9 @@
-"""Capture fixtures: the metering fixtures (real Redis, metered gateway) and the canaries every test plants.
+"""Capture fixtures: the canaries every test plants (Redis and the metered gateway are tests/conftest.py's).
 
 A canary is a secret of one kind that must never reach the capture stream or an export file.
 """
 
 from __future__ import annotations
-
-from tests.metering.conftest import metered, pricing_file, redis_server, redis_url  # noqa: F401
 
 # Each canary carries the marker "CANARY<n>" inside the secret itself: a test searches raw bytes for
 # "CANARY", and any hit is a leak (the texts around the canaries never say it).

@@ -21,7 +21,8 @@ from gateway.feedback.keys import request_key, workflow_key
 from tests.capture.conftest import CANARIES, planted
 from tests.fakes.gateway import RunningGateway
 from tests.fakes.upstream import FakeUpstream, Script
-from tests.metering.conftest import ADMIN_KEY, create_key, eventually, fleet
+from tests.metered import ADMIN_KEY, create_key, fleet
+from tests.wait import eventually
 from trainer.records import CaptureStats, read_capture
 
 BACKEND_SECRET = "t0-backend-api-key-value-42"  # matches no pattern: only the literal secret list catches it

@@ -11,6 +11,7 @@ from gateway.config import Timeouts
 from gateway.errors import UpstreamError
 from gateway.upstream import UpstreamClient
 from tests.fakes.listeners import full_accept_queue
+from tests.wait import eventually_async
 
 Handler = Callable[[asyncio.StreamReader, asyncio.StreamWriter], Awaitable[None]]
 T = Timeouts(connect=1, first_byte=2, idle=2, total=5)
@@ -56,7 +57,9 @@ async def test_pooled_connection_closed_by_server_is_retried_transparently(clien
             resp = await client.post(url, b"{}", {}, T)
             assert await resp.read() == b"ok"
             resp.close()
-            await asyncio.sleep(0.05)  # let the server's FIN arrive: the stale case is the point
+            # the server's FIN has reached the pooled connection: reusing a stale one is the point
+            await eventually_async(lambda: all(c.lost for q in client._pool._idle.values() for c in q),  # type: ignore[union-attr]
+                                   2, "the server's FIN")
     assert connections == 3
 
 

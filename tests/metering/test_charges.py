@@ -22,7 +22,8 @@ from gateway.metering.ledger import SEP, Charge, Ledger, LedgerPolicy
 from gateway.metering.pipe import RedisPipe
 from gateway.metering.pricing import ModelPrice, Tokens
 from tests.fakes.upstream import Script
-from tests.metering.conftest import ADMIN_KEY, MSG, auth, chat, create_key, eventually, fleet, records
+from tests.metered import ADMIN_KEY, MSG, auth, chat, create_key, fleet, records
+from tests.wait import eventually
 
 GPT4 = ModelPrice(30_000_000, 60_000_000, 30_000_000, 30_000_000)
 

@@ -10,7 +10,7 @@ import openai
 import pytest
 
 from gateway.metering import keys_cli
-from tests.metering.conftest import ADMIN_KEY, MSG, auth, chat, create_key, records, run
+from tests.metered import ADMIN_KEY, MSG, auth, chat, create_key, records, run
 
 
 def assert_error(r: httpx.Response, status: int, code: str | None = None) -> None:

@@ -9,6 +9,7 @@ from typing import Any
 from gateway.metering.keys import Principal
 from gateway.metering.lease import LEASE_MIN_DEMAND, Lease, Leases
 from gateway.metering.ledger import Charge
+from tests.wait import eventually_async
 
 P = Principal("acme", "user", "k1")
 SHA = "a" * 64
@@ -119,8 +120,8 @@ def test_a_lease_ends_by_itself_when_its_time_is_up() -> None:
     async def go() -> None:
         leases, released, _ = _leases(seconds=0.05)
         lease = leases.granted(SHA, "L1", P, 1, TS, 10, worst_micros=10, worst_tokens=100, taken=0)
-        await asyncio.sleep(0.1)
-        assert lease.closed and [c.id for c in released] == ["L1"]
+        await eventually_async(lambda: lease.closed, 2, "the lease's timer")
+        assert [c.id for c in released] == ["L1"]
     asyncio.run(go())
 
 

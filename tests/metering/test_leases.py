@@ -12,8 +12,9 @@ import httpx
 from gateway.metering import keys_cli
 from gateway.metering.layout import KeyKeys
 from tests.fakes.upstream import Script
-from tests.metering.conftest import ADMIN_KEY, MSG, auth, chat, create_key, eventually, metric, run
+from tests.metered import ADMIN_KEY, MSG, auth, chat, create_key, metric, run
 from tests.metering.test_limits import BODY, reserved, spent_today
+from tests.wait import eventually
 
 
 def _away_from_minute_end() -> None:

@@ -13,7 +13,8 @@ from gateway.metering.layout import KeyKeys, day_of
 from gateway.metering.ledger import Ledger, LedgerPolicy
 from gateway.metering.pipe import RedisPipe
 from tests.fakes.upstream import Script
-from tests.metering.conftest import MSG, auth, chat, create_key, eventually, fleet, run
+from tests.metered import MSG, auth, chat, create_key, fleet, run
+from tests.wait import eventually, eventually_async
 
 # T0 is priced at 1 micro-USD per output token and nothing for input: a request with max_tokens=100
 # that the upstream answers with 100 completion tokens costs exactly its worst case, 100 micro-USD.
@@ -83,7 +84,8 @@ def test_budget_held_by_a_request_in_flight_says_retry_in_a_moment(metered, upst
     async def two() -> tuple[httpx.Response, httpx.Response]:
         async with httpx.AsyncClient(timeout=30) as c:
             first = asyncio.create_task(c.post(gw.url + "/v1/chat/completions", json=BODY, headers=auth(key)))
-            await asyncio.sleep(0.3)  # the first is in flight, its worst case reserved
+            # the first is in flight (the upstream has it), so its worst case is reserved
+            await eventually_async(lambda: upstreams["a"].requests, what="the first request upstream")
             second = await c.post(gw.url + "/v1/chat/completions", json=BODY, headers=auth(key))
             return await first, second
 

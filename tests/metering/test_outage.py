@@ -16,7 +16,8 @@ from gateway.metering.spool import Spool
 from tests.fakes.gateway import free_port
 from tests.fakes.redis_server import RedisServer
 from tests.fakes.upstream import Script
-from tests.metering.conftest import MSG, auth, chat, create_key, eventually
+from tests.metered import MSG, auth, chat, create_key
+from tests.wait import eventually
 
 
 def ledger_totals(server: RedisServer, key_id: str) -> dict[str, int]:

@@ -11,10 +11,9 @@ import os
 import shutil
 import signal
 import subprocess
-import time
-from collections.abc import Callable, Iterator
+from collections.abc import Iterator
 from pathlib import Path
-from typing import Any, TypeVar
+from typing import Any
 
 import httpx
 import pytest
@@ -22,10 +21,10 @@ import yaml
 
 from tests.fakes.gateway import free_port
 from tests.observability.exprs import PROM_DIR
+from tests.wait import eventually
 
-__all__ = ["Prometheus", "eventually", "loopback_config", "require_binary", "running"]
+__all__ = ["Prometheus", "loopback_config", "require_binary", "running"]
 
-T = TypeVar("T")
 
 
 def require_binary(name: str, package: str = "prometheus") -> str:
@@ -39,18 +38,6 @@ def require_binary(name: str, package: str = "prometheus") -> str:
     if os.environ.get("CI"):
         pytest.fail(msg + " CI must run these tests.", pytrace=False)
     pytest.skip(msg)
-
-
-def eventually(fn: Callable[[], T], timeout: float, what: str, interval: float = 0.2) -> T:
-    """Poll `fn` until it returns something truthy; fail with `what` after `timeout` seconds."""
-    deadline = time.monotonic() + timeout
-    while True:
-        value = fn()
-        if value:
-            return value
-        if time.monotonic() > deadline:
-            raise AssertionError(f"timed out after {timeout:.0f}s waiting for {what}; last value: {value!r}")
-        time.sleep(interval)
 
 
 def loopback_config(targets: dict[str, str], interval: str = "1s") -> dict[str, Any]:

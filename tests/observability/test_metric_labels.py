@@ -22,7 +22,7 @@ import yaml
 
 from tests.fakes.gateway import free_port
 from tests.fakes.upstream import FakeUpstream
-from tests.observability.prom import eventually
+from tests.wait import eventually
 
 TOTAL = 10_000
 FIRST = 100

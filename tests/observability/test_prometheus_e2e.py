@@ -37,7 +37,8 @@ from tests.conftest import RunningVllm
 from tests.fakes.gateway import RunningGateway, free_port, start_gateway
 from tests.fakes.upstream import FakeUpstream, Script
 from tests.observability import exprs
-from tests.observability.prom import Prometheus, eventually, loopback_config, require_binary, running
+from tests.observability.prom import Prometheus, loopback_config, require_binary, running
+from tests.wait import eventually
 
 ROOT = exprs.ROOT
 MODEL_DIR = ROOT / "models" / "base"

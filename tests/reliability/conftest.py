@@ -22,15 +22,9 @@ from tests.fakes.faultproxy import FaultProxy
 from tests.fakes.gateway import RunningGateway, free_port
 from tests.fakes.redis_server import RedisServer
 from tests.fakes.upstream import FakeUpstream
-from tests.metering import conftest as metering
-from tests.metering.conftest import ADMIN_KEY, MSG, PRICING, auth, create_key, eventually
+from tests.metered import ADMIN_KEY, MSG, PRICING, auth, create_key
 
-__all__ = ["ADMIN_KEY", "MSG", "PRICING", "auth", "eventually"]
-
-# The metering folder's fixtures, for this folder too: a session Redis (flushed per test) and a pricing file.
-redis_server = metering.redis_server
-redis_url = metering.redis_url
-pricing_file = metering.pricing_file
+__all__ = ["ADMIN_KEY", "MSG", "PRICING", "auth"]
 
 ROOT = Path(__file__).resolve().parents[2]
 # Canaries: secret values planted where secrets live. None may ever show up where callers or operators

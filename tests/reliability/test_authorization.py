@@ -10,8 +10,9 @@ import httpx
 import pytest
 
 from tests.fakes.gateway import RunningGateway
-from tests.metering.conftest import ADMIN_KEY
-from tests.reliability.conftest import MSG, Tenants, auth, create_key, eventually
+from tests.metered import ADMIN_KEY
+from tests.reliability.conftest import MSG, Tenants, auth, create_key
+from tests.wait import eventually
 
 CALLERS = ("anonymous", "tenant_a", "tenant_b", "admin", "revoked")
 PUBLIC = (200, 200, 200, 200, 200)

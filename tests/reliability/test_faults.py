@@ -19,7 +19,8 @@ from tests.fakes.faultproxy import FaultProxy
 from tests.fakes.gateway import RunningGateway
 from tests.fakes.listeners import full_accept_queue
 from tests.fakes.upstream import Script
-from tests.reliability.conftest import MSG, eventually
+from tests.reliability.conftest import MSG
+from tests.wait import eventually
 
 TOLERANCE = 1.0
 FAULTS_SURVIVED: dict[str, int] = {}

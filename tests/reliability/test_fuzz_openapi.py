@@ -33,7 +33,7 @@ from gateway.settings import Settings  # noqa: E402
 from tests.fakes.gateway import RunningGateway, start_gateway  # noqa: E402
 from tests.fakes.redis_server import RedisServer  # noqa: E402
 from tests.fakes.upstream import FakeUpstream  # noqa: E402
-from tests.metering.conftest import ADMIN_KEY, PRICING, create_key  # noqa: E402
+from tests.metered import ADMIN_KEY, PRICING, create_key  # noqa: E402
 
 ROOT = Path(__file__).resolve().parents[2]
 MAX_EXAMPLES = int(os.environ.get("QLP_FUZZ_EXAMPLES", "25"))

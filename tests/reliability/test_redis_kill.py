@@ -20,7 +20,8 @@ from gateway.metering.layout import KeyKeys
 from gateway.metering.ledger import SEP
 from tests.fakes.redis_server import RedisServer
 from tests.fakes.upstream import Script
-from tests.reliability.conftest import MSG, auth, create_key, eventually
+from tests.reliability.conftest import MSG, auth, create_key
+from tests.wait import eventually
 
 REQUESTS = 240
 CLIENTS = 8

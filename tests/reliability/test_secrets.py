@@ -24,7 +24,8 @@ import redis
 from gateway.metering import ledger_cli
 from tests.fakes.redis_server import RedisServer
 from tests.fakes.upstream import Script
-from tests.reliability.conftest import CANARY_ADMIN, CANARY_T3, MSG, auth, create_key, eventually, fleet
+from tests.reliability.conftest import CANARY_ADMIN, CANARY_T3, MSG, auth, create_key, fleet
+from tests.wait import eventually
 
 CANARY_REDIS = "CANARY-redis-password-a17f3c"
 CANARY_CALLER_KEY = "qlp-CANARY-unknown-caller-key-4d2b9e0f1a3c5e7d"

@@ -22,7 +22,8 @@ from gateway.metering.layout import KeyKeys
 from gateway.report import cli as report_cli
 from gateway.report import compute
 from tests.fakes.gateway import RunningGateway
-from tests.metering.conftest import ADMIN_KEY, MSG, auth, create_key, eventually
+from tests.metered import ADMIN_KEY, MSG, auth, create_key
+from tests.wait import eventually
 
 N_REQUESTS = 7
 

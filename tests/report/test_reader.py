@@ -17,7 +17,7 @@ from gateway.feedback import keys as fb
 from gateway.metering.layout import KeyKeys
 from gateway.report import compute, reader
 from gateway.rollout.shadow import SHADOW_STREAM
-from tests.metering.conftest import create_key
+from tests.metered import create_key
 
 DAY = dt.date(2025, 6, 10)
 T = int(dt.datetime.combine(DAY, dt.time(12), dt.UTC).timestamp() * 1000)

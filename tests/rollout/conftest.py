@@ -1,11 +1,11 @@
-"""Rollout fixtures: the metered gateway of tests/metering with a T3 tier (upstream c, OpenAI kind)."""
+"""Rollout fixtures: the test fleet of tests/metered.py with a T3 tier (upstream c, OpenAI kind)."""
 
 from __future__ import annotations
 
 from typing import Any
 
 from tests.fakes.upstream import FakeUpstream
-from tests.metering.conftest import fleet, metered, pricing_file, redis_server, redis_url  # noqa: F401
+from tests.metered import fleet
 
 
 def fleet3(ups: dict[str, FakeUpstream], **over: Any) -> dict[str, Any]:

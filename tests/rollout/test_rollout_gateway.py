@@ -10,8 +10,9 @@ import httpx
 import openai
 import pytest
 
-from tests.metering.conftest import ADMIN_KEY, MSG, auth, create_key, eventually, records
+from tests.metered import ADMIN_KEY, MSG, auth, create_key, records
 from tests.rollout.conftest import fleet3
+from tests.wait import eventually
 
 ROLLOUT = {"arms": [{"name": "v1", "adapter": "dev-v1", "weight": 50},
                     {"name": "v2", "adapter": "dev-v2", "weight": 50}]}

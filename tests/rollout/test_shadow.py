@@ -13,8 +13,9 @@ from redis.asyncio import Redis
 
 from gateway.rollout.shadow import SHADOW_STREAM
 from tests.fakes.upstream import Script
-from tests.metering.conftest import MSG, auth, create_key, eventually, records, run
+from tests.metered import MSG, auth, create_key, records, run
 from tests.rollout.conftest import fleet3
+from tests.wait import eventually
 
 SHADOW = {"T3/developer": {"shadow": {"tier": "T0", "adapter": "dev-v2", "share": 1.0}}}
 

@@ -21,15 +21,7 @@ import yaml
 from gateway.capture.capture import stream_key
 from gateway.feedback.keys import request_key
 from tests.fakes.gateway import RunningGateway, start_gateway
-from tests.metering.conftest import (  # noqa: F401
-    ADMIN_KEY,
-    create_key,
-    eventually,
-    pricing_file,
-    redis_server,
-    redis_url,
-    run,
-)
+from tests.metered import ADMIN_KEY, create_key, eventually, run
 from tests.trainer.conftest import BASE_NAME, MODEL_DIR, ModelServer, tiny_overrides
 from trainer.loop import Refused, current_arm, gate, main, next_version
 
@@ -51,7 +43,7 @@ def _loop_config(tmp_path: Path) -> Path:
 
 
 @pytest.fixture
-def fleet_gateway(model_server: ModelServer, redis_url: str, pricing_file: Path,  # noqa: F811
+def fleet_gateway(model_server: ModelServer, redis_url: str, pricing_file: Path,
                   tmp_path: Path) -> Iterator[RunningGateway]:
     """A metered gateway whose T0 is the real model server, capturing T0 developer traffic."""
     (tmp_path / "secrets").mkdir()
@@ -88,7 +80,7 @@ def _xlen(url: str) -> int:
 
 
 def test_loop_turns_captured_successes_into_a_canary_that_serves_its_share_of_new_workflows(
-    fleet_gateway: RunningGateway, model_server: ModelServer, adapters_root: Path, redis_url: str,  # noqa: F811
+    fleet_gateway: RunningGateway, model_server: ModelServer, adapters_root: Path, redis_url: str,
     tmp_path: Path, capsys: pytest.CaptureFixture[str],
 ) -> None:
     gw = fleet_gateway
@@ -200,7 +192,7 @@ def _capture(url: str, outcomes: list[str | None]) -> None:
     run(write, url)
 
 
-def test_too_few_captured_successes_refuse_to_train(redis_url: str, tmp_path: Path,  # noqa: F811
+def test_too_few_captured_successes_refuse_to_train(redis_url: str, tmp_path: Path,
                                                      capsys: pytest.CaptureFixture[str]) -> None:
     _capture(redis_url, ["success", "success", "failure", None])
     rc = main(["--agent", AGENT, "--config", str(_loop_config(tmp_path)), "--output-dir", str(tmp_path / "run"),

@@ -7,10 +7,9 @@ from __future__ import annotations
 
 from bench.bench_proof import Scale, prove, tables
 from tests.conftest import RunningVllm
-from tests.metering.conftest import redis_server, redis_url  # noqa: F401
 
 
-def test_the_proof_pipeline_runs_end_to_end_on_a_few_tasks(vllm_server: RunningVllm, redis_url: str) -> None:  # noqa: F811
+def test_the_proof_pipeline_runs_end_to_end_on_a_few_tasks(vllm_server: RunningVllm, redis_url: str) -> None:
     scale = Scale.from_env({"QLP_PROOF_SCALE": "smoke"})
     res = prove(scale, vllm_url=vllm_server.url, redis_url=redis_url)
 

@@ -16,14 +16,7 @@ import pytest
 
 from tests.conftest import VLLM_MAX_MODEL_LEN, RunningVllm
 from tests.fakes.gateway import RunningGateway, start_gateway
-from tests.metering.conftest import (  # noqa: F401
-    ADMIN_KEY,
-    create_key,
-    pricing_file,
-    records,
-    redis_server,
-    redis_url,
-)
+from tests.metered import ADMIN_KEY, create_key, records
 
 BASE = "SmolLM2-135M-Instruct"
 UNPUBLISHED = "t0-never-published"  # an adapter the config routes to but vLLM does not serve
@@ -31,7 +24,7 @@ ASK = [{"role": "user", "content": "List three colours of the rainbow."}]
 
 
 @pytest.fixture
-def gateway(vllm_server: RunningVllm, redis_url: str, pricing_file: Path,  # noqa: F811
+def gateway(vllm_server: RunningVllm, redis_url: str, pricing_file: Path,
             tmp_path: Path) -> Iterator[RunningGateway]:
     (tmp_path / "secrets").mkdir()
     (tmp_path / "secrets" / "admin_key").write_text(ADMIN_KEY)
@@ -44,7 +37,7 @@ def gateway(vllm_server: RunningVllm, redis_url: str, pricing_file: Path,  # noq
 
 
 @pytest.fixture
-def key(redis_url: str) -> str:  # noqa: F811
+def key(redis_url: str) -> str:
     k, _ = create_key(redis_url, "acme")
     return k
 
@@ -146,6 +139,7 @@ def _error(exc: openai.APIStatusError) -> dict[str, Any]:
     ("max_tokens_past_context", 400, "max_tokens"),
     ("unpublished_adapter", 404, "model"),
     ("stream_prompt_too_long", 400, None),
+    ("auto_tool_choice", 400, "tool_choice"),  # the fleet's vLLM runs without a tool parser
 ])
 def test_vllms_client_errors_reach_the_caller_in_openais_envelope_and_book_nothing(
     gateway, key, case: str, status: int, param: str | None,
@@ -157,6 +151,8 @@ def test_vllms_client_errors_reach_the_caller_in_openais_envelope_and_book_nothi
         "max_tokens_past_context": {"model": "qlp-t0", "messages": ASK, "max_tokens": VLLM_MAX_MODEL_LEN + 1},
         "unpublished_adapter": {"model": UNPUBLISHED, "messages": ASK, "max_tokens": 8},
         "stream_prompt_too_long": {"model": "qlp-t0", "messages": long_prompt, "max_tokens": 8, "stream": True},
+        "auto_tool_choice": {"model": "qlp-t0", "messages": ASK, "max_tokens": 8, "tool_choice": "auto", "tools": [
+            {"type": "function", "function": {"name": "now", "parameters": {"type": "object", "properties": {}}}}]},
     }
     with pytest.raises(openai.APIStatusError) as info:
         out = c.chat.completions.create(**calls[case])
@@ -167,6 +163,8 @@ def test_vllms_client_errors_reach_the_caller_in_openais_envelope_and_book_nothi
     assert err["type"] == "invalid_request_error" and (param is None or err["param"] == param)
     if case == "unpublished_adapter":
         assert err["code"] == "model_not_found" and UNPUBLISHED in err["message"]
+    elif case == "auto_tool_choice":
+        assert "tool" in err["message"]
     else:
         assert str(VLLM_MAX_MODEL_LEN) in err["message"]  # vLLM says what the limit is
     # Nothing was served, so nothing is booked: the next good request is the workflow's only record.
