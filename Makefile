@@ -11,7 +11,7 @@ VLLM_STAMP := $(VLLM_VENV)/.installed
 TORCH ?= torch==2.13.0
 SYS_PKGS := redis-server prometheus wrk docker-compose nginx libtcmalloc-minimal4
 
-.PHONY: up test lint bench proof soak fuzz venv vllm sysdeps model clean help
+.PHONY: up test lint format bench proof soak fuzz venv vllm sysdeps model clean help
 
 help:
 	@echo "make up     - start the local fleet (Redis, vLLM for T0-T2, gateway on :8080)"
@@ -74,7 +74,13 @@ test: $(STAMP) $(VLLM_STAMP) model sysdeps lint
 
 lint: $(STAMP)
 	$(BIN)/ruff check gateway services trainer tests bench
+	$(BIN)/ruff format --check gateway services trainer tests bench
 	$(BIN)/mypy
+
+# Apply the formatter and the safe lint fixes that `make lint` checks for.
+format: $(STAMP)
+	$(BIN)/ruff format gateway services trainer tests bench
+	$(BIN)/ruff check --fix gateway services trainer tests bench
 
 bench: $(STAMP) $(VLLM_STAMP) model sysdeps
 	$(BIN)/python -m bench

@@ -42,20 +42,56 @@ def _charges() -> Callable[[], list[Charge]]:
         for _ in range(BATCH):
             n += 1
             cid = f"{prefix}{n:x}"
-            record = {"id": cid, "request_id": os.urandom(16).hex(), "ts": ts, "tenant": "bench", "key_id": "k1",
-                      "workflow": None, "agent": None, "arm": None, "tier": "T0", "requested_tier": "T0",
-                      "backend": "local-t0", "model": "base", "endpoint": "chat", "stream": False,
-                      "prompt_tokens": 20, "completion_tokens": 10, "cached_tokens": 0, "cost_micros": 3,
-                      "reference_cost_micros": 1200, "reference_model": "gpt-4", "latency_ms": 1, "status": 200,
-                      "estimated": False, "attempts": 1, "fallback": ["T0"]}
-            out.append(Charge(cid, ts, "bench", "k1", True, 0, 3, -300, ts // 60_000, record,
-                              SEP.join(("T0", "local-t0/base", "", ""))))
+            record = {
+                "id": cid,
+                "request_id": os.urandom(16).hex(),
+                "ts": ts,
+                "tenant": "bench",
+                "key_id": "k1",
+                "workflow": None,
+                "agent": None,
+                "arm": None,
+                "tier": "T0",
+                "requested_tier": "T0",
+                "backend": "local-t0",
+                "model": "base",
+                "endpoint": "chat",
+                "stream": False,
+                "prompt_tokens": 20,
+                "completion_tokens": 10,
+                "cached_tokens": 0,
+                "cost_micros": 3,
+                "reference_cost_micros": 1200,
+                "reference_model": "gpt-4",
+                "latency_ms": 1,
+                "status": 200,
+                "estimated": False,
+                "attempts": 1,
+                "fallback": ["T0"],
+            }
+            out.append(
+                Charge(
+                    cid,
+                    ts,
+                    "bench",
+                    "k1",
+                    True,
+                    0,
+                    3,
+                    -300,
+                    ts // 60_000,
+                    record,
+                    SEP.join(("T0", "local-t0/base", "", "")),
+                )
+            )
         return out
 
     return batch
 
 
-async def _round(ledger: Ledger, script: Script, redis_pid: int, batch: Callable[[], list[Charge]]) -> tuple[float, float]:
+async def _round(
+    ledger: Ledger, script: Script, redis_pid: int, batch: Callable[[], list[Charge]]
+) -> tuple[float, float]:
     """(Redis CPU, client CPU) per charge of BATCHES batches through `script`."""
     ledger_mod.CHARGE = script  # the ledger packs its calls for whichever script is named here
     await ledger.load_scripts()
@@ -91,10 +127,14 @@ def main(argv: list[str]) -> int:
     def med(name: str, i: int) -> float:
         return median([r[i] for r in runs[name]]) * 1e6
 
-    print(f"CHARGE, batches of {BATCH} charges of one key: Redis {med('charge', 0):.1f} us per charge, "
-          f"client (packing the calls, reading the replies) {med('charge', 1):.1f} us per charge")
-    print(f"  the same arguments to a script that does nothing: Redis {med('noop', 0):.1f} us, client "
-          f"{med('noop', 1):.1f} us per charge (what the call itself costs); {ROUNDS} rounds of {BATCHES} batches")
+    print(
+        f"CHARGE, batches of {BATCH} charges of one key: Redis {med('charge', 0):.1f} us per charge, "
+        f"client (packing the calls, reading the replies) {med('charge', 1):.1f} us per charge"
+    )
+    print(
+        f"  the same arguments to a script that does nothing: Redis {med('noop', 0):.1f} us, client "
+        f"{med('noop', 1):.1f} us per charge (what the call itself costs); {ROUNDS} rounds of {BATCHES} batches"
+    )
     return 0
 
 

@@ -36,11 +36,15 @@ def main(argv: list[str]) -> int:
             p50_g.append(g1["p50"])
             p99_d.append(d1["p99"])
             p99_g.append(g1["p99"])
-    print(f"non-streaming, 32 connections: gateway {median(rps_g):,.0f} req/s "
-          f"(upstream alone {median(rps_d):,.0f} req/s; target >= 4,000)")
-    print(f"added latency, 1 connection: p50 {ms(median(p50_g) - median(p50_d))} (target <= 0.4 ms), "
-          f"p99 {ms(median(p99_g) - median(p99_d))} (target <= 2 ms); "
-          f"gateway p50 {ms(median(p50_g))} p99 {ms(median(p99_g))}, upstream p50 {ms(median(p50_d))} p99 {ms(median(p99_d))}")
+    print(
+        f"non-streaming, 32 connections: gateway {median(rps_g):,.0f} req/s "
+        f"(upstream alone {median(rps_d):,.0f} req/s; target >= 4,000)"
+    )
+    print(
+        f"added latency, 1 connection: p50 {ms(median(p50_g) - median(p50_d))} (target <= 0.4 ms), "
+        f"p99 {ms(median(p99_g) - median(p99_d))} (target <= 2 ms); "
+        f"gateway p50 {ms(median(p50_g))} p99 {ms(median(p99_g))}, upstream p50 {ms(median(p50_d))} p99 {ms(median(p99_d))}"
+    )
 
     with stream_mock() as upstream, gateway(upstream) as gw:
         # Warm-up at full width, so both sides measure kept-alive upstream connections.
@@ -48,7 +52,9 @@ def main(argv: list[str]) -> int:
         asyncio.run(stream_ttfb(upstream + "/chat/completions", 200))
         d = asyncio.run(stream_ttfb(upstream + "/chat/completions", 200))
         g = asyncio.run(stream_ttfb(gw + "/v1/chat/completions", 200))
-    print(f"streaming, 200 concurrent: added TTFB p50 {ms(g['ttfb_p50'] - d['ttfb_p50'])} "
-          f"p99 {ms(g['ttfb_p99'] - d['ttfb_p99'])} (gateway p50 {ms(g['ttfb_p50'])}, upstream p50 {ms(d['ttfb_p50'])}); "
-          f"inter-chunk p50 {ms(g['gap_p50'])} vs {ms(d['gap_p50'])}; dropped {g['dropped']:.0f}/{g['n'] + g['dropped']:.0f}")
+    print(
+        f"streaming, 200 concurrent: added TTFB p50 {ms(g['ttfb_p50'] - d['ttfb_p50'])} "
+        f"p99 {ms(g['ttfb_p99'] - d['ttfb_p99'])} (gateway p50 {ms(g['ttfb_p50'])}, upstream p50 {ms(d['ttfb_p50'])}); "
+        f"inter-chunk p50 {ms(g['gap_p50'])} vs {ms(d['gap_p50'])}; dropped {g['dropped']:.0f}/{g['n'] + g['dropped']:.0f}"
+    )
     return 0

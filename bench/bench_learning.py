@@ -21,8 +21,14 @@ from bench.bench_metering import _measured, gateway_pid, metered_setup
 from bench.harness import fleet_config, gateway, median, wrk
 
 ROUNDS = int(os.environ.get("QLP_BENCH_ROUNDS", "2"))
-ROLLOUT = {"T0/developer": {"arms": [{"name": "v1", "adapter": "bench-v1", "weight": 50},
-                                     {"name": "v2", "adapter": "bench-v2", "weight": 50}]}}
+ROLLOUT = {
+    "T0/developer": {
+        "arms": [
+            {"name": "v1", "adapter": "bench-v1", "weight": 50},
+            {"name": "v2", "adapter": "bench-v2", "weight": 50},
+        ]
+    }
+}
 CAPTURE = {"targets": {"T0": ["developer"]}}
 
 
@@ -45,9 +51,11 @@ def main(argv: list[str]) -> int:
             "rollout": fleet_config(upstream, rollouts=ROLLOUT),
             "capture": fleet_config(upstream, capture=CAPTURE),
         }
-        with (gateway(upstream, env=env, config=configs["plain"]) as plain,
-              gateway(upstream, env=env, config=configs["rollout"]) as rollout,
-              gateway(upstream, env=env, config=configs["capture"]) as capture):
+        with (
+            gateway(upstream, env=env, config=configs["plain"]) as plain,
+            gateway(upstream, env=env, config=configs["rollout"]) as rollout,
+            gateway(upstream, env=env, config=configs["capture"]) as capture,
+        ):
             urls = {"plain": plain, "rollout": rollout, "capture": capture}
             pids = {n: gateway_pid(u) for n, u in urls.items()}
             for u in urls.values():  # warm-up
@@ -62,10 +70,14 @@ def main(argv: list[str]) -> int:
         return median([r[field] for r in runs[name]])
 
     base = med("plain", "rps")
-    print(f"32 connections, metering on, one worker: plain {base:,.0f} req/s "
-          f"(CPU/request gateway {med('plain', 'cpu0') * 1e6:.0f} us, Redis {med('plain', 'cpu1') * 1e6:.0f} us)")
+    print(
+        f"32 connections, metering on, one worker: plain {base:,.0f} req/s "
+        f"(CPU/request gateway {med('plain', 'cpu0') * 1e6:.0f} us, Redis {med('plain', 'cpu1') * 1e6:.0f} us)"
+    )
     for name, what in (("rollout", "rollout, 2 arms sticky per workflow"), ("capture", "capture of every request")):
-        print(f"  {what}: {med(name, 'rps'):,.0f} req/s = {med(name, 'rps') / base:.0%} of plain; CPU/request "
-              f"gateway {med(name, 'cpu0') * 1e6:.0f} us, Redis {med(name, 'cpu1') * 1e6:.0f} us")
+        print(
+            f"  {what}: {med(name, 'rps'):,.0f} req/s = {med(name, 'rps') / base:.0%} of plain; CPU/request "
+            f"gateway {med(name, 'cpu0') * 1e6:.0f} us, Redis {med(name, 'cpu1') * 1e6:.0f} us"
+        )
     print(f"capture: {captured:,} records written to qlp:capture:developer (stream bounded by capture.maxlen)")
     return 0 if captured > 0 else 1

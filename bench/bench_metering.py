@@ -36,8 +36,11 @@ from bench.harness import free_port, gateway, median, ms, nginx_mock, wrk
 ROUNDS = int(os.environ.get("QLP_BENCH_ROUNDS", "16"))
 DURATION = int(os.environ.get("QLP_BENCH_SECONDS", "2"))
 
-PRICING = {"reference_model": "gpt-4", "external": {"gpt-4": {"input": 30, "output": 60}},
-           "local": {"T0": {"gpu_hour_usd": 0.80, "tokens_per_hour": 9_000_000}}}
+PRICING = {
+    "reference_model": "gpt-4",
+    "external": {"gpt-4": {"input": 30, "output": 60}},
+    "local": {"T0": {"gpu_hour_usd": 0.80, "tokens_per_hour": 9_000_000}},
+}
 
 
 @contextlib.contextmanager
@@ -50,9 +53,28 @@ def redis_server() -> Iterator[tuple[str, str]]:
         raise SystemExit("redis-server is not installed (make sysdeps)")
     d = Path(tempfile.mkdtemp(prefix="qlp-redis-"))
     port = free_port()
-    p = subprocess.Popen([binary, "--port", str(port), "--bind", "127.0.0.1", "--dir", str(d), "--save", "",
-                          "--appendonly", "no", "--unixsocket", str(d / "redis.sock"), "--unixsocketperm", "700"],
-                         stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL, start_new_session=True)
+    p = subprocess.Popen(
+        [
+            binary,
+            "--port",
+            str(port),
+            "--bind",
+            "127.0.0.1",
+            "--dir",
+            str(d),
+            "--save",
+            "",
+            "--appendonly",
+            "no",
+            "--unixsocket",
+            str(d / "redis.sock"),
+            "--unixsocketperm",
+            "700",
+        ],
+        stdout=subprocess.DEVNULL,
+        stderr=subprocess.DEVNULL,
+        start_new_session=True,
+    )
     try:
         client = redis.Redis(port=port)
         deadline = time.monotonic() + 15
@@ -155,8 +177,12 @@ def metered_setup(prefix: str) -> Iterator[MeteredSetup]:
         with nginx_mock() as upstream, redis_server() as (redis_url, redis_unix):
             key = asyncio.run(_create_key(redis_url))
             redis_pid = redis_pid_of(redis_url)
-            env = {"QLP_METERING": "true", "QLP_REDIS_URL": redis_url, "QLP_PRICING": str(pricing),
-                   "QLP_SPOOL_PATH": str(tmp / "spool" / "ledger.jsonl")}
+            env = {
+                "QLP_METERING": "true",
+                "QLP_REDIS_URL": redis_url,
+                "QLP_PRICING": str(pricing),
+                "QLP_SPOOL_PATH": str(tmp / "spool" / "ledger.jsonl"),
+            }
             yield MeteredSetup(upstream, redis_url, redis_unix, redis_pid, key, env)
     finally:
         shutil.rmtree(tmp, ignore_errors=True)
@@ -182,8 +208,11 @@ def main(argv: list[str]) -> int:
     with metered_setup("qlp-bench-metering-") as m:
         upstream, redis_url, redis_pid, on_env = m.upstream, m.redis_url, m.redis_pid, m.env
         auth = {"QLP_BENCH_KEY": m.key}
-        with (gateway(upstream, env={"QLP_METERING": "false"}) as off, gateway(upstream, env=on_env) as on,
-              gateway(upstream, env={**on_env, "QLP_REDIS_URL": m.redis_unix}) as unix):
+        with (
+            gateway(upstream, env={"QLP_METERING": "false"}) as off,
+            gateway(upstream, env=on_env) as on,
+            gateway(upstream, env={**on_env, "QLP_REDIS_URL": m.redis_unix}) as unix,
+        ):
             pids = {name: gateway_pid(url) for name, url in (("off", off), ("on", on), ("unix", unix))}
             urls = {name: url + "/v1/chat/completions" for name, url in (("off", off), ("on", on), ("unix", unix))}
             for url in urls.values():  # warm-up
@@ -211,24 +240,38 @@ def main(argv: list[str]) -> int:
     # like on a machine whose speed drifts; the figure is the median of the rounds' ratios.
     ratios = sorted(on["rps"] / off["rps"] for on, off in zip(runs["on32"], runs["off32"], strict=True))
     ratio = median(ratios)
-    print(f"32 connections: metering on {med('on32', 'rps'):,.0f} req/s, off {med('off32', 'rps'):,.0f} req/s: "
-          f"on = {ratio:.0%} of off (median of the rounds' ratios {', '.join(f'{r:.0%}' for r in ratios)}; "
-          f"target >= 80%)")
-    print(f"  CPU per request: gateway {med('on32', 'cpu0') * 1e6:.0f} us on, {med('off32', 'cpu0') * 1e6:.0f} us off; "
-          f"Redis {med('on32', 'cpu1') * 1e6:.0f} us (all processes share this machine's cores)")
-    print(f"  Redis over its Unix socket (same host): {med('unix32', 'rps'):,.0f} req/s = "
-          f"{med('unix32', 'rps') / med('off32', 'rps'):.0%} of off; CPU per request: gateway "
-          f"{med('unix32', 'cpu0') * 1e6:.0f} us, Redis {med('unix32', 'cpu1') * 1e6:.0f} us")
-    print(f"1 connection: added latency p50 {ms(med('on1', 'p50') - med('off1', 'p50'))}, "
-          f"p99 {ms(med('on1', 'p99') - med('off1', 'p99'))} (on p50 {ms(med('on1', 'p50'))} p99 {ms(med('on1', 'p99'))}, "
-          f"off p50 {ms(med('off1', 'p50'))} p99 {ms(med('off1', 'p99'))})")
+    print(
+        f"32 connections: metering on {med('on32', 'rps'):,.0f} req/s, off {med('off32', 'rps'):,.0f} req/s: "
+        f"on = {ratio:.0%} of off (median of the rounds' ratios {', '.join(f'{r:.0%}' for r in ratios)}; "
+        f"target >= 80%)"
+    )
+    print(
+        f"  CPU per request: gateway {med('on32', 'cpu0') * 1e6:.0f} us on, {med('off32', 'cpu0') * 1e6:.0f} us off; "
+        f"Redis {med('on32', 'cpu1') * 1e6:.0f} us (all processes share this machine's cores)"
+    )
+    print(
+        f"  Redis over its Unix socket (same host): {med('unix32', 'rps'):,.0f} req/s = "
+        f"{med('unix32', 'rps') / med('off32', 'rps'):.0%} of off; CPU per request: gateway "
+        f"{med('unix32', 'cpu0') * 1e6:.0f} us, Redis {med('unix32', 'cpu1') * 1e6:.0f} us"
+    )
+    print(
+        f"1 connection: added latency p50 {ms(med('on1', 'p50') - med('off1', 'p50'))}, "
+        f"p99 {ms(med('on1', 'p99') - med('off1', 'p99'))} (on p50 {ms(med('on1', 'p50'))} p99 {ms(med('on1', 'p99'))}, "
+        f"off p50 {ms(med('off1', 'p50'))} p99 {ms(med('off1', 'p99'))})"
+    )
     # One request at a time the cores are mostly idle, so CPU per request is not inflated by the other
     # processes' work (on this machine a busy sibling core slows a core's work down 2x or more).
-    print(f"  CPU per request at 1 connection: gateway {med('on1', 'cpu0') * 1e6:.0f} us on, "
-          f"{med('off1', 'cpu0') * 1e6:.0f} us off; Redis {med('on1', 'cpu1') * 1e6:.0f} us")
+    print(
+        f"  CPU per request at 1 connection: gateway {med('on1', 'cpu0') * 1e6:.0f} us on, "
+        f"{med('off1', 'cpu0') * 1e6:.0f} us off; Redis {med('on1', 'cpu1') * 1e6:.0f} us"
+    )
     total = sum(admissions.values()) or 1.0
-    print(f"admissions of the metered gateway (TCP): {admissions.get('lease', 0) / total:.1%} from leases (in-process), "
-          f"{admissions.get('redis', 0) / total:.1%} through Redis (leases report when given back)")
-    print(f"ledger: {booked:,} requests booked; wrk saw about {answered:,.0f} answered in the measured runs "
-          f"(plus the warm-up; wrk does not count requests cut off at the end of a run)")
+    print(
+        f"admissions of the metered gateway (TCP): {admissions.get('lease', 0) / total:.1%} from leases (in-process), "
+        f"{admissions.get('redis', 0) / total:.1%} through Redis (leases report when given back)"
+    )
+    print(
+        f"ledger: {booked:,} requests booked; wrk saw about {answered:,.0f} answered in the measured runs "
+        f"(plus the warm-up; wrk does not count requests cut off at the end of a run)"
+    )
     return 0

@@ -75,15 +75,18 @@ class Scale:
     def from_env(cls, env: dict[str, str] | None = None) -> Scale:
         e = os.environ if env is None else env
         smoke = e.get("QLP_PROOF_SCALE", "full") == "smoke"
-        return cls(teach=int(e.get("QLP_PROOF_TEACH", 16 if smoke else 480)),
-                   heldout=int(e.get("QLP_PROOF_HELDOUT", 8 if smoke else 150)),
-                   ab=int(e.get("QLP_PROOF_AB", 8 if smoke else 200)),
-                   epochs=int(e.get("QLP_PROOF_EPOCHS", 1 if smoke else 2)),
-                   max_steps=4 if smoke else None,
-                   eval_max_tasks=int(e.get("QLP_PROOF_EVAL_TASKS", 4 if smoke else 48)),
-                   methods=tuple(e.get("QLP_PROOF_METHODS", "adalora" if smoke else "adalora,lora").split(",")),
-                   concurrency=int(e.get("QLP_PROOF_CONCURRENCY", 8)),
-                   max_success_drop=1.0 if smoke else 0.0, max_regression=10.0 if smoke else 0.02)
+        return cls(
+            teach=int(e.get("QLP_PROOF_TEACH", 16 if smoke else 480)),
+            heldout=int(e.get("QLP_PROOF_HELDOUT", 8 if smoke else 150)),
+            ab=int(e.get("QLP_PROOF_AB", 8 if smoke else 200)),
+            epochs=int(e.get("QLP_PROOF_EPOCHS", 1 if smoke else 2)),
+            max_steps=4 if smoke else None,
+            eval_max_tasks=int(e.get("QLP_PROOF_EVAL_TASKS", 4 if smoke else 48)),
+            methods=tuple(e.get("QLP_PROOF_METHODS", "adalora" if smoke else "adalora,lora").split(",")),
+            concurrency=int(e.get("QLP_PROOF_CONCURRENCY", 8)),
+            max_success_drop=1.0 if smoke else 0.0,
+            max_regression=10.0 if smoke else 0.02,
+        )
 
 
 def split_tasks(scale: Scale) -> dict[str, list[Any]]:
@@ -103,6 +106,7 @@ def split_tasks(scale: Scale) -> dict[str, list[Any]]:
 
 
 # ---- the teacher: T3 on loopback, answering with the reference solution ------------------------------------
+
 
 class Teacher:
     """An OpenAI-compatible chat server whose reply is the task family's reference answer."""
@@ -126,14 +130,28 @@ class Teacher:
                 body = json.loads(self.rfile.read(int(self.headers.get("Content-Length", 0))))
                 reply = json.dumps(answer(body["messages"]) or {})
                 teacher.calls += 1
-                usage = {"prompt_tokens": len(tok.apply_chat_template(body["messages"], add_generation_prompt=True)),
-                         "completion_tokens": len(tok(reply)["input_ids"]) + 1}
+                usage = {
+                    "prompt_tokens": len(tok.apply_chat_template(body["messages"], add_generation_prompt=True)),
+                    "completion_tokens": len(tok(reply)["input_ids"]) + 1,
+                }
                 usage["total_tokens"] = usage["prompt_tokens"] + usage["completion_tokens"]
-                out = json.dumps({"id": f"chatcmpl-teacher-{teacher.calls}", "object": "chat.completion",
-                                  "created": int(time.time()), "model": body.get("model", "gpt-4"),
-                                  "choices": [{"index": 0, "finish_reason": "stop", "logprobs": None,
-                                               "message": {"role": "assistant", "content": reply, "refusal": None}}],
-                                  "usage": usage}).encode()
+                out = json.dumps(
+                    {
+                        "id": f"chatcmpl-teacher-{teacher.calls}",
+                        "object": "chat.completion",
+                        "created": int(time.time()),
+                        "model": body.get("model", "gpt-4"),
+                        "choices": [
+                            {
+                                "index": 0,
+                                "finish_reason": "stop",
+                                "logprobs": None,
+                                "message": {"role": "assistant", "content": reply, "refusal": None},
+                            }
+                        ],
+                        "usage": usage,
+                    }
+                ).encode()
                 self.send_response(200)
                 self.send_header("Content-Type", "application/json")
                 self.send_header("Content-Length", str(len(out)))
@@ -151,6 +169,7 @@ class Teacher:
 
 # ---- the fleet -----------------------------------------------------------------------------------------------
 
+
 @dataclasses.dataclass
 class Fleet:
     gateway: str
@@ -162,13 +181,21 @@ class Fleet:
 
 def fleet_config(vllm_url: str, teacher_url: str) -> dict[str, Any]:
     return {
-        "default_tier": "T0", "health_interval": 30,
+        "default_tier": "T0",
+        "health_interval": 30,
         "capture": {"targets": {"T3": [AGENT]}},
         "tiers": {
-            "T0": {"model": BASE_NAME, "aliases": ["qlp-t0"],
-                   "backends": [{"name": "t0-local", "base_url": f"{vllm_url}/v1", "health_path": "/health"}]},
-            "T3": {"kind": "openai", "model": "gpt-4", "aliases": ["qlp-t3"],
-                   "backends": [{"name": "teacher", "base_url": teacher_url, "api_key_secret": "t3_api_key"}]},
+            "T0": {
+                "model": BASE_NAME,
+                "aliases": ["qlp-t0"],
+                "backends": [{"name": "t0-local", "base_url": f"{vllm_url}/v1", "health_path": "/health"}],
+            },
+            "T3": {
+                "kind": "openai",
+                "model": "gpt-4",
+                "aliases": ["qlp-t3"],
+                "backends": [{"name": "teacher", "base_url": teacher_url, "api_key_secret": "t3_api_key"}],
+            },
         },
     }
 
@@ -189,8 +216,13 @@ def fleet(vllm_url: str | None = None, redis_url: str | None = None) -> Iterator
         if vllm_url is None:
             from services.vllm import launch
 
-            v = launch.start(MODEL_DIR, launch.free_port(), work / "vllm.log", timeout=300,
-                             progress=lambda s: print(f"bench_proof: {s}", flush=True))
+            v = launch.start(
+                MODEL_DIR,
+                launch.free_port(),
+                work / "vllm.log",
+                timeout=300,
+                progress=lambda s: print(f"bench_proof: {s}", flush=True),
+            )
             stack.callback(launch.stop, v.proc)
             vllm_url = v.url
             print(f"bench_proof: vLLM ready in {v.started_s:.0f}s", flush=True)
@@ -207,13 +239,20 @@ def fleet(vllm_url: str | None = None, redis_url: str | None = None) -> Iterator
                 await r.aclose()
 
         key = asyncio.run(create_key())
-        env = {"QLP_METERING": "true", "QLP_REDIS_URL": redis_url, "QLP_PRICING": str(ROOT / "config/pricing.yaml"),
-               "QLP_SPOOL_PATH": str(work / "spool.jsonl"), "QLP_ADMIN_KEY": ADMIN_KEY, "QLP_T3_API_KEY": "teacher"}
+        env = {
+            "QLP_METERING": "true",
+            "QLP_REDIS_URL": redis_url,
+            "QLP_PRICING": str(ROOT / "config/pricing.yaml"),
+            "QLP_SPOOL_PATH": str(work / "spool.jsonl"),
+            "QLP_ADMIN_KEY": ADMIN_KEY,
+            "QLP_T3_API_KEY": "teacher",
+        }
         gw = stack.enter_context(gateway("", env=env, config=fleet_config(vllm_url, teacher.url)))
         yield Fleet(gw, vllm_url, redis_url, key, work)
 
 
 # ---- the orchestrator ------------------------------------------------------------------------------------------
+
 
 def _bar(total: int, desc: str) -> Any:
     from tqdm.auto import tqdm
@@ -235,13 +274,20 @@ def orchestrate(f: Fleet, tasks: list[Any], tier: str, prefix: str, concurrency:
     def one(i: int) -> bool:
         task, wf = tasks[i], f"{prefix}-{i}"
         r = client.chat.completions.create(
-            model=f"qlp-{tier.lower()}", messages=task.chat(), max_tokens=96, temperature=0,
-            extra_headers={"X-QLP-Tier": tier, "X-QLP-Agent": AGENT, "X-QLP-Workflow-Id": wf})
+            model=f"qlp-{tier.lower()}",
+            messages=task.chat(),
+            max_tokens=96,
+            temperature=0,
+            extra_headers={"X-QLP-Tier": tier, "X-QLP-Agent": AGENT, "X-QLP-Workflow-Id": wf},
+        )
         ok = check(task.chat(), r.choices[0].message.content or "")
         deadline = time.monotonic() + 30
         while True:  # 404 until the gateway has booked the request
-            fb = http.post(f"{f.gateway}/v1/feedback", headers={"Authorization": f"Bearer {f.key}"},
-                           json={"workflow_id": wf, "outcome": "success" if ok else "failure"})
+            fb = http.post(
+                f"{f.gateway}/v1/feedback",
+                headers={"Authorization": f"Bearer {f.key}"},
+                json={"workflow_id": wf, "outcome": "success" if ok else "failure"},
+            )
             if fb.status_code == 200 or time.monotonic() > deadline:
                 fb.raise_for_status()
                 return ok
@@ -273,8 +319,13 @@ def captured(f: Fleet) -> int:
 def train_config(scale: Scale, method: str) -> dict[str, Any]:
     """The proof's trainer config (config/train/signature.yaml, with the scale's counts)."""
     cfg: dict[str, Any] = yaml.safe_load((ROOT / "config/train/signature.yaml").read_text())
-    cfg.update(method=method, name=f"{AGENT}-{method}", epochs=scale.epochs, eval_max_tasks=scale.eval_max_tasks,
-               base_model=str(MODEL_DIR))
+    cfg.update(
+        method=method,
+        name=f"{AGENT}-{method}",
+        epochs=scale.epochs,
+        eval_max_tasks=scale.eval_max_tasks,
+        base_model=str(MODEL_DIR),
+    )
     if scale.max_steps is not None:
         cfg["max_steps"] = scale.max_steps
         cfg["tinit"], cfg["tfinal"], cfg["tinit_ratio"], cfg["tfinal_ratio"], cfg["deltaT"] = 1, 1, None, None, 1
@@ -287,14 +338,37 @@ def run_loop(f: Fleet, scale: Scale, method: str, publish: bool) -> dict[str, An
     cfg_file.write_text(yaml.safe_dump(train_config(scale, method)))
     (f.work / "admin_key").write_text(ADMIN_KEY)
     qlp = Path(sys.executable).parent / "qlp"
-    argv = [str(qlp), "loop", "--agent", AGENT, "--config", str(cfg_file), "--output-dir", str(f.work / method),
-            "--adapters-root", str(f.work / "adapters"), "--servers", f.vllm, "--tier", "T0",
-            "--redis-url", f.redis_url, "--min-examples", str(min(10, scale.teach)), "--weight", "50",
-            "--max-success-drop", str(scale.max_success_drop), "--max-regression", str(scale.max_regression)]
+    argv = [
+        str(qlp),
+        "loop",
+        "--agent",
+        AGENT,
+        "--config",
+        str(cfg_file),
+        "--output-dir",
+        str(f.work / method),
+        "--adapters-root",
+        str(f.work / "adapters"),
+        "--servers",
+        f.vllm,
+        "--tier",
+        "T0",
+        "--redis-url",
+        f.redis_url,
+        "--min-examples",
+        str(min(10, scale.teach)),
+        "--weight",
+        "50",
+        "--max-success-drop",
+        str(scale.max_success_drop),
+        "--max-regression",
+        str(scale.max_regression),
+    ]
     argv += ["--gateway", f.gateway, "--admin-key-file", str(f.work / "admin_key")] if publish else ["--dry-run"]
     t0 = time.monotonic()
-    proc = subprocess.run(argv, cwd=ROOT, stdout=subprocess.PIPE, text=True,
-                          env={**os.environ, "TOKENIZERS_PARALLELISM": "false"})
+    proc = subprocess.run(
+        argv, cwd=ROOT, stdout=subprocess.PIPE, text=True, env={**os.environ, "TOKENIZERS_PARALLELISM": "false"}
+    )
     steps: dict[str, Any] = {}
     for line in proc.stdout.splitlines():
         print(line, flush=True)
@@ -306,12 +380,19 @@ def run_loop(f: Fleet, scale: Scale, method: str, publish: bool) -> dict[str, An
         raise SystemExit(f"bench_proof: qlp loop ({method}) exited {proc.returncode}")
     evaluation = json.loads((f.work / method / "eval.json").read_text())
     train_result = json.loads((f.work / method / "train_result.json").read_text())
-    return {"method": method, "exit": proc.returncode, "seconds": round(time.monotonic() - t0, 1), "steps": steps,
-            "task_success": {k: v for k, v in (evaluation.get("task_success") or {}).items() if k != "per_task"},
-            "held_out_loss": evaluation["held_out_loss"], "gate": evaluation.get("gate"),
-            "training": {k: train_result.get(k) for k in ("steps", "tokens", "seconds", "tokens_per_s",
-                                                          "final_loss", "rank_pattern")},
-            "lora": str(f.work / method / "lora")}
+    return {
+        "method": method,
+        "exit": proc.returncode,
+        "seconds": round(time.monotonic() - t0, 1),
+        "steps": steps,
+        "task_success": {k: v for k, v in (evaluation.get("task_success") or {}).items() if k != "per_task"},
+        "held_out_loss": evaluation["held_out_loss"],
+        "gate": evaluation.get("gate"),
+        "training": {
+            k: train_result.get(k) for k in ("steps", "tokens", "seconds", "tokens_per_s", "final_loss", "rank_pattern")
+        },
+        "lora": str(f.work / method / "lora"),
+    }
 
 
 def held_out(f: Fleet, tasks: list[Any], models: dict[str, str], concurrency: int) -> dict[str, Any]:
@@ -325,6 +406,7 @@ def held_out(f: Fleet, tasks: list[Any], models: dict[str, str], concurrency: in
     client = openai.OpenAI(base_url=f"{f.vllm}/v1", api_key="unused", max_retries=2, timeout=600)
     out: dict[str, Any] = {}
     for label, model in models.items():
+
         def one(t: Any, model: str = model) -> bool:
             r = client.chat.completions.create(model=model, messages=t.chat(), max_tokens=96, temperature=0)
             return check(t.chat(), r.choices[0].message.content or "")
@@ -337,16 +419,25 @@ def held_out(f: Fleet, tasks: list[Any], models: dict[str, str], concurrency: in
                 bar.update(1)
         bar.close()
         lo, hi = wilson(sum(oks), len(oks)) or (0.0, 1.0)
-        out[label] = {"model": model, "tasks": len(oks), "successes": sum(oks), "rate": sum(oks) / len(oks),
-                      "ci95": [round(lo, 4), round(hi, 4)]}
+        out[label] = {
+            "model": model,
+            "tasks": len(oks),
+            "successes": sum(oks),
+            "rate": sum(oks) / len(oks),
+            "ci95": [round(lo, 4), round(hi, 4)],
+        }
     return out
 
 
 def report(f: Fleet, tier: str) -> dict[str, Any]:
     import httpx
 
-    r = httpx.get(f"{f.gateway}/v1/report", params={"tier": tier, "agent": AGENT},
-                  headers={"Authorization": f"Bearer {ADMIN_KEY}"}, timeout=60)
+    r = httpx.get(
+        f"{f.gateway}/v1/report",
+        params={"tier": tier, "agent": AGENT},
+        headers={"Authorization": f"Bearer {ADMIN_KEY}"},
+        timeout=60,
+    )
     r.raise_for_status()
     doc: dict[str, Any] = r.json()
     return doc
@@ -356,8 +447,11 @@ def prove(scale: Scale, vllm_url: str | None = None, redis_url: str | None = Non
     from trainer.publish import load_into_server
 
     tasks = split_tasks(scale)
-    result: dict[str, Any] = {"family": FAMILY, "scale": dataclasses.asdict(scale),
-                              "tasks": {k: len(v) for k, v in tasks.items()}}
+    result: dict[str, Any] = {
+        "family": FAMILY,
+        "scale": dataclasses.asdict(scale),
+        "tasks": {k: len(v) for k, v in tasks.items()},
+    }
     t_start = time.monotonic()
     with fleet(vllm_url, redis_url) as f:
         teach = orchestrate(f, tasks["teach"], "T3", "teach", scale.concurrency)
@@ -389,31 +483,49 @@ def _usd(micros: int | None) -> str:
 
 
 def tables(res: dict[str, Any]) -> str:
-    lines = [f"# Learning-loop proof: {res['family']}", "",
-             f"Tasks: {res['tasks']['teach']} teach (via T3, teacher correct {res['teach']['teacher_correct']}, "
-             f"captured {res['teach']['captured']}), {res['tasks']['heldout']} held-out, {res['tasks']['ab']} A/B; "
-             f"{res['seconds']:.0f} s end to end.", "",
-             "| arm (held-out, greedy, direct to vLLM) | success | 95% interval |", "|---|---:|---|"]
+    lines = [
+        f"# Learning-loop proof: {res['family']}",
+        "",
+        f"Tasks: {res['tasks']['teach']} teach (via T3, teacher correct {res['teach']['teacher_correct']}, "
+        f"captured {res['teach']['captured']}), {res['tasks']['heldout']} held-out, {res['tasks']['ab']} A/B; "
+        f"{res['seconds']:.0f} s end to end.",
+        "",
+        "| arm (held-out, greedy, direct to vLLM) | success | 95% interval |",
+        "|---|---:|---|",
+    ]
     for label, h in res["held_out"].items():
-        lines.append(f"| {label} (`{h['model']}`) | {h['successes']}/{h['tasks']} = {h['rate']:.1%} | "
-                     f"{h['ci95'][0]:.1%} - {h['ci95'][1]:.1%} |")
-    lines += ["", "| method | steps | train tokens | train s | tok/s | loss base -> adapter | loop's eval success "
-              "base -> adapter | gate | loop s |", "|---|---:|---:|---:|---:|---|---|---|---:|"]
+        lines.append(
+            f"| {label} (`{h['model']}`) | {h['successes']}/{h['tasks']} = {h['rate']:.1%} | "
+            f"{h['ci95'][0]:.1%} - {h['ci95'][1]:.1%} |"
+        )
+    lines += [
+        "",
+        "| method | steps | train tokens | train s | tok/s | loss base -> adapter | loop's eval success "
+        "base -> adapter | gate | loop s |",
+        "|---|---:|---:|---:|---:|---|---|---|---:|",
+    ]
     for lp in res["loops"]:
         tr, ts, lo = lp["training"], lp["task_success"], lp["held_out_loss"]
-        lines.append(f"| {lp['method']} | {tr['steps']} | {tr['tokens']} | {tr['seconds']:.0f} | "
-                     f"{tr['tokens_per_s']:.0f} | {lo['base']:.4f} -> {lo['adapter']:.4f} | "
-                     f"{ts.get('base', 0):.3f} -> {ts.get('adapter', 0):.3f} ({ts.get('tasks')} tasks) | "
-                     f"{'passed' if (lp['gate'] or {}).get('passed') else 'gated'} | {lp['seconds']:.0f} |")
-    lines += ["", "| tier | arm | requests | success | 95% interval | cost / task | GPT-4 counterfactual / task |",
-              "|---|---|---:|---:|---|---:|---:|"]
+        lines.append(
+            f"| {lp['method']} | {tr['steps']} | {tr['tokens']} | {tr['seconds']:.0f} | "
+            f"{tr['tokens_per_s']:.0f} | {lo['base']:.4f} -> {lo['adapter']:.4f} | "
+            f"{ts.get('base', 0):.3f} -> {ts.get('adapter', 0):.3f} ({ts.get('tasks')} tasks) | "
+            f"{'passed' if (lp['gate'] or {}).get('passed') else 'gated'} | {lp['seconds']:.0f} |"
+        )
+    lines += [
+        "",
+        "| tier | arm | requests | success | 95% interval | cost / task | GPT-4 counterfactual / task |",
+        "|---|---|---:|---:|---|---:|---:|",
+    ]
     for tier in ("T3", "T0"):
         for g in res["report"][tier]["data"]:
             ci, rate = g.get("success_ci95"), g.get("success_rate")
             rate_s = "-" if rate is None else f"{rate:.1%}"
             ci_s = "-" if not ci else f"{ci[0]:.1%} - {ci[1]:.1%}"
-            lines.append(f"| {g['tier']} | {g['arm']} | {g['requests']} | {rate_s} | {ci_s} | "
-                         f"{_usd(g['cost_per_workflow_micros'])} | {_usd(g['counterfactual_per_request_micros'])} |")
+            lines.append(
+                f"| {g['tier']} | {g['arm']} | {g['requests']} | {rate_s} | {ci_s} | "
+                f"{_usd(g['cost_per_workflow_micros'])} | {_usd(g['counterfactual_per_request_micros'])} |"
+            )
     return "\n".join(lines) + "\n"
 
 

@@ -60,8 +60,10 @@ def scaling() -> dict[str, Any]:
     with nginx_mock() as upstream, metering() as (on_env, key):
         auth = {"QLP_BENCH_KEY": key}
         with contextlib.ExitStack() as stack:
-            gws = {w: stack.enter_context(gateway(upstream, workers=w, env=on_env, config=routed_config(upstream)))
-                   for w in WORKERS}
+            gws = {
+                w: stack.enter_context(gateway(upstream, workers=w, env=on_env, config=routed_config(upstream)))
+                for w in WORKERS
+            }
             pids = {w: root_pid(url) for w, url in gws.items()}
             for url in gws.values():  # warm-up: every worker's pools (the kernel spreads connections)
                 wrk(url + "/v1/chat/completions", 64, 2, threads=THREADS, env=auth)
@@ -78,10 +80,13 @@ def scaling() -> dict[str, Any]:
         out[str(w)] = {"rss_mb": rss[w]}
         for c in CONNECTIONS:
             rs = runs[w][c]
-            out[str(w)][str(c)] = {"rps": median([r["rps"] for r in rs]), "p50": median([r["p50"] for r in rs]),
-                                   "p99": median([r["p99"] for r in rs]),
-                                   "cpu_per_req": median([r["cpu_per_req"] for r in rs]),
-                                   "non2xx": sum(r["non2xx"] + r["errors"] for r in rs)}
+            out[str(w)][str(c)] = {
+                "rps": median([r["rps"] for r in rs]),
+                "p50": median([r["p50"] for r in rs]),
+                "p99": median([r["p99"] for r in rs]),
+                "cpu_per_req": median([r["cpu_per_req"] for r in rs]),
+                "non2xx": sum(r["non2xx"] + r["errors"] for r in rs),
+            }
     return {"workers": out, "runs": {str(w): {str(c): v for c, v in d.items()} for w, d in runs.items()}}
 
 
@@ -105,39 +110,69 @@ def streaming() -> dict[str, Any]:
     fields = ("ttfb_p50", "ttfb_p99", "gap_p50", "gap_p99")
     d = {f: med(d_runs, f) for f in fields}
     g = {f: med(g_runs, f) for f in fields}
-    return {"streams": STREAMS, "workers": STREAM_WORKERS, "chunks": STREAM_CHUNKS, "interval_s": STREAM_INTERVAL,
-            "nofile": limit, "direct": d, "gateway": g,
-            "added": {f: g[f] - d[f] for f in fields},
-            "dropped": sum(r["dropped"] for r in g_runs), "dropped_direct": sum(r["dropped"] for r in d_runs),
-            "completed": sum(r["n"] for r in g_runs), "runs": {"direct": d_runs, "gateway": g_runs}}
+    return {
+        "streams": STREAMS,
+        "workers": STREAM_WORKERS,
+        "chunks": STREAM_CHUNKS,
+        "interval_s": STREAM_INTERVAL,
+        "nofile": limit,
+        "direct": d,
+        "gateway": g,
+        "added": {f: g[f] - d[f] for f in fields},
+        "dropped": sum(r["dropped"] for r in g_runs),
+        "dropped_direct": sum(r["dropped"] for r in d_runs),
+        "completed": sum(r["n"] for r in g_runs),
+        "runs": {"direct": d_runs, "gateway": g_runs},
+    }
 
 
 def table(sc: dict[str, Any], st: dict[str, Any], note: str) -> str:
-    lines = ["# Gateway at scale (metering, auth, routing and metrics on)", "",
-             f"Machine: {note}. Medians of {ROUNDS} interleaved rounds, wrk {DURATION} s per run.", "",
-             "| workers | " + " | ".join(f"req/s at {c}" for c in CONNECTIONS) + " | "
-             + " | ".join(f"CPU/req at {c}" for c in CONNECTIONS) + " | RSS |",
-             "|---:|" + "---:|" * (2 * len(CONNECTIONS) + 1)]
+    lines = [
+        "# Gateway at scale (metering, auth, routing and metrics on)",
+        "",
+        f"Machine: {note}. Medians of {ROUNDS} interleaved rounds, wrk {DURATION} s per run.",
+        "",
+        "| workers | "
+        + " | ".join(f"req/s at {c}" for c in CONNECTIONS)
+        + " | "
+        + " | ".join(f"CPU/req at {c}" for c in CONNECTIONS)
+        + " | RSS |",
+        "|---:|" + "---:|" * (2 * len(CONNECTIONS) + 1),
+    ]
     for w, row in sc["workers"].items():
-        lines.append(f"| {w} | " + " | ".join(f"{row[str(c)]['rps']:,.0f}" for c in CONNECTIONS) + " | "
-                     + " | ".join(f"{row[str(c)]['cpu_per_req'] * 1e6:,.0f} us" for c in CONNECTIONS)
-                     + f" | {row['rss_mb']:.0f} MiB |")
+        lines.append(
+            f"| {w} | "
+            + " | ".join(f"{row[str(c)]['rps']:,.0f}" for c in CONNECTIONS)
+            + " | "
+            + " | ".join(f"{row[str(c)]['cpu_per_req'] * 1e6:,.0f} us" for c in CONNECTIONS)
+            + f" | {row['rss_mb']:.0f} MiB |"
+        )
     cores = os.cpu_count() or 0
     if any(w > cores for w in WORKERS):
-        lines += ["", f"This machine has {cores} cores, shared by wrk, nginx, Redis and the gateway: workers beyond "
-                  "that are oversubscribed (context switches, not parallelism)."]
+        lines += [
+            "",
+            f"This machine has {cores} cores, shared by wrk, nginx, Redis and the gateway: workers beyond "
+            "that are oversubscribed (context switches, not parallelism).",
+        ]
     a, d, g = st["added"], st["direct"], st["gateway"]
-    lines += ["", f"## {st['streams']:,} concurrent SSE streams ({st['workers']} gateway worker(s); mock: "
-              f"{st['chunks']} chunks every {st['interval_s'] * 1e3:.0f} ms)", "",
-              "| | TTFT p50 | TTFT p99 | inter-chunk p50 | inter-chunk p99 |", "|---|---:|---:|---:|---:|",
-              f"| mock alone | {d['ttfb_p50'] * 1e3:.1f} ms | {d['ttfb_p99'] * 1e3:.1f} ms "
-              f"| {d['gap_p50'] * 1e3:.1f} ms | {d['gap_p99'] * 1e3:.1f} ms |",
-              f"| through the gateway | {g['ttfb_p50'] * 1e3:.1f} ms | {g['ttfb_p99'] * 1e3:.1f} ms "
-              f"| {g['gap_p50'] * 1e3:.1f} ms | {g['gap_p99'] * 1e3:.1f} ms |",
-              f"| added by the gateway | {a['ttfb_p50'] * 1e3:+.1f} ms | {a['ttfb_p99'] * 1e3:+.1f} ms "
-              f"| {a['gap_p50'] * 1e3:+.1f} ms | {a['gap_p99'] * 1e3:+.1f} ms |", "",
-              f"Streams dropped through the gateway: {st['dropped']:.0f} of {st['completed'] + st['dropped']:.0f} "
-              f"(mock alone: {st['dropped_direct']:.0f}); target: none.", ""]
+    lines += [
+        "",
+        f"## {st['streams']:,} concurrent SSE streams ({st['workers']} gateway worker(s); mock: "
+        f"{st['chunks']} chunks every {st['interval_s'] * 1e3:.0f} ms)",
+        "",
+        "| | TTFT p50 | TTFT p99 | inter-chunk p50 | inter-chunk p99 |",
+        "|---|---:|---:|---:|---:|",
+        f"| mock alone | {d['ttfb_p50'] * 1e3:.1f} ms | {d['ttfb_p99'] * 1e3:.1f} ms "
+        f"| {d['gap_p50'] * 1e3:.1f} ms | {d['gap_p99'] * 1e3:.1f} ms |",
+        f"| through the gateway | {g['ttfb_p50'] * 1e3:.1f} ms | {g['ttfb_p99'] * 1e3:.1f} ms "
+        f"| {g['gap_p50'] * 1e3:.1f} ms | {g['gap_p99'] * 1e3:.1f} ms |",
+        f"| added by the gateway | {a['ttfb_p50'] * 1e3:+.1f} ms | {a['ttfb_p99'] * 1e3:+.1f} ms "
+        f"| {a['gap_p50'] * 1e3:+.1f} ms | {a['gap_p99'] * 1e3:+.1f} ms |",
+        "",
+        f"Streams dropped through the gateway: {st['dropped']:.0f} of {st['completed'] + st['dropped']:.0f} "
+        f"(mock alone: {st['dropped_direct']:.0f}); target: none.",
+        "",
+    ]
     return "\n".join(lines)
 
 
@@ -147,6 +182,16 @@ def main(argv: list[str]) -> int:
     note = machine_note()
     out = table(sc, st, note)
     print(out)
-    write_results("bench_scale", {"machine": note, "rounds": ROUNDS, "seconds": DURATION,
-                                  "connections": CONNECTIONS, "scaling": sc, "streaming": st}, out)
+    write_results(
+        "bench_scale",
+        {
+            "machine": note,
+            "rounds": ROUNDS,
+            "seconds": DURATION,
+            "connections": CONNECTIONS,
+            "scaling": sc,
+            "streaming": st,
+        },
+        out,
+    )
     return 1 if st["dropped"] else 0

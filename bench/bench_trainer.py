@@ -30,10 +30,25 @@ ROUNDS = int(os.environ.get("QLP_BENCH_ROUNDS", "3"))
 THREADS = int(os.environ.get("QLP_BENCH_THREADS", "1"))
 
 SETTINGS: dict[str, Any] = dict(
-    human_eval_seed=True, data=[], base_model=str(ROOT / "models" / "base"), max_seq_len=256,
-    eval_fraction=0.1, init_r=8, target_r=4, lora_alpha=16, lora_dropout=0.05,
-    target_modules=["q_proj", "k_proj", "v_proj", "o_proj"], batch_size=2, grad_accum=2, epochs=1,
-    learning_rate=5e-4, warmup_ratio=0.0, tinit=1, tfinal=1, save_steps=10_000, logging_steps=10_000,
+    human_eval_seed=True,
+    data=[],
+    base_model=str(ROOT / "models" / "base"),
+    max_seq_len=256,
+    eval_fraction=0.1,
+    init_r=8,
+    target_r=4,
+    lora_alpha=16,
+    lora_dropout=0.05,
+    target_modules=["q_proj", "k_proj", "v_proj", "o_proj"],
+    batch_size=2,
+    grad_accum=2,
+    epochs=1,
+    learning_rate=5e-4,
+    warmup_ratio=0.0,
+    tinit=1,
+    tfinal=1,
+    save_steps=10_000,
+    logging_steps=10_000,
     num_threads=THREADS,
 )
 
@@ -49,8 +64,13 @@ def run_trainer(cfg: Any, dataset: Any) -> float:
     from trainer.train import train
 
     marks: list[tuple[int, float]] = []
-    train(cfg, dataset, resume=False, progress=False,
-          on_step=lambda info: marks.append((info.tokens, info.tokens / info.tokens_per_s)))
+    train(
+        cfg,
+        dataset,
+        resume=False,
+        progress=False,
+        on_step=lambda info: marks.append((info.tokens, info.tokens / info.tokens_per_s)),
+    )
     (t1, s1), (tn, sn) = marks[0], marks[-1]
     return (tn - t1) / (sn - s1)
 
@@ -71,13 +91,23 @@ def run_plain(cfg: Any, dataset: Any, method: str) -> float:
         torch.set_num_threads(cfg.num_threads)
     model = load_base_model(cfg.base_model, device, dtype)
     torch.manual_seed(cfg.seed)
-    common = dict(task_type="CAUSAL_LM", lora_alpha=cfg.lora_alpha, lora_dropout=cfg.lora_dropout,
-                  target_modules=list(cfg.target_modules))
+    common = dict(
+        task_type="CAUSAL_LM",
+        lora_alpha=cfg.lora_alpha,
+        lora_dropout=cfg.lora_dropout,
+        target_modules=list(cfg.target_modules),
+    )
     if method == "lora":
         peft_config: Any = LoraConfig(r=cfg.init_r, **common)
     else:
-        peft_config = AdaLoraConfig(init_r=cfg.init_r, target_r=cfg.target_r, tinit=schedule.tinit,
-                                    tfinal=schedule.tfinal, total_step=schedule.total_step, **common)
+        peft_config = AdaLoraConfig(
+            init_r=cfg.init_r,
+            target_r=cfg.target_r,
+            tinit=schedule.tinit,
+            tfinal=schedule.tfinal,
+            total_step=schedule.total_step,
+            **common,
+        )
     model = get_peft_model(model, peft_config)
     model.train()
     opt = torch.optim.AdamW([p for p in model.parameters() if p.requires_grad], lr=cfg.learning_rate)
@@ -125,16 +155,23 @@ def main(argv: list[str]) -> int:
         for r in range(ROUNDS):
             # Rotated each round: the first loop of a process runs measurably slower (allocator warm-up),
             # and this machine's load drifts; every loop takes every position once in 3 rounds.
-            for name in order[r % 3:] + order[: r % 3]:
+            for name in order[r % 3 :] + order[: r % 3]:
                 rates[name].append(run_trainer(cfg, dataset) if name == "trainer" else run_plain(cfg, dataset, name))
     med = {k: statistics.median(v) for k, v in rates.items()}
-    print(f"data: HumanEval seed, {len(dataset.train)} train examples, max_seq_len {cfg.max_seq_len}; "
-          f"batch {cfg.batch_size} x accumulation {cfg.grad_accum}; q,k,v,o; r={cfg.init_r}; "
-          f"{STEPS} steps x {ROUNDS} rounds; torch threads {torch.get_num_threads()}, device cpu")
-    for name, label in (("trainer", "qlp train (AdaLoRA)"), ("adalora", "bare AdaLoRA loop"),
-                        ("lora", "bare PEFT LoRA loop (baseline)")):
+    print(
+        f"data: HumanEval seed, {len(dataset.train)} train examples, max_seq_len {cfg.max_seq_len}; "
+        f"batch {cfg.batch_size} x accumulation {cfg.grad_accum}; q,k,v,o; r={cfg.init_r}; "
+        f"{STEPS} steps x {ROUNDS} rounds; torch threads {torch.get_num_threads()}, device cpu"
+    )
+    for name, label in (
+        ("trainer", "qlp train (AdaLoRA)"),
+        ("adalora", "bare AdaLoRA loop"),
+        ("lora", "bare PEFT LoRA loop (baseline)"),
+    ):
         runs = ", ".join(f"{r:,.0f}" for r in rates[name])
         print(f"  {label:<32} {med[name]:>8,.0f} tokens/s  (runs: {runs})")
-    print(f"  qlp train / plain LoRA: {med['trainer'] / med['lora']:.2f}x; "
-          f"bare AdaLoRA / plain LoRA: {med['adalora'] / med['lora']:.2f}x")
+    print(
+        f"  qlp train / plain LoRA: {med['trainer'] / med['lora']:.2f}x; "
+        f"bare AdaLoRA / plain LoRA: {med['adalora'] / med['lora']:.2f}x"
+    )
     return 0

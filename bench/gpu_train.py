@@ -32,16 +32,30 @@ def main(argv: list[str]) -> int:
     if not torch.cuda.is_available():
         print("gpu_train: no CUDA device; this benchmark is for a lent GPU", file=sys.stderr)
         return 2
-    print(f"device: {torch.cuda.get_device_name(0)}, torch {torch.__version__}, bf16 "
-          f"{'supported' if torch.cuda.is_bf16_supported() else 'NOT supported (fp32)'}")
+    print(
+        f"device: {torch.cuda.get_device_name(0)}, torch {torch.__version__}, bf16 "
+        f"{'supported' if torch.cuda.is_bf16_supported() else 'NOT supported (fp32)'}"
+    )
     with tempfile.TemporaryDirectory(prefix="qlp-gpu-train-") as tmp:
-        cfg, dataset = build(Path(tmp), args.steps, batch_size=args.batch_size, grad_accum=args.grad_accum,
-                             max_seq_len=args.seq_len, eval_fraction=0.05, device="cuda", precision="auto",
-                             gradient_checkpointing=args.gradient_checkpointing, tinit=1, tfinal=1,
-                             num_threads=0)
-        print(f"data: {len(dataset.train)} examples (HumanEval seed), max_seq_len {cfg.max_seq_len}, "
-              f"batch {cfg.batch_size} x accumulation {cfg.grad_accum}, r={cfg.init_r}, q/k/v/o, "
-              f"{args.steps} steps (first not timed)")
+        cfg, dataset = build(
+            Path(tmp),
+            args.steps,
+            batch_size=args.batch_size,
+            grad_accum=args.grad_accum,
+            max_seq_len=args.seq_len,
+            eval_fraction=0.05,
+            device="cuda",
+            precision="auto",
+            gradient_checkpointing=args.gradient_checkpointing,
+            tinit=1,
+            tfinal=1,
+            num_threads=0,
+        )
+        print(
+            f"data: {len(dataset.train)} examples (HumanEval seed), max_seq_len {cfg.max_seq_len}, "
+            f"batch {cfg.batch_size} x accumulation {cfg.grad_accum}, r={cfg.init_r}, q/k/v/o, "
+            f"{args.steps} steps (first not timed)"
+        )
         loops = ["trainer", "lora", "adalora"] if args.which == "all" else [args.which]
         for name in loops:
             torch.cuda.empty_cache()

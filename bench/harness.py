@@ -50,9 +50,16 @@ def wait_http(url: str, timeout: float = 30.0) -> None:
 
 
 @contextlib.contextmanager
-def process(args: list[str], env: dict[str, str] | None = None, health: str | None = None) -> Iterator[subprocess.Popen[bytes]]:
-    p = subprocess.Popen(args, env={**os.environ, **(env or {})}, stdout=subprocess.DEVNULL,
-                         stderr=subprocess.DEVNULL, start_new_session=True)
+def process(
+    args: list[str], env: dict[str, str] | None = None, health: str | None = None
+) -> Iterator[subprocess.Popen[bytes]]:
+    p = subprocess.Popen(
+        args,
+        env={**os.environ, **(env or {})},
+        stdout=subprocess.DEVNULL,
+        stderr=subprocess.DEVNULL,
+        start_new_session=True,
+    )
     try:
         if health:
             wait_http(health)
@@ -84,8 +91,10 @@ def nginx_mock() -> Iterator[str]:
 @contextlib.contextmanager
 def stream_mock(n_chunks: int = 20, interval: float = 0.02) -> Iterator[str]:
     port = free_port()
-    with process([PY, "-m", "bench.mock.stream_server", str(port), str(n_chunks), str(interval)],
-                 health=f"http://127.0.0.1:{port}/health"):
+    with process(
+        [PY, "-m", "bench.mock.stream_server", str(port), str(n_chunks), str(interval)],
+        health=f"http://127.0.0.1:{port}/health",
+    ):
         yield f"http://127.0.0.1:{port}/v1"
 
 
@@ -93,21 +102,35 @@ def fleet_config(base_url: str, **extra: Any) -> dict[str, Any]:
     return {
         "default_tier": "T0",
         "health_interval": 30,
-        "tiers": {"T0": {"model": "bench", "aliases": ["qlp-t0"],
-                         "backends": [{"name": "mock", "base_url": base_url}]}},
+        "tiers": {
+            "T0": {"model": "bench", "aliases": ["qlp-t0"], "backends": [{"name": "mock", "base_url": base_url}]}
+        },
         **extra,
     }
 
 
 @contextlib.contextmanager
-def gateway(base_url: str, workers: int = 1, env: dict[str, str] | None = None,
-            config: dict[str, Any] | None = None) -> Iterator[str]:
+def gateway(
+    base_url: str, workers: int = 1, env: dict[str, str] | None = None, config: dict[str, Any] | None = None
+) -> Iterator[str]:
     d = Path(tempfile.mkdtemp(prefix="qlp-gw-"))
     cfg = d / "tiers.yaml"
     cfg.write_text(yaml.safe_dump(config or fleet_config(base_url)))
     port = free_port()
-    args = [PY, "-m", "gateway.cli", "gateway", "--port", str(port), "--workers", str(workers),
-            "--config", str(cfg), "--log-level", "warning"]
+    args = [
+        PY,
+        "-m",
+        "gateway.cli",
+        "gateway",
+        "--port",
+        str(port),
+        "--workers",
+        str(workers),
+        "--config",
+        str(cfg),
+        "--log-level",
+        "warning",
+    ]
     # Metering is off unless the caller turns it on (bench_metering does, with a Redis of its own).
     env = {"QLP_SECRETS_DIR": str(d), "QLP_METERING": "false", **(env or {})}
     with process(args, env=env, health=f"http://127.0.0.1:{port}/healthz"):
@@ -122,17 +145,37 @@ def _seconds(text: str) -> float:
     return float(m.group(1)) * _UNITS[m.group(2)]
 
 
-def wrk(url: str, connections: int, duration: int = 8, threads: int = 1, env: dict[str, str] | None = None,
-        timeout: int | None = None) -> dict[str, float]:
+def wrk(
+    url: str,
+    connections: int,
+    duration: int = 8,
+    threads: int = 1,
+    env: dict[str, str] | None = None,
+    timeout: int | None = None,
+) -> dict[str, float]:
     """requests/s and latency percentiles (seconds) from wrk; also `requests` (completed) and `errors` (socket
     errors and timeouts). `timeout` (seconds) overrides wrk's 2 s, past which it records no latency."""
     if not shutil.which("wrk"):
         raise SystemExit("wrk is not installed (make sysdeps)")
     out = subprocess.run(
-        ["wrk", "-t", str(threads), "-c", str(connections), "-d", f"{duration}s", "--latency",
-         *(["--timeout", f"{timeout}s"] if timeout else []),
-         "-s", str(ROOT / "bench/mock/post.lua"), url],
-        capture_output=True, text=True, check=True, env={**os.environ, **(env or {})},
+        [
+            "wrk",
+            "-t",
+            str(threads),
+            "-c",
+            str(connections),
+            "-d",
+            f"{duration}s",
+            "--latency",
+            *(["--timeout", f"{timeout}s"] if timeout else []),
+            "-s",
+            str(ROOT / "bench/mock/post.lua"),
+            url,
+        ],
+        capture_output=True,
+        text=True,
+        check=True,
+        env={**os.environ, **(env or {})},
     ).stdout
     res: dict[str, float] = {"rps": float(re.search(r"Requests/sec:\s+([\d.]+)", out).group(1))}  # type: ignore[union-attr]
     total = re.search(r"(\d+) requests in", out)
@@ -166,12 +209,14 @@ async def stream_ttfb(url: str, streams: int, headers: dict[str, str] | None = N
     dropped = 0
     conn = aiohttp.TCPConnector(limit=0)
     async with aiohttp.ClientSession(connector=conn) as session:
+
         async def one() -> None:
             nonlocal dropped
             t0 = time.perf_counter()
             try:
-                async with session.post(url, data=body, headers={"Content-Type": "application/json",
-                                                                  "X-QLP-Tier": "T0", **(headers or {})}) as r:
+                async with session.post(
+                    url, data=body, headers={"Content-Type": "application/json", "X-QLP-Tier": "T0", **(headers or {})}
+                ) as r:
                     first = True
                     last = 0.0
                     done = False
@@ -190,8 +235,14 @@ async def stream_ttfb(url: str, streams: int, headers: dict[str, str] | None = N
                 dropped += 1
 
         await asyncio.gather(*(one() for _ in range(streams)))
-    return {"ttfb_p50": pct(ttfb, 50), "ttfb_p99": pct(ttfb, 99), "gap_p50": pct(gaps, 50),
-            "gap_p99": pct(gaps, 99), "dropped": float(dropped), "n": float(len(ttfb))}
+    return {
+        "ttfb_p50": pct(ttfb, 50),
+        "ttfb_p99": pct(ttfb, 99),
+        "gap_p50": pct(gaps, 50),
+        "gap_p99": pct(gaps, 99),
+        "dropped": float(dropped),
+        "n": float(len(ttfb)),
+    }
 
 
 def rss_mb(pid: int) -> float:
@@ -268,8 +319,9 @@ def raise_nofile(want: int = 65536) -> int:
     return resource.getrlimit(resource.RLIMIT_NOFILE)[0]
 
 
-def ensure_venv(path: Path, requirements: list[str], env: dict[str, str] | None = None,
-                timeout: float | None = None) -> Path:
+def ensure_venv(
+    path: Path, requirements: list[str], env: dict[str, str] | None = None, timeout: float | None = None
+) -> Path:
     """The python of a bench-only virtual environment at `path`, created and filled with `requirements` (pip
     specifiers, pinned by the caller) when missing. Raises RuntimeError with pip's last lines on failure."""
     python = path / "bin" / "python"
@@ -278,13 +330,19 @@ def ensure_venv(path: Path, requirements: list[str], env: dict[str, str] | None 
     if python.exists() and stamp.exists() and stamp.read_text() == wanted:
         return python
     if not python.exists():
-        subprocess.run([sys.executable if sys.prefix == sys.base_prefix else _base_python(), "-m", "venv",
-                        str(path)], check=True)
+        subprocess.run(
+            [sys.executable if sys.prefix == sys.base_prefix else _base_python(), "-m", "venv", str(path)], check=True
+        )
     where = path.relative_to(ROOT) if path.is_relative_to(ROOT) else path
     print(f"installing {' '.join(requirements)} into {where} (once)", flush=True)
     try:
-        r = subprocess.run([str(python), "-m", "pip", "install", "-q", *requirements], capture_output=True,
-                           text=True, env={**os.environ, **(env or {})}, timeout=timeout)
+        r = subprocess.run(
+            [str(python), "-m", "pip", "install", "-q", *requirements],
+            capture_output=True,
+            text=True,
+            env={**os.environ, **(env or {})},
+            timeout=timeout,
+        )
     except subprocess.TimeoutExpired as exc:
         raise RuntimeError(f"pip install took longer than {timeout:.0f} s") from exc
     if r.returncode != 0:
@@ -318,6 +376,7 @@ def write_results(name: str, data: dict[str, Any], table: str) -> None:
     if not plot_python.exists():
         print("plots skipped: bench/.venv-litellm is missing (python -m bench bench_litellm creates it)")
         return
-    r = subprocess.run([str(plot_python), str(ROOT / "bench" / "plot.py"), str(RESULTS), name],
-                       capture_output=True, text=True)
+    r = subprocess.run(
+        [str(plot_python), str(ROOT / "bench" / "plot.py"), str(RESULTS), name], capture_output=True, text=True
+    )
     print((r.stdout + r.stderr).strip() or "plots: nothing to plot")

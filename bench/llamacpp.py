@@ -51,9 +51,28 @@ def ensure() -> Path:
 def llamacpp(gguf: Path) -> Iterator[tuple[str, int, str]]:
     """A running server: (url, pid, model name)."""
     port = free_port()
-    with process([str(VENV / "bin" / "python"), "-m", "llama_cpp.server", "--model", str(gguf), "--host",
-                  "127.0.0.1", "--port", str(port), "--n_threads", str(THREADS), "--n_threads_batch",
-                  str(THREADS), "--n_ctx", "2048", "--model_alias", "smollm2"], env=OMP_ENV) as p:
+    with process(
+        [
+            str(VENV / "bin" / "python"),
+            "-m",
+            "llama_cpp.server",
+            "--model",
+            str(gguf),
+            "--host",
+            "127.0.0.1",
+            "--port",
+            str(port),
+            "--n_threads",
+            str(THREADS),
+            "--n_threads_batch",
+            str(THREADS),
+            "--n_ctx",
+            "2048",
+            "--model_alias",
+            "smollm2",
+        ],
+        env=OMP_ENV,
+    ) as p:
         url = f"http://127.0.0.1:{port}"
         wait_http(url + "/v1/models", timeout=600)
         yield url, p.pid, "smollm2"

@@ -41,30 +41,59 @@ def plot_litellm(d: dict[str, Any], out: Path) -> list[Path]:
     lv = d["levels"]
     fig, axes = plt.subplots(1, 3, figsize=(15, 4.5))
     ax = axes[0]
-    _bars(ax, conns, {"ours": [lv[c]["ours"]["rps"] for c in conns],
-                      f"LiteLLM {d['litellm_version']}": [lv[c]["litellm"]["rps"] for c in conns]},
-          [OURS, THEIRS], "{:,.0f}")
+    _bars(
+        ax,
+        conns,
+        {
+            "ours": [lv[c]["ours"]["rps"] for c in conns],
+            f"LiteLLM {d['litellm_version']}": [lv[c]["litellm"]["rps"] for c in conns],
+        },
+        [OURS, THEIRS],
+        "{:,.0f}",
+    )
     ax.set_yscale("log")
     _headroom(ax)
-    ax.set_title(f"requests/s (log scale); 32 connections: {lv['32']['ratio']['rps']:.0f}x" if "32" in lv
-                 else "requests/s (log scale)")
+    ax.set_title(
+        f"requests/s (log scale); 32 connections: {lv['32']['ratio']['rps']:.0f}x"
+        if "32" in lv
+        else "requests/s (log scale)"
+    )
     ax.set_xlabel("connections")
     ax = axes[1]
-    _bars(ax, conns, {"ours": [lv[c]["ours"]["added_p50"] * 1e3 for c in conns],
-                      "LiteLLM": [lv[c]["litellm"]["added_p50"] * 1e3 for c in conns]}, [OURS, THEIRS], "{:,.1f}")
+    _bars(
+        ax,
+        conns,
+        {
+            "ours": [lv[c]["ours"]["added_p50"] * 1e3 for c in conns],
+            "LiteLLM": [lv[c]["litellm"]["added_p50"] * 1e3 for c in conns],
+        },
+        [OURS, THEIRS],
+        "{:,.1f}",
+    )
     ax.set_yscale("symlog", linthresh=1)
     _headroom(ax)
     ax.set_title("added latency p50, ms (vs the mock alone)")
     ax.set_xlabel("connections")
     ax = axes[2]
-    _bars(ax, conns, {"ours": [lv[c]["ours"]["cpu_per_req"] * 1e6 for c in conns],
-                      "LiteLLM": [lv[c]["litellm"]["cpu_per_req"] * 1e6 for c in conns]}, [OURS, THEIRS], "{:,.0f}")
+    _bars(
+        ax,
+        conns,
+        {
+            "ours": [lv[c]["ours"]["cpu_per_req"] * 1e6 for c in conns],
+            "LiteLLM": [lv[c]["litellm"]["cpu_per_req"] * 1e6 for c in conns],
+        },
+        [OURS, THEIRS],
+        "{:,.0f}",
+    )
     ax.set_yscale("log")
     _headroom(ax)
     ax.set_title("CPU per request, us (log scale)")
     ax.set_xlabel("connections")
-    fig.suptitle(f"Gateway vs LiteLLM proxy, one worker each; RSS {d['rss_mb']['ours']:.0f} vs "
-                 f"{d['rss_mb']['litellm']:.0f} MiB. {d['machine']}", fontsize=9)
+    fig.suptitle(
+        f"Gateway vs LiteLLM proxy, one worker each; RSS {d['rss_mb']['ours']:.0f} vs "
+        f"{d['rss_mb']['litellm']:.0f} MiB. {d['machine']}",
+        fontsize=9,
+    )
     fig.tight_layout()
     path = out / "bench_litellm.png"
     fig.savefig(path, dpi=110)
@@ -80,16 +109,29 @@ def plot_scale(d: dict[str, Any], out: Path) -> list[Path]:
     fig, axes = plt.subplots(1, 2, figsize=(12, 4.5))
     ax = axes[0]
     colors = [OURS, "#54aeff", "#0a3069", BASE]
-    _bars(ax, workers, {f"{c} connections": [sc[w][str(c)]["rps"] for w in workers] for c in d["connections"]},
-          colors[: len(d["connections"])], "{:,.0f}")
+    _bars(
+        ax,
+        workers,
+        {f"{c} connections": [sc[w][str(c)]["rps"] for w in workers] for c in d["connections"]},
+        colors[: len(d["connections"])],
+        "{:,.0f}",
+    )
     _headroom(ax)
     ax.set_title("requests/s by gateway workers (metering on)")
     ax.set_xlabel(f"workers (machine: {d['machine'].split(',')[0]})")
     ax = axes[1]
     labels = ["TTFT p50", "TTFT p99", "chunk gap p50", "chunk gap p99"]
     fields = ["ttfb_p50", "ttfb_p99", "gap_p50", "gap_p99"]
-    _bars(ax, labels, {"mock alone": [st["direct"][f] * 1e3 for f in fields],
-                       "through the gateway": [st["gateway"][f] * 1e3 for f in fields]}, [BASE, OURS], "{:,.1f}")
+    _bars(
+        ax,
+        labels,
+        {
+            "mock alone": [st["direct"][f] * 1e3 for f in fields],
+            "through the gateway": [st["gateway"][f] * 1e3 for f in fields],
+        },
+        [BASE, OURS],
+        "{:,.1f}",
+    )
     _headroom(ax)
     ax.set_title(f"{st['streams']:,} concurrent SSE streams, ms; dropped {st['dropped']:.0f}")
     fig.suptitle(d["machine"], fontsize=9)

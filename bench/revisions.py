@@ -65,15 +65,22 @@ def main(argv: list[str]) -> int:
         for i in range(ROUNDS):
             for name in list(urls) if i % 2 == 0 else list(urls)[::-1]:
                 metered = name != "off"
-                runs[name].append(bm._measured(urls[name] + "/v1/chat/completions", 32,
-                                               [pids[name], *([m.redis_pid] if metered else [])],
-                                               auth if metered else None))
+                runs[name].append(
+                    bm._measured(
+                        urls[name] + "/v1/chat/completions",
+                        32,
+                        [pids[name], *([m.redis_pid] if metered else [])],
+                        auth if metered else None,
+                    )
+                )
     off_cpu = median([r["cpu0"] for r in runs["off"]]) * 1e6
     for name in (rev, "here"):
         ratio = median([a["rps"] / o["rps"] for a, o in zip(runs[name], runs["off"], strict=True)])
-        print(f"{name}: on = {ratio:.0%} of off (median of {ROUNDS} rounds); CPU per request: gateway "
-              f"{median([r['cpu0'] for r in runs[name]]) * 1e6:.0f} us (off {off_cpu:.0f} us), "
-              f"Redis {median([r['cpu1'] for r in runs[name]]) * 1e6:.0f} us")
+        print(
+            f"{name}: on = {ratio:.0%} of off (median of {ROUNDS} rounds); CPU per request: gateway "
+            f"{median([r['cpu0'] for r in runs[name]]) * 1e6:.0f} us (off {off_cpu:.0f} us), "
+            f"Redis {median([r['cpu1'] for r in runs[name]]) * 1e6:.0f} us"
+        )
     gain = median([h["rps"] / r["rps"] for h, r in zip(runs["here"], runs[rev], strict=True)])
     print(f"here / {rev}, requests/s, median of the rounds' ratios: {gain:.3f}")
     return 0

@@ -45,8 +45,11 @@ from aiohttp import web
 __all__ = ["SoakResult", "main", "run"]
 
 ROOT = Path(__file__).resolve().parent.parent
-PRICING = {"reference_model": "gpt-4", "external": {"gpt-4": {"input": 30, "output": 60}},
-           "local": {"T0": {"input": 1, "output": 2}}}
+PRICING = {
+    "reference_model": "gpt-4",
+    "external": {"gpt-4": {"input": 30, "output": 60}},
+    "local": {"T0": {"input": 1, "output": 2}},
+}
 MAX_REQUESTS = 1_000_000  # a bound on any run, whatever its length
 
 
@@ -57,6 +60,7 @@ def _free_port() -> int:
 
 
 # -- the upstream --------------------------------------------------------------------------------------
+
 
 @dataclass
 class Served:
@@ -84,20 +88,40 @@ class MockUpstream:
         usage = {"prompt_tokens": prompt, "completion_tokens": n, "total_tokens": prompt + n}
         if not rec.stream:
             rec.completion, rec.finished = n, True
-            return web.json_response({"id": rid, "object": "chat.completion", "created": 1, "model": body["model"],
-                                      "choices": [{"index": 0, "message": {"role": "assistant", "content": "ok " * n},
-                                                   "finish_reason": "stop"}], "usage": usage})
+            return web.json_response(
+                {
+                    "id": rid,
+                    "object": "chat.completion",
+                    "created": 1,
+                    "model": body["model"],
+                    "choices": [
+                        {"index": 0, "message": {"role": "assistant", "content": "ok " * n}, "finish_reason": "stop"}
+                    ],
+                    "usage": usage,
+                }
+            )
         resp = web.StreamResponse(headers={"Content-Type": "text/event-stream"})
         await resp.prepare(request)
         try:
             for i in range(n):
-                chunk = {"id": rid, "object": "chat.completion.chunk", "created": 1, "model": body["model"],
-                         "choices": [{"index": 0, "delta": {"content": f"t{i} "}, "finish_reason": None}]}
+                chunk = {
+                    "id": rid,
+                    "object": "chat.completion.chunk",
+                    "created": 1,
+                    "model": body["model"],
+                    "choices": [{"index": 0, "delta": {"content": f"t{i} "}, "finish_reason": None}],
+                }
                 await resp.write(b"data: " + orjson.dumps(chunk) + b"\n\n")
                 rec.completion += 1
                 await asyncio.sleep(0.01)
-            tail = {"id": rid, "object": "chat.completion.chunk", "created": 1, "model": body["model"], "choices": [],
-                    "usage": usage}
+            tail = {
+                "id": rid,
+                "object": "chat.completion.chunk",
+                "created": 1,
+                "model": body["model"],
+                "choices": [],
+                "usage": usage,
+            }
             await resp.write(b"data: " + orjson.dumps(tail) + b"\n\ndata: [DONE]\n\n")
             await resp.write_eof()
             rec.finished = True
@@ -135,10 +159,17 @@ class MockUpstream:
 
 # -- processes ---------------------------------------------------------------------------------------------
 
+
 def _start(args: list[str], log: Path, env: dict[str, str] | None = None) -> subprocess.Popen[bytes]:
     with log.open("wb") as out:
-        return subprocess.Popen(args, cwd=ROOT, env={**os.environ, **(env or {})}, stdout=out,
-                                stderr=subprocess.STDOUT, start_new_session=True)
+        return subprocess.Popen(
+            args,
+            cwd=ROOT,
+            env={**os.environ, **(env or {})},
+            stdout=out,
+            stderr=subprocess.STDOUT,
+            start_new_session=True,
+        )
 
 
 def _stop(p: subprocess.Popen[bytes]) -> None:
@@ -168,6 +199,7 @@ def _rss_kib(pid: int) -> int:
 
 
 # -- the load ------------------------------------------------------------------------------------------------
+
 
 @dataclass
 class SoakResult:
@@ -208,16 +240,24 @@ class SoakResult:
         return self.error_rate < 0.001 and self.rss_growth < 0.10 and self.ledger_ok
 
     def summary(self) -> dict[str, Any]:
-        return {"seconds": round(self.seconds, 1), "requests": self.requests, "by_kind": self.by_kind,
-                "errors": self.errors, "error_rate": self.error_rate,
-                "rss_first_kib": self.rss_kib[0][1] if self.rss_kib else None,
-                "rss_last_kib": self.rss_kib[-1][1] if self.rss_kib else None,
-                "rss_growth": round(self.rss_growth, 4), "ledger": self.ledger,
-                "gateway_log_errors": self.gateway_log_errors, "passed": self.passed}
+        return {
+            "seconds": round(self.seconds, 1),
+            "requests": self.requests,
+            "by_kind": self.by_kind,
+            "errors": self.errors,
+            "error_rate": self.error_rate,
+            "rss_first_kib": self.rss_kib[0][1] if self.rss_kib else None,
+            "rss_last_kib": self.rss_kib[-1][1] if self.rss_kib else None,
+            "rss_growth": round(self.rss_growth, 4),
+            "ledger": self.ledger,
+            "gateway_log_errors": self.gateway_log_errors,
+            "passed": self.passed,
+        }
 
 
-async def _load(url: str, key: str, seconds: float, rps: float, concurrency: int, seed: int,
-                result: SoakResult, gateway_pid: int) -> dict[str, str]:
+async def _load(
+    url: str, key: str, seconds: float, rps: float, concurrency: int, seed: int, result: SoakResult, gateway_pid: int
+) -> dict[str, str]:
     """Returns request id -> kind. Paced at `rps` (at most `concurrency` in flight)."""
     rng = random.Random(seed)
     kinds: dict[str, str] = {}
@@ -229,8 +269,9 @@ async def _load(url: str, key: str, seconds: float, rps: float, concurrency: int
         result.errors[kind] = result.errors.get(kind, 0) + 1
 
     async def one(session: aiohttp.ClientSession, rid: str, kind: str, drop_after: int) -> None:
-        body = orjson.dumps({"model": "qlp-t0", "messages": [{"role": "user", "content": f"soak {rid}"}],
-                             "stream": kind != "plain"})
+        body = orjson.dumps(
+            {"model": "qlp-t0", "messages": [{"role": "user", "content": f"soak {rid}"}], "stream": kind != "plain"}
+        )
         try:
             async with session.post(url, data=body, headers={**headers, "X-Request-Id": rid}) as r:
                 if r.status != 200:
@@ -288,6 +329,7 @@ async def _load(url: str, key: str, seconds: float, rps: float, concurrency: int
 
 # -- the ledger check ------------------------------------------------------------------------------------------
 
+
 def _ledger_records(redis_url: str) -> list[dict[str, Any]]:
     from gateway.metering import ledger_cli
 
@@ -301,9 +343,20 @@ def _compare(records: list[dict[str, Any]], served: dict[str, Served], kinds: di
     by_rid: dict[str, list[dict[str, Any]]] = {}
     for rec in records:
         by_rid.setdefault(rec["request_id"], []).append(rec)
-    c = {"records": len(records), "served_upstream": len(served), "missing": 0, "duplicated": 0, "phantom": 0,
-         "exact": 0, "token_mismatch": 0, "dropped_charged": 0, "over_charged": 0, "zero_charged": 0,
-         "upstream_tokens": 0, "ledger_tokens": 0}
+    c = {
+        "records": len(records),
+        "served_upstream": len(served),
+        "missing": 0,
+        "duplicated": 0,
+        "phantom": 0,
+        "exact": 0,
+        "token_mismatch": 0,
+        "dropped_charged": 0,
+        "over_charged": 0,
+        "zero_charged": 0,
+        "upstream_tokens": 0,
+        "ledger_tokens": 0,
+    }
     c["phantom"] = sum(1 for rid in by_rid if rid not in served)
     for rid, s in served.items():
         recs = by_rid.get(rid, [])
@@ -332,8 +385,10 @@ def _compare(records: list[dict[str, Any]], served: dict[str, Served], kinds: di
 
 # -- the run ----------------------------------------------------------------------------------------------------
 
-def run(seconds: float = 600.0, rps: float = 40.0, concurrency: int = 16, seed: int = 1,
-        workdir: Path | None = None) -> SoakResult:
+
+def run(
+    seconds: float = 600.0, rps: float = 40.0, concurrency: int = 16, seed: int = 1, workdir: Path | None = None
+) -> SoakResult:
     """Start Redis, the mock upstream and `qlp gateway`; drive the load; compare the ledger; stop all."""
     redis_bin = shutil.which("redis-server")
     if redis_bin is None:
@@ -346,25 +401,74 @@ def run(seconds: float = 600.0, rps: float = 40.0, concurrency: int = 16, seed: 
     redis_url = f"redis://127.0.0.1:{redis_port}/0"
     procs: list[subprocess.Popen[bytes]] = []
     try:
-        procs.append(_start([redis_bin, "--port", str(redis_port), "--bind", "127.0.0.1", "--save", "",
-                             "--appendonly", "no", "--dir", str(d)], d / "redis.log"))
+        procs.append(
+            _start(
+                [
+                    redis_bin,
+                    "--port",
+                    str(redis_port),
+                    "--bind",
+                    "127.0.0.1",
+                    "--save",
+                    "",
+                    "--appendonly",
+                    "no",
+                    "--dir",
+                    str(d),
+                ],
+                d / "redis.log",
+            )
+        )
         import redis
 
         _wait(lambda: _ping(redis, redis_port), "redis-server")
         key = _create_key(redis_url)
-        (d / "tiers.yaml").write_text(yaml.safe_dump({
-            "default_tier": "T0", "health_interval": 30,
-            "tiers": {"T0": {"model": "soak", "aliases": ["qlp-t0"],
-                             "backends": [{"name": "mock", "base_url": f"http://127.0.0.1:{upstream.port}/v1"}]}}}))
+        (d / "tiers.yaml").write_text(
+            yaml.safe_dump(
+                {
+                    "default_tier": "T0",
+                    "health_interval": 30,
+                    "tiers": {
+                        "T0": {
+                            "model": "soak",
+                            "aliases": ["qlp-t0"],
+                            "backends": [{"name": "mock", "base_url": f"http://127.0.0.1:{upstream.port}/v1"}],
+                        }
+                    },
+                }
+            )
+        )
         (d / "pricing.yaml").write_text(yaml.safe_dump(PRICING))
-        env = {"QLP_METERING": "true", "QLP_REDIS_URL": redis_url, "QLP_PRICING": str(d / "pricing.yaml"),
-               "QLP_SECRETS_DIR": str(d / "secrets"), "QLP_SPOOL_PATH": str(d / "spool" / "ledger.jsonl")}
-        gw = _start([sys.executable, "-m", "gateway.cli", "gateway", "--port", str(gw_port), "--config",
-                     str(d / "tiers.yaml"), "--log-level", "warning"], d / "gateway.log", env)
+        env = {
+            "QLP_METERING": "true",
+            "QLP_REDIS_URL": redis_url,
+            "QLP_PRICING": str(d / "pricing.yaml"),
+            "QLP_SECRETS_DIR": str(d / "secrets"),
+            "QLP_SPOOL_PATH": str(d / "spool" / "ledger.jsonl"),
+        }
+        gw = _start(
+            [
+                sys.executable,
+                "-m",
+                "gateway.cli",
+                "gateway",
+                "--port",
+                str(gw_port),
+                "--config",
+                str(d / "tiers.yaml"),
+                "--log-level",
+                "warning",
+            ],
+            d / "gateway.log",
+            env,
+        )
         procs.append(gw)
         _wait(lambda: _http_ok(f"http://127.0.0.1:{gw_port}/healthz"), "qlp gateway")
-        kinds = asyncio.run(_load(f"http://127.0.0.1:{gw_port}/v1/chat/completions", key, seconds, rps, concurrency,
-                                  seed, result, gw.pid))
+        kinds = asyncio.run(
+            _load(
+                f"http://127.0.0.1:{gw_port}/v1/chat/completions", key, seconds, rps, concurrency, seed, result, gw.pid
+            )
+        )
         # Charges are booked just after each response: wait until the ledger stops growing.
         deadline = time.monotonic() + 60
         records = _ledger_records(redis_url)
@@ -373,8 +477,11 @@ def run(seconds: float = 600.0, rps: float = 40.0, concurrency: int = 16, seed: 
             records = _ledger_records(redis_url)
         result.ledger = _compare(records, upstream.served, kinds)
         _stop(gw)
-        result.gateway_log_errors = sum(1 for line in (d / "gateway.log").read_text(errors="replace").splitlines()
-                                        if " ERROR " in line or "Traceback" in line)
+        result.gateway_log_errors = sum(
+            1
+            for line in (d / "gateway.log").read_text(errors="replace").splitlines()
+            if " ERROR " in line or "Traceback" in line
+        )
     finally:
         for p in reversed(procs):
             _stop(p)
@@ -418,8 +525,9 @@ def _create_key(redis_url: str) -> str:
 
 
 def main(argv: list[str]) -> int:
-    p = argparse.ArgumentParser(prog="python -m bench.soak", description=__doc__,
-                                formatter_class=argparse.RawDescriptionHelpFormatter)
+    p = argparse.ArgumentParser(
+        prog="python -m bench.soak", description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter
+    )
     p.add_argument("--seconds", type=float, default=float(os.environ.get("QLP_SOAK_SECONDS", "600")))
     p.add_argument("--rps", type=float, default=float(os.environ.get("QLP_SOAK_RPS", "40")))
     p.add_argument("--concurrency", type=int, default=16)
@@ -429,9 +537,11 @@ def main(argv: list[str]) -> int:
     res = run(args.seconds, args.rps, args.concurrency, args.seed)
     s = res.summary()
     print(json.dumps(s, indent=2))
-    print(f"\nsoak {s['seconds']} s: {res.requests} requests {res.by_kind}, errors {res.error_count} "
-          f"({res.error_rate:.4%}); RSS {s['rss_first_kib']} -> {s['rss_last_kib']} KiB "
-          f"(growth {res.rss_growth:.2%}); ledger {res.ledger}; {'PASS' if res.passed else 'FAIL'}")
+    print(
+        f"\nsoak {s['seconds']} s: {res.requests} requests {res.by_kind}, errors {res.error_count} "
+        f"({res.error_rate:.4%}); RSS {s['rss_first_kib']} -> {s['rss_last_kib']} KiB "
+        f"(growth {res.rss_growth:.2%}); ledger {res.ledger}; {'PASS' if res.passed else 'FAIL'}"
+    )
     if args.json:
         Path(args.json).write_text(json.dumps(s, indent=2))
     return 0 if res.passed else 1

@@ -45,16 +45,26 @@ __all__ = ["create_app", "create_app_from_env"]
 log = logging.getLogger("qlp.gateway")
 
 HOT_ROUTES: dict[str, Endpoint] = {"/v1/chat/completions": "chat", "/v1/completions": "completions"}
-_STATUS_TYPES = {401: "authentication_error", 403: "permission_error", 404: "invalid_request_error",
-                 405: "invalid_request_error", 429: "rate_limit_error"}
+_STATUS_TYPES = {
+    401: "authentication_error",
+    403: "permission_error",
+    404: "invalid_request_error",
+    405: "invalid_request_error",
+    429: "rate_limit_error",
+}
 
 
-def _error_response(status: int, message: str, code: str | None = None, param: str | None = None,
-                    headers: dict[str, str] | None = None) -> Response:
+def _error_response(
+    status: int, message: str, code: str | None = None, param: str | None = None, headers: dict[str, str] | None = None
+) -> Response:
     type_ = _STATUS_TYPES.get(status, "invalid_request_error" if status < 500 else "internal_error")
     retry = "true" if status >= 500 or status == 429 else "false"
-    return Response(envelope(message, type_, param, code), status_code=status, media_type="application/json",
-                    headers={**(headers or {}), "x-should-retry": retry})
+    return Response(
+        envelope(message, type_, param, code),
+        status_code=status,
+        media_type="application/json",
+        headers={**(headers or {}), "x-should-retry": retry},
+    )
 
 
 def _allowed_methods(app: FastAPI, scope: Scope) -> list[str]:
@@ -74,8 +84,9 @@ def _allowed_methods(app: FastAPI, scope: Scope) -> list[str]:
 def _install_error_handlers(app: FastAPI) -> None:
     @app.exception_handler(GatewayError)
     async def _gateway_error(_: Request, exc: GatewayError) -> Response:
-        return Response(exc.body(), status_code=exc.status, media_type="application/json",
-                        headers=exc.response_headers())
+        return Response(
+            exc.body(), status_code=exc.status, media_type="application/json", headers=exc.response_headers()
+        )
 
     @app.exception_handler(HTTPException)
     async def _http_error(request: Request, exc: HTTPException) -> Response:
@@ -115,10 +126,19 @@ class Gateway:
                 except Exception as exc:  # a bug: answer with the envelope if we still can, never a trace
                     log.error("unhandled error in %s: %s", scope["path"], type(exc).__name__, exc_info=exc)
                     with contextlib.suppress(Exception):
-                        await send({"type": "http.response.start", "status": 500,
-                                    "headers": [(b"content-type", b"application/json")]})
-                        await send({"type": "http.response.body",
-                                    "body": envelope("internal error", "internal_error", None, "internal_error")})
+                        await send(
+                            {
+                                "type": "http.response.start",
+                                "status": 500,
+                                "headers": [(b"content-type", b"application/json")],
+                            }
+                        )
+                        await send(
+                            {
+                                "type": "http.response.body",
+                                "body": envelope("internal error", "internal_error", None, "internal_error"),
+                            }
+                        )
                 return
         if scope["type"] == "http":
             # Every response names its request, the router's own 404 and 405 included.

@@ -17,7 +17,17 @@ from gateway.capture.config import CaptureConfig
 from gateway.providers import Provider, provider_for
 from gateway.rollout.model import Rollout, RolloutError, check_rollout
 
-__all__ = ["Backend", "FleetConfig", "Kind", "Policy", "RetryConfig", "Tier", "Timeouts", "backend_provider", "load_config"]
+__all__ = [
+    "Backend",
+    "FleetConfig",
+    "Kind",
+    "Policy",
+    "RetryConfig",
+    "Tier",
+    "Timeouts",
+    "backend_provider",
+    "load_config",
+]
 
 TIER_NAME = re.compile(r"^T[0-9]$")
 
@@ -48,7 +58,9 @@ class Timeouts(_Model):
 
 
 class RetryConfig(_Model):
-    max_attempts: int = Field(3, ge=1, le=10, description="upstream attempts per request, retries and fallbacks together")
+    max_attempts: int = Field(
+        3, ge=1, le=10, description="upstream attempts per request, retries and fallbacks together"
+    )
     backoff_base: float = Field(0.05, ge=0, description="first backoff (s); doubles, full jitter")
     backoff_max: float = Field(2.0, ge=0)
     max_retry_after: float = Field(5.0, ge=0, description="longest Retry-After honoured before the first byte")
@@ -67,7 +79,9 @@ class Backend(_Model):
     api_key_secret: str | None = Field(None, description="secret holding this backend's API key")
     health_path: str | None = Field(None, description="GET path (from the host root) probed for readiness")
     deployment: str | None = Field(None, description="Azure OpenAI deployment name (kind: azure; required there)")
-    api_version: str | None = Field(None, description="Azure `api-version` query / Anthropic `anthropic-version` header")
+    api_version: str | None = Field(
+        None, description="Azure `api-version` query / Anthropic `anthropic-version` header"
+    )
 
     @field_validator("base_url")
     @classmethod
@@ -102,17 +116,16 @@ class FleetConfig(_Model):
     health_interval: float = Field(5.0, gt=0, description="seconds between active backend probes")
     tiers: dict[str, Tier]
     capture: CaptureConfig = CaptureConfig()
-    rollouts: dict[str, Rollout] = Field(default_factory=dict,
-                                         description="'<tier>/<agent>' -> arms and shadow (docs/rollout.md)")
+    rollouts: dict[str, Rollout] = Field(
+        default_factory=dict, description="'<tier>/<agent>' -> arms and shadow (docs/rollout.md)"
+    )
 
     @model_validator(mode="before")
     @classmethod
     def _name_tiers(cls, data: Any) -> Any:
         if isinstance(data, dict) and isinstance(data.get("tiers"), dict):
             data = dict(data)
-            data["tiers"] = {
-                k: ({**v, "name": k} if isinstance(v, dict) else v) for k, v in data["tiers"].items()
-            }
+            data["tiers"] = {k: ({**v, "name": k} if isinstance(v, dict) else v) for k, v in data["tiers"].items()}
         return data
 
     @model_validator(mode="after")
@@ -160,14 +173,20 @@ class FleetConfig(_Model):
 
 
 def backend_key(tier: str, backend: str) -> str:
-    """"tier/backend": backend names are unique per tier, so breakers, providers and keys are kept under it."""
+    """ "tier/backend": backend names are unique per tier, so breakers, providers and keys are kept under it."""
     return f"{tier}/{backend}"
 
 
 def backend_provider(tier: Tier, backend: Backend) -> Provider:
     """The backend's provider, from configuration only (see gateway/providers)."""
-    return provider_for(tier.kind, {"deployment": backend.deployment, "api_version": backend.api_version,
-                                    "max_tokens_default": tier.max_tokens_default})
+    return provider_for(
+        tier.kind,
+        {
+            "deployment": backend.deployment,
+            "api_version": backend.api_version,
+            "max_tokens_default": tier.max_tokens_default,
+        },
+    )
 
 
 def load_config(path: Path) -> FleetConfig:

@@ -134,8 +134,14 @@ class UpstreamError(GatewayError):
         param: str | None = None,
         upstream_code: str | None = None,
     ) -> None:
-        super().__init__(message, status=status, code=kind, param=param, should_retry=retryable,
-                         headers={"Retry-After": str(max(1, math.ceil(retry_after)))} if retryable and retry_after else None)
+        super().__init__(
+            message,
+            status=status,
+            code=kind,
+            param=param,
+            should_retry=retryable,
+            headers={"Retry-After": str(max(1, math.ceil(retry_after)))} if retryable and retry_after else None,
+        )
         self.kind = kind
         self.retryable = retryable
         self.upstream_status = upstream_status

@@ -74,8 +74,14 @@ class Fleet:
     def start(self, name: str, args: list[str], env: dict[str, str] | None = None) -> subprocess.Popen[bytes]:
         self.log_dir.mkdir(parents=True, exist_ok=True)
         log = (self.log_dir / f"{name}.log").open("ab")
-        p = subprocess.Popen(args, cwd=self.root, env={**os.environ, **(env or {})}, stdout=log,
-                             stderr=subprocess.STDOUT, start_new_session=True)
+        p = subprocess.Popen(
+            args,
+            cwd=self.root,
+            env={**os.environ, **(env or {})},
+            stdout=log,
+            stderr=subprocess.STDOUT,
+            start_new_session=True,
+        )
         self.procs.append((name, p))
         return p
 
@@ -124,8 +130,12 @@ def main(argv: list[str]) -> int:
     ap = argparse.ArgumentParser(prog="qlp up", description=__doc__)
     ap.add_argument("--config", default=str(s.config))
     ap.add_argument("--model", default="models/base", help="base model folder for the local model servers")
-    ap.add_argument("--kv-cache-gib", type=float, default=float(os.environ.get("QLP_VLLM_KV_CACHE_GIB", "2")),
-                    help="vLLM's KV cache per engine (VLLM_CPU_KVCACHE_SPACE)")
+    ap.add_argument(
+        "--kv-cache-gib",
+        type=float,
+        default=float(os.environ.get("QLP_VLLM_KV_CACHE_GIB", "2")),
+        help="vLLM's KV cache per engine (VLLM_CPU_KVCACHE_SPACE)",
+    )
     ap.add_argument("--gateway-workers", type=int, default=1)
     ap.add_argument("--redis-port", type=int, default=6379)
     ap.add_argument("--var", default="var", help="state: Redis data, spool, logs")
@@ -137,8 +147,11 @@ def main(argv: list[str]) -> int:
     var = Path(args.var).resolve()
     fleet = Fleet(root, var / "logs")
     qlp = [sys.executable, "-m", "gateway.cli"]
-    env = {"QLP_CONFIG": args.config, "QLP_REDIS_URL": f"redis://127.0.0.1:{args.redis_port}/0",
-           "QLP_SPOOL_PATH": str(var / "spool" / "ledger.jsonl")}
+    env = {
+        "QLP_CONFIG": args.config,
+        "QLP_REDIS_URL": f"redis://127.0.0.1:{args.redis_port}/0",
+        "QLP_SPOOL_PATH": str(var / "spool" / "ledger.jsonl"),
+    }
 
     def _stop(signum: int, _frame: object) -> None:
         raise KeyboardInterrupt
@@ -148,8 +161,22 @@ def main(argv: list[str]) -> int:
         (var / "redis").mkdir(parents=True, exist_ok=True)
         if _port_open(args.redis_port):
             raise SystemExit(f"port {args.redis_port} is taken; pass --redis-port")
-        fleet.start("redis", [redis_binary(), "--port", str(args.redis_port), "--bind", "127.0.0.1",
-                              "--dir", str(var / "redis"), "--appendonly", "yes", "--save", ""])
+        fleet.start(
+            "redis",
+            [
+                redis_binary(),
+                "--port",
+                str(args.redis_port),
+                "--bind",
+                "127.0.0.1",
+                "--dir",
+                str(var / "redis"),
+                "--appendonly",
+                "yes",
+                "--save",
+                "",
+            ],
+        )
         deadline = time.monotonic() + 20
         while not _port_open(args.redis_port):
             if time.monotonic() > deadline:
@@ -161,19 +188,29 @@ def main(argv: list[str]) -> int:
                 raise SystemExit(f"no base model at {args.model}: run `make model` (or `make up`) first")
             for port, tiers in sorted(local_model_ports(Path(args.config)).items()):
                 if _port_open(port):
-                    raise SystemExit(f"port {port} (model server for {', '.join(tiers)}) is taken; "
-                                     "stop what listens there, or pass --no-model-servers to use it")
+                    raise SystemExit(
+                        f"port {port} (model server for {', '.join(tiers)}) is taken; "
+                        "stop what listens there, or pass --no-model-servers to use it"
+                    )
                 print(f"vLLM for {', '.join(tiers)} starting on :{port} (log: {var}/logs/vllm-{port}.log)", flush=True)
                 try:
-                    v = vllm_launch.start(Path(args.model), port, var / "logs" / f"vllm-{port}.log",
-                                          kv_cache_gib=args.kv_cache_gib, timeout=args.ready_timeout,
-                                          progress=lambda line: print("  " + line, flush=True))
+                    v = vllm_launch.start(
+                        Path(args.model),
+                        port,
+                        var / "logs" / f"vllm-{port}.log",
+                        kv_cache_gib=args.kv_cache_gib,
+                        timeout=args.ready_timeout,
+                        progress=lambda line: print("  " + line, flush=True),
+                    )
                 except vllm_launch.VllmUnavailable as e:
                     raise SystemExit(f"vLLM cannot serve {', '.join(tiers)}: {e}") from None
                 fleet.procs.append((f"vllm-{port}", v.proc))
                 print(f"vLLM for {', '.join(tiers)} ready on :{port} after {v.started_s:.0f}s", flush=True)
-        fleet.start("gateway", [*qlp, "gateway", "--port", str(s.port), "--workers", str(args.gateway_workers),
-                                "--config", args.config], env=env)
+        fleet.start(
+            "gateway",
+            [*qlp, "gateway", "--port", str(s.port), "--workers", str(args.gateway_workers), "--config", args.config],
+            env=env,
+        )
         gw = f"http://127.0.0.1:{s.port}"
         fleet.wait_until("gateway", gw + "/readyz", {200}, args.ready_timeout)
         print(_banner(gw, api_key), flush=True)
@@ -195,8 +232,24 @@ def bootstrap_key(var: Path, redis_url: str, qlp: list[str]) -> str:
     path = var / "bootstrap_key"
     if path.is_file():
         return path.read_text().strip()
-    out = subprocess.run([*qlp, "keys", "--redis-url", redis_url, "create", "--tenant", "local", "--name", "bootstrap",
-                          "--admin", "--json"], capture_output=True, text=True, check=True)
+    out = subprocess.run(
+        [
+            *qlp,
+            "keys",
+            "--redis-url",
+            redis_url,
+            "create",
+            "--tenant",
+            "local",
+            "--name",
+            "bootstrap",
+            "--admin",
+            "--json",
+        ],
+        capture_output=True,
+        text=True,
+        check=True,
+    )
     key = str(json.loads(out.stdout.strip().splitlines()[-1])["key"])
     fd = os.open(path, os.O_WRONLY | os.O_CREAT | os.O_TRUNC, 0o600)
     with os.fdopen(fd, "w") as f:

@@ -62,9 +62,7 @@ async def read_body(receive, scope_headers: Iterable[tuple[bytes, bytes]], limit
         elif k == b"content-type":
             ctype = v
     if ctype is not None and not ctype.split(b";", 1)[0].strip().lower().endswith(b"json"):
-        raise InvalidRequest(
-            "Content-Type must be application/json", code="unsupported_content_type"
-        )
+        raise InvalidRequest("Content-Type must be application/json", code="unsupported_content_type")
     if length is not None:
         try:
             declared = int(length)

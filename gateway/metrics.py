@@ -31,51 +31,107 @@ class Metrics:
         r = registry if registry is not None else CollectorRegistry()
         self.registry = r
         lb = ("tier", "backend", "stream")
-        self.latency = Histogram("qlp_request_duration_seconds", "End-to-end request latency in the gateway",
-                                 lb, buckets=LATENCY_BUCKETS, registry=r)
-        self.ttft = Histogram("qlp_time_to_first_token_seconds", "Request start to the first byte sent to the client",
-                              lb, buckets=TTFT_BUCKETS, registry=r)
-        self.overhead = Histogram("qlp_gateway_overhead_seconds",
-                                  "Time spent in the gateway itself (end-to-end minus waiting on upstreams)",
-                                  ("tier", "stream"), buckets=OVERHEAD_BUCKETS, registry=r)
-        self.requests = Counter("qlp_requests_total", "Requests by tier, backend and status class",
-                                ("tier", "backend", "status_class"), registry=r)
-        self.tokens = Counter("qlp_tokens_total", "Tokens by tier, model and kind (prompt|completion)",
-                              ("tier", "model", "kind"), registry=r)
+        self.latency = Histogram(
+            "qlp_request_duration_seconds",
+            "End-to-end request latency in the gateway",
+            lb,
+            buckets=LATENCY_BUCKETS,
+            registry=r,
+        )
+        self.ttft = Histogram(
+            "qlp_time_to_first_token_seconds",
+            "Request start to the first byte sent to the client",
+            lb,
+            buckets=TTFT_BUCKETS,
+            registry=r,
+        )
+        self.overhead = Histogram(
+            "qlp_gateway_overhead_seconds",
+            "Time spent in the gateway itself (end-to-end minus waiting on upstreams)",
+            ("tier", "stream"),
+            buckets=OVERHEAD_BUCKETS,
+            registry=r,
+        )
+        self.requests = Counter(
+            "qlp_requests_total",
+            "Requests by tier, backend and status class",
+            ("tier", "backend", "status_class"),
+            registry=r,
+        )
+        self.tokens = Counter(
+            "qlp_tokens_total",
+            "Tokens by tier, model and kind (prompt|completion)",
+            ("tier", "model", "kind"),
+            registry=r,
+        )
         self.cost = Counter("qlp_cost_usd_total", "Booked cost in USD", ("tier", "model"), registry=r)
-        self.reference_cost = Counter("qlp_reference_cost_usd_total",
-                                      "What the same tokens would have cost on the reference external model",
-                                      ("tier", "model"), registry=r)
-        self.upstream_errors = Counter("qlp_upstream_errors_total", "Upstream failures by kind",
-                                       ("tier", "backend", "kind"), registry=r)
+        self.reference_cost = Counter(
+            "qlp_reference_cost_usd_total",
+            "What the same tokens would have cost on the reference external model",
+            ("tier", "model"),
+            registry=r,
+        )
+        self.upstream_errors = Counter(
+            "qlp_upstream_errors_total", "Upstream failures by kind", ("tier", "backend", "kind"), registry=r
+        )
         self.retries = Counter("qlp_retries_total", "Upstream attempts beyond the first", ("tier",), registry=r)
-        self.fallbacks = Counter("qlp_fallbacks_total", "Requests served by a fallback tier",
-                                 ("from_tier", "to_tier"), registry=r)
-        self.admissions = Counter("qlp_admissions_total", "Admissions of metered requests by how they were "
-                                  "decided: lease (in-process), redis (a round trip), without_redis (fail open)",
-                                  ("how",), registry=r)
-        self.budget_rejections = Counter("qlp_budget_rejections_total", "Requests refused: budget exhausted",
-                                         ("tier",), registry=r)
-        self.rate_limit_rejections = Counter("qlp_rate_limit_rejections_total", "Requests refused: rate limit",
-                                             ("tier",), registry=r)
-        self.feedback = Counter("qlp_feedback_total", "Feedback outcomes", ("tier", "backend", "model", "outcome"),
-                                registry=r)
-        self.capture = Counter("qlp_capture_total", "Exchanges offered to the capture, by outcome "
-                               "(captured|too_large|dropped|failed)", ("tier", "outcome"), registry=r)
-        self.shadow = Counter("qlp_shadow_requests_total", "Shadow (mirrored) requests by target tier, backend "
-                              "and result (ok|error|dropped)", ("tier", "backend", "result"), registry=r)
-        self.inflight = Gauge("qlp_inflight_requests", "Requests in flight", ("tier",), registry=r,
-                              multiprocess_mode="livesum")
-        self.backend_state = Gauge("qlp_backend_breaker_state",
-                                   "Circuit breaker: 0 closed, 1 open, 2 half-open (worst over processes)",
-                                   ("tier", "backend"), registry=r, multiprocess_mode="max")
-        self.backend_up = Gauge("qlp_backend_up", "Last health probe succeeded (1) or not (0)",
-                                ("tier", "backend"), registry=r, multiprocess_mode="min")
+        self.fallbacks = Counter(
+            "qlp_fallbacks_total", "Requests served by a fallback tier", ("from_tier", "to_tier"), registry=r
+        )
+        self.admissions = Counter(
+            "qlp_admissions_total",
+            "Admissions of metered requests by how they were "
+            "decided: lease (in-process), redis (a round trip), without_redis (fail open)",
+            ("how",),
+            registry=r,
+        )
+        self.budget_rejections = Counter(
+            "qlp_budget_rejections_total", "Requests refused: budget exhausted", ("tier",), registry=r
+        )
+        self.rate_limit_rejections = Counter(
+            "qlp_rate_limit_rejections_total", "Requests refused: rate limit", ("tier",), registry=r
+        )
+        self.feedback = Counter(
+            "qlp_feedback_total", "Feedback outcomes", ("tier", "backend", "model", "outcome"), registry=r
+        )
+        self.capture = Counter(
+            "qlp_capture_total",
+            "Exchanges offered to the capture, by outcome (captured|too_large|dropped|failed)",
+            ("tier", "outcome"),
+            registry=r,
+        )
+        self.shadow = Counter(
+            "qlp_shadow_requests_total",
+            "Shadow (mirrored) requests by target tier, backend and result (ok|error|dropped)",
+            ("tier", "backend", "result"),
+            registry=r,
+        )
+        self.inflight = Gauge(
+            "qlp_inflight_requests", "Requests in flight", ("tier",), registry=r, multiprocess_mode="livesum"
+        )
+        self.backend_state = Gauge(
+            "qlp_backend_breaker_state",
+            "Circuit breaker: 0 closed, 1 open, 2 half-open (worst over processes)",
+            ("tier", "backend"),
+            registry=r,
+            multiprocess_mode="max",
+        )
+        self.backend_up = Gauge(
+            "qlp_backend_up",
+            "Last health probe succeeded (1) or not (0)",
+            ("tier", "backend"),
+            registry=r,
+            multiprocess_mode="min",
+        )
         # The spool file is shared by the workers: the latest reading is the truth, not a sum.
         # labels() costs microseconds (lock, validation); the label sets are bounded, so keep the children.
         self._children: dict[tuple[int, tuple[str, ...]], Any] = {}
-        self.spool_depth = Gauge("qlp_ledger_spool_depth", "Ledger charges waiting in the local spool",
-                                 registry=r, multiprocess_mode="livemostrecent")
+        self.spool_depth = Gauge(
+            "qlp_ledger_spool_depth",
+            "Ledger charges waiting in the local spool",
+            registry=r,
+            multiprocess_mode="livemostrecent",
+        )
 
 
 def child(m: Metrics, metric: Any, *labels: str) -> Any:
@@ -96,9 +152,22 @@ def render(metrics: Metrics) -> bytes:
     return generate_latest(metrics.registry)
 
 
-UPSTREAM_KINDS = frozenset({"connect", "timeout_connect", "timeout_first_byte", "timeout_idle", "timeout_total",
-                            "status_5xx", "status_429", "upstream_auth", "protocol", "stream_truncated",
-                            "empty_stream", "rejected"})
+UPSTREAM_KINDS = frozenset(
+    {
+        "connect",
+        "timeout_connect",
+        "timeout_first_byte",
+        "timeout_idle",
+        "timeout_total",
+        "status_5xx",
+        "status_429",
+        "upstream_auth",
+        "protocol",
+        "stream_truncated",
+        "empty_stream",
+        "rejected",
+    }
+)
 
 
 def observe(m: Metrics, x: Any, now: float) -> None:

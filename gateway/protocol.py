@@ -56,8 +56,12 @@ def _int_field(body: dict[str, Any], name: str, lo: int, hi: int) -> int | None:
 
 
 # OpenAI's documented ranges (the API reference of chat and legacy completions).
-_NUMBER_RANGES = {"temperature": (0.0, 2.0), "top_p": (0.0, 1.0), "presence_penalty": (-2.0, 2.0),
-                  "frequency_penalty": (-2.0, 2.0)}
+_NUMBER_RANGES = {
+    "temperature": (0.0, 2.0),
+    "top_p": (0.0, 1.0),
+    "presence_penalty": (-2.0, 2.0),
+    "frequency_penalty": (-2.0, 2.0),
+}
 INT64 = (-(2**63), 2**63 - 1)
 
 
@@ -68,8 +72,9 @@ def _number_field(body: dict[str, Any], name: str, lo: float, hi: float) -> None
     if isinstance(v, bool) or not isinstance(v, int | float):
         raise InvalidRequest(f"'{name}' must be a number", param=name, code="invalid_type")
     if not lo <= v <= hi:
-        raise InvalidRequest(f"'{name}' must be between {lo:g} and {hi:g}, got {v}"[:200], param=name,
-                             code="invalid_value")
+        raise InvalidRequest(
+            f"'{name}' must be between {lo:g} and {hi:g}, got {v}"[:200], param=name, code="invalid_value"
+        )
 
 
 def _check_sampling(body: dict[str, Any], endpoint: Endpoint) -> None:
@@ -84,18 +89,25 @@ def _check_sampling(body: dict[str, Any], endpoint: Endpoint) -> None:
     else:
         _int_field(body, "logprobs", 0, 5)
     stop = body.get("stop")
-    if stop is not None and not isinstance(stop, str) and not (
-            isinstance(stop, list) and all(isinstance(s, str) for s in stop)):
+    if (
+        stop is not None
+        and not isinstance(stop, str)
+        and not (isinstance(stop, list) and all(isinstance(s, str) for s in stop))
+    ):
         raise InvalidRequest("'stop' must be a string or an array of strings", param="stop", code="invalid_type")
     bias = body.get("logit_bias")
     if bias is not None:
         if not isinstance(bias, dict):
-            raise InvalidRequest("'logit_bias' must be an object of token id to bias", param="logit_bias",
-                                 code="invalid_type")
+            raise InvalidRequest(
+                "'logit_bias' must be an object of token id to bias", param="logit_bias", code="invalid_type"
+            )
         for k, v in bias.items():
             if isinstance(v, bool) or not isinstance(v, int | float) or not -100 <= v <= 100:
-                raise InvalidRequest(f"logit_bias[{k[:20]!r}] must be a number between -100 and 100",
-                                     param="logit_bias", code="invalid_value")
+                raise InvalidRequest(
+                    f"logit_bias[{k[:20]!r}] must be a number between -100 and 100",
+                    param="logit_bias",
+                    code="invalid_value",
+                )
     for name in ("tools", "functions"):
         v = body.get(name)
         if v is not None and not (isinstance(v, list) and all(isinstance(t, dict) for t in v)):

@@ -60,8 +60,11 @@ class TierResolver:
             if name_or_none is not None:
                 return tiers[name_or_none]
             if not self.config.catch_all:  # OpenAI's answer to a model it does not serve
-                raise NotFound(f"The model {model[:100]!r} does not exist; GET /v1/models lists the models served "
-                               "here, or send X-QLP-Tier", param="model")
+                raise NotFound(
+                    f"The model {model[:100]!r} does not exist; GET /v1/models lists the models served "
+                    "here, or send X-QLP-Tier",
+                    param="model",
+                )
         if self.config.default_tier is None:
             raise NotFound(
                 f"The model {model[:100]!r} does not exist; send X-QLP-Tier or use a tier alias"
@@ -95,9 +98,7 @@ def choose_backend(
     exclude: frozenset[str] = frozenset(),
 ) -> Backend | None:
     """Pick one available backend, or None. `rnd` is uniform in [0, 1)."""
-    candidates = [
-        b for b in backends if b.name not in exclude and state.get(b.name, BackendState(True)).available
-    ]
+    candidates = [b for b in backends if b.name not in exclude and state.get(b.name, BackendState(True)).available]
     if not candidates:
         return None
     if policy is Policy.LEAST_LOADED:

@@ -80,9 +80,13 @@ class Runtime:
         self.backend_keys = {}
         for t in self.config.tiers.values():
             for be in t.backends:
-                self.backend_keys[self.key(t, be)] = self.settings.secret(be.api_key_secret) if be.api_key_secret else None
+                self.backend_keys[self.key(t, be)] = (
+                    self.settings.secret(be.api_key_secret) if be.api_key_secret else None
+                )
         self.client.secrets = tuple(v for v in self.backend_keys.values() if v)
-        self.providers = {self.key(t, be): backend_provider(t, be) for t in self.config.tiers.values() for be in t.backends}
+        self.providers = {
+            self.key(t, be): backend_provider(t, be) for t in self.config.tiers.values() for be in t.backends
+        }
         if self.settings.metering:
             self.meter = Meter(self.settings, self.config, load_pricing(self.settings.pricing), metrics=self.metrics)
         # Runtime rollout changes and capture live in Redis: with metering off, only the config's rollouts.
@@ -90,8 +94,12 @@ class Runtime:
         self.shadow = ShadowRunner(self)
         if self.config.capture.targets:
             admin = self.settings.secret("admin_key")
-            self.capture = Capture(self.config.capture, connect(self.settings),
-                                   (*self.client.secrets, *((admin,) if admin else ())), metrics=self.metrics)
+            self.capture = Capture(
+                self.config.capture,
+                connect(self.settings),
+                (*self.client.secrets, *((admin,) if admin else ())),
+                metrics=self.metrics,
+            )
 
     @staticmethod
     def key(tier: Tier, backend: Backend) -> str:
@@ -100,8 +108,16 @@ class Runtime:
     def states(self, tier_name: str, backends: tuple[Backend, ...], now: float) -> dict[str, BackendState]:
         return {b.name: self.breakers[backend_key(tier_name, b.name)].view(now) for b in backends}
 
-    def prepare(self, tier: Tier, backend: Backend, model: str, body: dict[str, Any], endpoint: Endpoint,
-                stream: bool, request_id: str) -> UpstreamCall:
+    def prepare(
+        self,
+        tier: Tier,
+        backend: Backend,
+        model: str,
+        body: dict[str, Any],
+        endpoint: Endpoint,
+        stream: bool,
+        request_id: str,
+    ) -> UpstreamCall:
         """The request as this backend's provider writes it (the proxy's attempts and the shadow's mirror).
         InvalidRequest: this provider cannot express it; ServiceUnavailable: the backend's secret is unset."""
         key = backend_key(tier.name, backend.name)
@@ -119,10 +135,12 @@ class Runtime:
             raise ServiceUnavailable(
                 f"tier {tier.name} upstream {backend.name!r} is not configured: set QLP_{backend.api_key_secret.upper()}"
                 f" or the file {self.settings.secrets_dir}/{backend.api_key_secret}",
-                code="upstream_not_configured", should_retry=False,
+                code="upstream_not_configured",
+                should_retry=False,
             )
-        return UpstreamCall(backend.base_url + provider.path(endpoint, model), data,
-                            provider.headers(secret, request_id), provider)
+        return UpstreamCall(
+            backend.base_url + provider.path(endpoint, model), data, provider.headers(secret, request_id), provider
+        )
 
     async def start(self) -> None:
         await self.client.start()

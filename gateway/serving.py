@@ -140,7 +140,9 @@ async def _proxy(rt: Runtime, req: ParsedRequest, target: Target, x: Exchange, r
                 backend = choose_backend(tier.backends, states, tier.policy, random.random())
             if backend is None:
                 last = last or ServiceUnavailable(
-                    f"tier {tier.name} has no healthy backend" if tier.backends else f"tier {tier.name} has no backends",
+                    f"tier {tier.name} has no healthy backend"
+                    if tier.backends
+                    else f"tier {tier.name} has no backends",
                     code="no_healthy_backend",
                 )
                 break
@@ -187,8 +189,9 @@ async def _proxy(rt: Runtime, req: ParsedRequest, target: Target, x: Exchange, r
                 breaker.release()
             if done:
                 return
-            last = UpstreamError("upstream failed before sending a response", kind=x.error_kind or "protocol",
-                                 retryable=False)
+            last = UpstreamError(
+                "upstream failed before sending a response", kind=x.error_kind or "protocol", retryable=False
+            )
             break
         if i == 0:
             first = last
@@ -199,8 +202,14 @@ async def _proxy(rt: Runtime, req: ParsedRequest, target: Target, x: Exchange, r
 
 
 async def _respond(
-    rt: Runtime, req: ParsedRequest, x: Exchange, resp: UpstreamResponse, breaker: Any, t_up: float,
-    receive: Any, send: Any,
+    rt: Runtime,
+    req: ParsedRequest,
+    x: Exchange,
+    resp: UpstreamResponse,
+    breaker: Any,
+    t_up: float,
+    receive: Any,
+    send: Any,
 ) -> bool:
     """Relay one 2xx upstream response. False: it failed before anything reached the client (fall back)."""
     if not req.stream:

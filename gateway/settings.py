@@ -44,8 +44,10 @@ class Settings(BaseSettings):
     )
     fail_open_cap: int = Field(1000, ge=0, description="requests one process admits per Redis outage (open)")
     admission_lease_seconds: float = Field(
-        0.25, ge=0, le=10, description="how long a busy key's lease of admissions lasts (0: none; a revoked key "
-        "stops within this)"
+        0.25,
+        ge=0,
+        le=10,
+        description="how long a busy key's lease of admissions lasts (0: none; a revoked key stops within this)",
     )
     spool_path: Path = Field(Path("var/spool/ledger.jsonl"), description="charges waiting for Redis (fsync'd)")
     spool_replay_interval: float = Field(1.0, gt=0, description="seconds between spool replay attempts")

@@ -58,6 +58,7 @@ def gateway_factory(tmp_path: Path) -> Iterator[Callable[..., RunningGateway]]:
 
 # -- real Redis and a metered gateway -----------------------------------------------------------------------
 
+
 @pytest.fixture(scope="session")
 def redis_server(tmp_path_factory: pytest.TempPathFactory) -> Iterator[RedisServer]:
     if redis_server_binary() is None:
@@ -82,8 +83,13 @@ def pricing_file(tmp_path: Path) -> Path:
 
 
 @pytest.fixture
-def metered(upstreams: dict[str, FakeUpstream], gateway_factory: Callable[..., RunningGateway], redis_url: str,
-            pricing_file: Path, tmp_path: Path) -> Callable[..., RunningGateway]:
+def metered(
+    upstreams: dict[str, FakeUpstream],
+    gateway_factory: Callable[..., RunningGateway],
+    redis_url: str,
+    pricing_file: Path,
+    tmp_path: Path,
+) -> Callable[..., RunningGateway]:
     """Start a gateway with metering on against the test Redis (settings overridable)."""
     (tmp_path / "secrets").mkdir(exist_ok=True)
     (tmp_path / "secrets" / "admin_key").write_text(ADMIN_KEY)
@@ -109,7 +115,14 @@ def vllm_server(tmp_path_factory: pytest.TempPathFactory) -> Iterator[RunningVll
 
     assert (MODEL_ROOT / "config.json").is_file(), "models/base is missing: run `make model` first"
     log = tmp_path_factory.mktemp("vllm") / "vllm.log"
-    v = launch.start(MODEL_ROOT, launch.free_port(), log, timeout=240, dtype="float32", kv_cache_gib=1,
-                     extra=["--max-model-len", str(VLLM_MAX_MODEL_LEN), "--max-num-seqs", "16"])
+    v = launch.start(
+        MODEL_ROOT,
+        launch.free_port(),
+        log,
+        timeout=240,
+        dtype="float32",
+        kv_cache_gib=1,
+        extra=["--max-model-len", str(VLLM_MAX_MODEL_LEN), "--max-num-seqs", "16"],
+    )
     yield RunningVllm(v.url, v.proc, log)
     launch.stop(v.proc)

@@ -45,6 +45,7 @@ def fleet(ups: dict[str, FakeUpstream], **over: Any) -> dict[str, Any]:
 
 def run(fn: Callable[[aredis.Redis], Any], url: str) -> Any:
     """Run `fn(client)` against Redis from a sync test (its own event loop and client)."""
+
     async def go() -> Any:
         client = aredis.Redis.from_url(url)
         try:
@@ -76,8 +77,9 @@ def auth(key: str) -> dict[str, str]:
 
 def chat(gw: RunningGateway, key: str | None, body: dict[str, Any] | None = None, **headers: str) -> httpx.Response:
     h = {**(auth(key) if key else {}), **headers}
-    return httpx.post(gw.url + "/v1/chat/completions", json=body or {"model": "qlp-t0", "messages": MSG},
-                      headers=h, timeout=20)
+    return httpx.post(
+        gw.url + "/v1/chat/completions", json=body or {"model": "qlp-t0", "messages": MSG}, headers=h, timeout=20
+    )
 
 
 def workflow(gw: RunningGateway, key: str, wf: str) -> dict[str, Any] | None:
@@ -91,6 +93,7 @@ def workflow(gw: RunningGateway, key: str, wf: str) -> dict[str, Any] | None:
 
 def records(gw: RunningGateway, key: str, wf: str, n: int) -> list[dict[str, Any]]:
     """The workflow's ledger records, once there are `n` of them."""
+
     def ready() -> list[dict[str, Any]] | None:
         doc = workflow(gw, key, wf)
         return doc["records"] if doc and len(doc["records"]) >= n else None

@@ -24,8 +24,9 @@ def eventually(fn: Callable[[], T], timeout: float = 10.0, what: str = "conditio
         time.sleep(interval)
 
 
-async def eventually_async(fn: Callable[[], T], within: float = 10.0, what: str = "condition",
-                           interval: float = 0.005) -> T:
+async def eventually_async(
+    fn: Callable[[], T], within: float = 10.0, what: str = "condition", interval: float = 0.005
+) -> T:
     """`eventually` inside an event loop: the loop keeps running (and so does what is awaited) between polls."""
     deadline = time.monotonic() + within
     while True:

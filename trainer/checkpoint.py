@@ -26,8 +26,7 @@ import torch
 from .errors import CheckpointError
 from .files import atomic_dir, write_json
 
-__all__ = ["CheckpointMeta", "latest_checkpoint", "load_checkpoint", "rng_state", "save_checkpoint",
-           "set_rng_state"]
+__all__ = ["CheckpointMeta", "latest_checkpoint", "load_checkpoint", "rng_state", "save_checkpoint", "set_rng_state"]
 
 ADAPTER_FILE = "adapter.safetensors"
 STATE_FILE = "state.pt"
@@ -72,23 +71,38 @@ def latest_checkpoint(root: Path) -> CheckpointMeta | None:
     return found[-1] if found else None
 
 
-def save_checkpoint(root: Path, step: int, adapter: dict[str, torch.Tensor], state: dict[str, Any],
-                    resume_hash: str, dataset_hash: str, keep: int) -> Path:
+def save_checkpoint(
+    root: Path,
+    step: int,
+    adapter: dict[str, torch.Tensor],
+    state: dict[str, Any],
+    resume_hash: str,
+    dataset_hash: str,
+    keep: int,
+) -> Path:
     from safetensors.torch import save_file
 
     dest = root / "checkpoints" / f"step-{step:06d}"
     with atomic_dir(dest, replace=True) as tmp:
         save_file({k: v.detach().contiguous().cpu() for k, v in adapter.items()}, str(tmp / ADAPTER_FILE))
         torch.save(state, tmp / STATE_FILE)
-        write_json(tmp / META_FILE, {"step": step, "resume_hash": resume_hash, "dataset_hash": dataset_hash,
-                                     "time": time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime())})
+        write_json(
+            tmp / META_FILE,
+            {
+                "step": step,
+                "resume_hash": resume_hash,
+                "dataset_hash": dataset_hash,
+                "time": time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime()),
+            },
+        )
     for old in _checkpoints(root)[:-keep]:
         shutil.rmtree(old.path, ignore_errors=True)
     return dest
 
 
-def load_checkpoint(meta: CheckpointMeta, resume_hash: str, dataset_hash: str
-                    ) -> tuple[dict[str, torch.Tensor], dict[str, Any]]:
+def load_checkpoint(
+    meta: CheckpointMeta, resume_hash: str, dataset_hash: str
+) -> tuple[dict[str, torch.Tensor], dict[str, Any]]:
     """The adapter tensors and trainer state of a checkpoint, after checking it belongs to this run."""
     from safetensors.torch import load_file
 

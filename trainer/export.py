@@ -55,11 +55,19 @@ class ExportResult:
     adapter_effect: float | None = None  # logits, AdaLoRA vs base: shows the check is not vacuous
 
     def card(self) -> dict[str, Any]:
-        return {"format": "peft LORA (from AdaLoRA)", "r": self.r, "lora_alpha": self.r,
-                "modules": self.modules, "rank_pattern": self.rank_pattern,
-                "total_rank": sum(self.rank_pattern.values()),
-                "equivalence": {"max_abs_diff": self.max_abs_diff, "adapter_effect": self.adapter_effect,
-                                "tolerance": 1e-4}}
+        return {
+            "format": "peft LORA (from AdaLoRA)",
+            "r": self.r,
+            "lora_alpha": self.r,
+            "modules": self.modules,
+            "rank_pattern": self.rank_pattern,
+            "total_rank": sum(self.rank_pattern.values()),
+            "equivalence": {
+                "max_abs_diff": self.max_abs_diff,
+                "adapter_effect": self.adapter_effect,
+                "tolerance": 1e-4,
+            },
+        }
 
 
 def padded_rank(max_rank: int) -> int:
@@ -107,8 +115,10 @@ def fold_adalora(peft_model: Any) -> dict[str, tuple[torch.Tensor, torch.Tensor]
             raise ExportError(f"{name}: only Linear layers can be exported (vLLM LoRA)")
         if not isinstance(module, AdaLoraLayer):
             plain_a = module.lora_A[ADAPTER].weight.detach().double()
-            out[name.removeprefix("base_model.model.")] = (plain_a * float(module.scaling[ADAPTER]),
-                                                          module.lora_B[ADAPTER].weight.detach().double())
+            out[name.removeprefix("base_model.model.")] = (
+                plain_a * float(module.scaling[ADAPTER]),
+                module.lora_B[ADAPTER].weight.detach().double(),
+            )
             continue
         A = module.lora_A[ADAPTER].detach().double()
         E = module.lora_E[ADAPTER].detach().double()
@@ -123,9 +133,16 @@ def fold_adalora(peft_model: Any) -> dict[str, tuple[torch.Tensor, torch.Tensor]
     return out
 
 
-def export_lora(base_model: str | Path, adalora_dir: Path, out_dir: Path, *, replace: bool = False,
-                check: bool = True, sample_ids: list[list[int]] | None = None, tolerance: float = 1e-4
-                ) -> ExportResult:
+def export_lora(
+    base_model: str | Path,
+    adalora_dir: Path,
+    out_dir: Path,
+    *,
+    replace: bool = False,
+    check: bool = True,
+    sample_ids: list[list[int]] | None = None,
+    tolerance: float = 1e-4,
+) -> ExportResult:
     """Write a plain LoRA adapter folder to `out_dir` (atomically); by default prove it equivalent."""
     from peft import LoraConfig
     from safetensors.torch import save_file

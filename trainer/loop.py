@@ -49,30 +49,48 @@ class Refused(TrainerError):
 
 
 def _parser() -> argparse.ArgumentParser:
-    p = argparse.ArgumentParser(prog="qlp loop", description=__doc__.split("\n\n")[0],
-                                epilog=__doc__.split("\n\n", 1)[1],
-                                formatter_class=argparse.RawDescriptionHelpFormatter)
+    p = argparse.ArgumentParser(
+        prog="qlp loop",
+        description=__doc__.split("\n\n")[0],
+        epilog=__doc__.split("\n\n", 1)[1],
+        formatter_class=argparse.RawDescriptionHelpFormatter,
+    )
     add_config_arguments(p)  # --config and every TrainConfig field, --agent included
     loop = p.add_argument_group("loop")
-    loop.add_argument("--weight", type=float, default=10.0,
-                      help="canary weight, percent of the agent's workflows (0 < w <= 100) [default: 10]")
+    loop.add_argument(
+        "--weight",
+        type=float,
+        default=10.0,
+        help="canary weight, percent of the agent's workflows (0 < w <= 100) [default: 10]",
+    )
     loop.add_argument("--since", help="first UTC day of captured traffic (YYYY-MM-DD) [default: all]")
     loop.add_argument("--until", help="last UTC day of captured traffic, inclusive [default: all]")
-    loop.add_argument("--min-examples", type=int, default=10,
-                      help="refuse to train on fewer captured successes [default: 10]")
-    loop.add_argument("--max-regression", type=float, default=0.02,
-                      help="publish only if the new held-out loss is at most this fraction worse than the "
-                           "current arm's [default: 0.02]")
-    loop.add_argument("--max-success-drop", type=float, default=0.0,
-                      help="with a success_check: publish only if the new adapter's task success on the held-out "
-                           "split is at most this much (a fraction, 0.05 = 5 points) below the current arm's "
-                           "[default: 0]")
+    loop.add_argument(
+        "--min-examples", type=int, default=10, help="refuse to train on fewer captured successes [default: 10]"
+    )
+    loop.add_argument(
+        "--max-regression",
+        type=float,
+        default=0.02,
+        help="publish only if the new held-out loss is at most this fraction worse than the "
+        "current arm's [default: 0.02]",
+    )
+    loop.add_argument(
+        "--max-success-drop",
+        type=float,
+        default=0.0,
+        help="with a success_check: publish only if the new adapter's task success on the held-out "
+        "split is at most this much (a fraction, 0.05 = 5 points) below the current arm's "
+        "[default: 0]",
+    )
     loop.add_argument("--admin-key-file", type=Path, help="gateway admin key [default: $QLP_ADMIN_KEY]")
     loop.add_argument("--redis-url", help="Redis of the capture stream [default: $QLP_REDIS_URL or local]")
-    loop.add_argument("--server-adapters-root", help="adapters_root as the model servers see it "
-                      "[default: adapters_root, absolute]")
-    loop.add_argument("--dry-run", action="store_true",
-                      help="export, train, evaluate and gate; publish, load and route nothing")
+    loop.add_argument(
+        "--server-adapters-root", help="adapters_root as the model servers see it [default: adapters_root, absolute]"
+    )
+    loop.add_argument(
+        "--dry-run", action="store_true", help="export, train, evaluate and gate; publish, load and route nothing"
+    )
     return p
 
 
@@ -82,13 +100,23 @@ def _say(step: str, value: Any) -> None:
 
 # ---- step 1: captured successes ----
 
-def export_successes(agent: str, out: Path, *, redis_url: str | None, since: str | None,
-                     until: str | None) -> int:
+
+def export_successes(agent: str, out: Path, *, redis_url: str | None, since: str | None, until: str | None) -> int:
     """`qlp capture export --outcome success` into `out`; the number of records written."""
     from gateway.capture.cli import main as capture_main
 
-    argv = [*(["--redis-url", redis_url] if redis_url else []), "export", "--agent", agent, "-o", str(out),
-            "--outcome", "success", *(["--since", since] if since else []), *(["--until", until] if until else [])]
+    argv = [
+        *(["--redis-url", redis_url] if redis_url else []),
+        "export",
+        "--agent",
+        agent,
+        "-o",
+        str(out),
+        "--outcome",
+        "success",
+        *(["--since", since] if since else []),
+        *(["--until", until] if until else []),
+    ]
     summary = io.StringIO()
     if capture_main(argv, out=summary) != 0:  # it printed why on stderr
         raise Refused("exporting the captured successes failed (see above)")
@@ -100,19 +128,20 @@ def export_successes(agent: str, out: Path, *, redis_url: str | None, since: str
 
 # ---- step 3: the current arm ----
 
+
 @dataclass(frozen=True)
 class CurrentArm:
-    name: str                  # the arm's name ("baseline" when there is no rollout)
-    adapter: str | None        # the adapter it serves; None: the tier's usual model
-    folder: Path | None        # that adapter's published folder, evaluated on the held-out split
-    note: str                  # why these figures stand for the current arm
+    name: str  # the arm's name ("baseline" when there is no rollout)
+    adapter: str | None  # the adapter it serves; None: the tier's usual model
+    folder: Path | None  # that adapter's published folder, evaluated on the held-out split
+    note: str  # why these figures stand for the current arm
 
 
 def _adapter_folder(adapter: str, root: Path, name: str) -> Path | None:
     """models/adapters/<name>/<version>/ of an adapter served as `<name>-<version>`; this config's name
     first, then any split at a dash."""
-    splits = [(name, adapter[len(name) + 1:])] if adapter.startswith(name + "-") else []
-    splits += [(adapter[:i], adapter[i + 1:]) for i, c in enumerate(adapter) if c == "-"]
+    splits = [(name, adapter[len(name) + 1 :])] if adapter.startswith(name + "-") else []
+    splits += [(adapter[:i], adapter[i + 1 :]) for i, c in enumerate(adapter) if c == "-"]
     for n, v in splits:
         if n and v and (root / n / v / "adapter_config.json").is_file():
             return root / n / v
@@ -131,20 +160,27 @@ def current_arm(rollouts: list[dict[str, Any]], tier: str, agent: str, adapters_
         return CurrentArm("baseline", None, None, f"no rollout for {tier}/{agent}: the base model serves it")
     arm = max(arms, key=lambda a: float(a["weight"]))  # max keeps the first of equal weights
     if arm.get("tier") not in (None, tier):
-        return CurrentArm(arm["name"], arm.get("adapter"), None,
-                          f"arm {arm['name']!r} is served by {arm['tier']}, which is not evaluated offline: "
-                          "compared with the base model instead")
+        return CurrentArm(
+            arm["name"],
+            arm.get("adapter"),
+            None,
+            f"arm {arm['name']!r} is served by {arm['tier']}, which is not evaluated offline: "
+            "compared with the base model instead",
+        )
     if not arm.get("adapter"):
         return CurrentArm(arm["name"], None, None, f"arm {arm['name']!r} is the tier's usual model (base model)")
     folder = _adapter_folder(arm["adapter"], adapters_root, name)
     if folder is None:
-        raise Refused(f"the current arm {arm['name']!r} serves adapter {arm['adapter']!r}, but no published "
-                      f"folder {adapters_root}/<name>/<version>/ matches it; pass the --adapters-root it was "
-                      "published under")
+        raise Refused(
+            f"the current arm {arm['name']!r} serves adapter {arm['adapter']!r}, but no published "
+            f"folder {adapters_root}/<name>/<version>/ matches it; pass the --adapters-root it was "
+            "published under"
+        )
     return CurrentArm(arm["name"], arm["adapter"], folder, f"arm {arm['name']!r}: adapter {folder}")
 
 
 # ---- step 4: the gate ----
+
 
 @dataclass(frozen=True)
 class Gate:
@@ -177,20 +213,36 @@ class Gate:
 
     def why_not(self) -> str:
         if not self.success_passed:
-            return (f"task success {self.new_success:.3f} is below the current arm's {self.current_success:.3f} "
-                    f"by more than --max-success-drop {self.max_success_drop:g}")
-        return (f"held-out loss {self.new_loss:.4f} is {self.regression:.1%} worse than the current arm's "
-                f"{self.current_loss:.4f} (--max-regression {self.max_regression:g})")
+            return (
+                f"task success {self.new_success:.3f} is below the current arm's {self.current_success:.3f} "
+                f"by more than --max-success-drop {self.max_success_drop:g}"
+            )
+        return (
+            f"held-out loss {self.new_loss:.4f} is {self.regression:.1%} worse than the current arm's "
+            f"{self.current_loss:.4f} (--max-regression {self.max_regression:g})"
+        )
 
     def as_dict(self) -> dict[str, Any]:
-        return {"current_loss": self.current_loss, "new_loss": self.new_loss,
-                "regression": round(self.regression, 5), "max_regression": self.max_regression,
-                "current_success": self.current_success, "new_success": self.new_success,
-                "max_success_drop": self.max_success_drop, "passed": self.passed}
+        return {
+            "current_loss": self.current_loss,
+            "new_loss": self.new_loss,
+            "regression": round(self.regression, 5),
+            "max_regression": self.max_regression,
+            "current_success": self.current_success,
+            "new_success": self.new_success,
+            "max_success_drop": self.max_success_drop,
+            "passed": self.passed,
+        }
 
 
-def gate(current_loss: float, new_loss: float, max_regression: float, current_success: float | None = None,
-         new_success: float | None = None, max_success_drop: float = 0.0) -> Gate:
+def gate(
+    current_loss: float,
+    new_loss: float,
+    max_regression: float,
+    current_success: float | None = None,
+    new_success: float | None = None,
+    max_success_drop: float = 0.0,
+) -> Gate:
     return Gate(current_loss, new_loss, max_regression, current_success, new_success, max_success_drop)
 
 
@@ -206,13 +258,13 @@ def _comparison(current: CurrentArm, cur: dict[str, Any], new: dict[str, Any], n
         rows.append((f"pass@1 ({p['tasks']} HumanEval tasks)", f"{cur['pass_at_1']:.3f}", f"{p['adapter']:.3f}"))
     s = new.get("task_success")
     if s and cur.get("task_success") is not None:
-        rows.append((f"{s['check']} success ({s['tasks']} tasks)", f"{cur['task_success']:.3f}",
-                     f"{s['adapter']:.3f}"))
+        rows.append((f"{s['check']} success ({s['tasks']} tasks)", f"{cur['task_success']:.3f}", f"{s['adapter']:.3f}"))
     widths = [max(len(r[i]) for r in rows) for i in range(3)]
     return "\n".join(f"{a:<{widths[0]}}  {b:>{widths[1]}}  {c:>{widths[2]}}" for a, b, c in rows)
 
 
 # ---- step 5: publish ----
+
 
 def next_version(root: Path) -> str:
     """The next free vN under models/adapters/<name>/ (v1 for the first)."""
@@ -221,6 +273,7 @@ def next_version(root: Path) -> str:
 
 
 # ---- step 6: the report ----
+
 
 def print_report(cfg: TrainConfig, key: str | None, redis_url: str | None) -> None:
     """The rollout report for tier/agent: from the gateway (admin key) when there is one, else from Redis
@@ -241,8 +294,12 @@ def print_report(cfg: TrainConfig, key: str | None, redis_url: str | None) -> No
         else:
             from gateway.report.cli import main as report_main
 
-            if report_main([*(["--redis-url", redis_url] if redis_url else []), "--tier", cfg.tier,
-                            "--agent", cfg.agent]) != 0:
+            if (
+                report_main(
+                    [*(["--redis-url", redis_url] if redis_url else []), "--tier", cfg.tier, "--agent", cfg.agent]
+                )
+                != 0
+            ):
                 print("qlp loop: warning: no report (see above)", file=sys.stderr)
     except (PublishError, ImportError, OSError) as exc:
         print(f"qlp loop: warning: no report: {exc}", file=sys.stderr)
@@ -250,6 +307,7 @@ def print_report(cfg: TrainConfig, key: str | None, redis_url: str | None) -> No
 
 
 # ---- the loop ----
+
 
 def _check(args: argparse.Namespace, cfg: TrainConfig, key: str | None) -> None:
     """Everything that can be refused before an hour of training."""
@@ -262,14 +320,20 @@ def _check(args: argparse.Namespace, cfg: TrainConfig, key: str | None) -> None:
     if args.min_examples < 1:
         raise Refused(f"--min-examples must be at least 1 (got {args.min_examples})")
     if cfg.gateway and not key:
-        raise Refused("--gateway needs the admin key (QLP_ADMIN_KEY or --admin-key-file): the loop reads the "
-                      "rollout and adds the canary arm with it")
+        raise Refused(
+            "--gateway needs the admin key (QLP_ADMIN_KEY or --admin-key-file): the loop reads the "
+            "rollout and adds the canary arm with it"
+        )
     if cfg.gateway and not cfg.servers and not args.dry_run:
-        raise Refused("--gateway without --servers would route a canary to an adapter that no model server "
-                      "has loaded; give the tier's model servers with --servers")
+        raise Refused(
+            "--gateway without --servers would route a canary to an adapter that no model server "
+            "has loaded; give the tier's model servers with --servers"
+        )
     if cfg.version is not None and (Path(cfg.adapters_root) / cfg.name / cfg.version).exists():
-        raise Refused(f"{Path(cfg.adapters_root) / cfg.name / cfg.version} already exists; versions are "
-                      "immutable (leave --version out to take the next free vN)")
+        raise Refused(
+            f"{Path(cfg.adapters_root) / cfg.name / cfg.version} already exists; versions are "
+            "immutable (leave --version out to take the next free vN)"
+        )
 
 
 def _resumable(cfg: TrainConfig, dataset: Any) -> bool:
@@ -299,9 +363,11 @@ def _loop(args: argparse.Namespace, cfg: TrainConfig) -> int:
     capture = root / "capture.jsonl"
     n = export_successes(cfg.agent, capture, redis_url=args.redis_url, since=args.since, until=args.until)
     if n < args.min_examples:
-        raise Refused(f"only {n} captured successes of agent {cfg.agent!r}"
-                      + (f" since {args.since}" if args.since else "")
-                      + f"; --min-examples is {args.min_examples}: not training")
+        raise Refused(
+            f"only {n} captured successes of agent {cfg.agent!r}"
+            + (f" since {args.since}" if args.since else "")
+            + f"; --min-examples is {args.min_examples}: not training"
+        )
     cfg = dataclasses.replace(cfg, data=[str(capture), *(d for d in cfg.data if d != str(capture))])
 
     # 2. dataset, fit, export
@@ -319,21 +385,40 @@ def _loop(args: argparse.Namespace, cfg: TrainConfig) -> int:
     new = evaluate(cfg, ds, lora)
     if current.folder is not None:
         old = evaluate(cfg, ds, current.folder)
-        cur = {"loss": old["held_out_loss"]["adapter"],
-               "pass_at_1": old["pass_at_1"] and old["pass_at_1"]["adapter"],
-               "task_success": old["task_success"] and old["task_success"]["adapter"]}
+        cur = {
+            "loss": old["held_out_loss"]["adapter"],
+            "pass_at_1": old["pass_at_1"] and old["pass_at_1"]["adapter"],
+            "task_success": old["task_success"] and old["task_success"]["adapter"],
+        }
     else:
-        cur = {"loss": new["held_out_loss"]["base"], "pass_at_1": new["pass_at_1"] and new["pass_at_1"]["base"],
-               "task_success": new["task_success"] and new["task_success"]["base"]}
+        cur = {
+            "loss": new["held_out_loss"]["base"],
+            "pass_at_1": new["pass_at_1"] and new["pass_at_1"]["base"],
+            "task_success": new["task_success"] and new["task_success"]["base"],
+        }
     version = cfg.version or next_version(adapters_root / cfg.name)
     served_as = f"{cfg.name}-{version}"
 
     # 4. gate
-    g = gate(cur["loss"], new["held_out_loss"]["adapter"], args.max_regression, cur["task_success"],
-             new["task_success"] and new["task_success"]["adapter"], args.max_success_drop)
-    evaluation = {**new, "current_arm": {"name": current.name, "adapter": current.adapter,
-                                         "folder": current.folder and str(current.folder), "note": current.note,
-                                         **cur}, "gate": g.as_dict()}
+    g = gate(
+        cur["loss"],
+        new["held_out_loss"]["adapter"],
+        args.max_regression,
+        cur["task_success"],
+        new["task_success"] and new["task_success"]["adapter"],
+        args.max_success_drop,
+    )
+    evaluation = {
+        **new,
+        "current_arm": {
+            "name": current.name,
+            "adapter": current.adapter,
+            "folder": current.folder and str(current.folder),
+            "note": current.note,
+            **cur,
+        },
+        "gate": g.as_dict(),
+    }
     write_json(root / "eval.json", evaluation)  # build_card puts it on the card
     print(_comparison(current, cur, new, served_as))
     _say("gate", {**g.as_dict(), "current_arm": current.name, "note": current.note})
@@ -343,32 +428,49 @@ def _loop(args: argparse.Namespace, cfg: TrainConfig) -> int:
 
     # 5. publish, load side by side with the current version, add the canary arm
     if args.dry_run:
-        _say("dry_run", {"would_publish": str(adapters_root / cfg.name / version), "adapter": served_as,
-                         "servers": cfg.servers, "gateway": cfg.gateway, "weight": args.weight})
+        _say(
+            "dry_run",
+            {
+                "would_publish": str(adapters_root / cfg.name / version),
+                "adapter": served_as,
+                "servers": cfg.servers,
+                "gateway": cfg.gateway,
+                "weight": args.weight,
+            },
+        )
     else:
         fit = cfg.fit_path if cfg.method == "adalora" else None
         card = build_card(cfg, lora, fit)
-        card["loop"] = {"served_as": served_as, "weight": args.weight, "since": args.since, "until": args.until,
-                        "captured_successes": n, "current_arm": evaluation["current_arm"], "gate": g.as_dict()}
+        card["loop"] = {
+            "served_as": served_as,
+            "weight": args.weight,
+            "since": args.since,
+            "until": args.until,
+            "captured_successes": n,
+            "current_arm": evaluation["current_arm"],
+            "gate": g.as_dict(),
+        }
         dest = publish_folder(lora, fit, card, adapters_root, cfg.name, version)
         _say("published", str(dest))
-        server_root = (Path(args.server_adapters_root) if args.server_adapters_root
-                       else adapters_root.resolve())
+        server_root = Path(args.server_adapters_root) if args.server_adapters_root else adapters_root.resolve()
         for server in cfg.servers:
             r = load_into_server(server, served_as, server_root / cfg.name / version)
             _say("server", {"url": r.url, "loaded": served_as, "replaced": r.replaced})
         if cfg.gateway:
             if not route_gateway(cfg.gateway, key, cfg.tier, cfg.agent, served_as, weight=args.weight):
-                raise PublishError(f"{served_as} is published and loaded, but {cfg.gateway} has no admin routes: "
-                                   f"add it to the {cfg.tier}/{cfg.agent} rollout in the fleet config")
+                raise PublishError(
+                    f"{served_as} is published and loaded, but {cfg.gateway} has no admin routes: "
+                    f"add it to the {cfg.tier}/{cfg.agent} rollout in the fleet config"
+                )
             now = current_rollout(admin_get(cfg.gateway, key, "/v1/admin/rollouts")["data"], cfg.tier, cfg.agent)
-            _say("canary", {"tier": cfg.tier, "agent": cfg.agent, "adapter": served_as, "weight": args.weight,
-                            "arms": now})
+            _say(
+                "canary",
+                {"tier": cfg.tier, "agent": cfg.agent, "adapter": served_as, "weight": args.weight, "arms": now},
+            )
 
     # 6. report
     print_report(cfg, key, args.redis_url)
-    _say("loop", {"seconds": round(time.monotonic() - started, 1), "published": not args.dry_run,
-                  "adapter": served_as})
+    _say("loop", {"seconds": round(time.monotonic() - started, 1), "published": not args.dry_run, "adapter": served_as})
     return EXIT_OK
 
 

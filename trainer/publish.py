@@ -40,8 +40,16 @@ log = logging.getLogger("qlp.trainer.publish")
 TIMEOUT_S = 120.0  # loading an adapter on a busy server waits for its engine thread
 
 
-def publish_folder(lora_dir: Path, adalora_dir: Path | None, card: dict[str, Any], root: Path, name: str,
-                   version: str, *, force: bool = False) -> Path:
+def publish_folder(
+    lora_dir: Path,
+    adalora_dir: Path | None,
+    card: dict[str, Any],
+    root: Path,
+    name: str,
+    version: str,
+    *,
+    force: bool = False,
+) -> Path:
     """Write root/name/version/ (atomically). An existing version is refused unless `force`."""
     lora_dir = Path(lora_dir)
     for needed in ("adapter_config.json", "adapter_model.safetensors"):
@@ -49,8 +57,10 @@ def publish_folder(lora_dir: Path, adalora_dir: Path | None, card: dict[str, Any
             raise PublishError(f"{lora_dir}: no {needed}; export the adapter first (`qlp train export`)")
     config = json.loads((lora_dir / "adapter_config.json").read_text())
     if config.get("peft_type") != "LORA":
-        raise PublishError(f"{lora_dir}: peft_type {config.get('peft_type')!r}; only a plain LoRA export "
-                           "is published (vLLM does not load AdaLoRA)")
+        raise PublishError(
+            f"{lora_dir}: peft_type {config.get('peft_type')!r}; only a plain LoRA export "
+            "is published (vLLM does not load AdaLoRA)"
+        )
     dest = Path(root) / name / version
     if dest.exists() and not force:
         raise PublishError(f"{dest} already exists; versions are immutable (pick another --version, or --force)")
@@ -69,11 +79,13 @@ class ServerResult:
     replaced: bool  # an adapter of that name was loaded before
 
 
-def _post(url: str, body: dict[str, Any] | None, headers: dict[str, str] | None = None,
-          method: str = "POST") -> tuple[int, str]:
+def _post(
+    url: str, body: dict[str, Any] | None, headers: dict[str, str] | None = None, method: str = "POST"
+) -> tuple[int, str]:
     data = json.dumps(body).encode() if body is not None else None
-    req = urllib.request.Request(url, data=data, method=method,
-                                 headers={"Content-Type": "application/json", **(headers or {})})
+    req = urllib.request.Request(
+        url, data=data, method=method, headers={"Content-Type": "application/json", **(headers or {})}
+    )
     try:
         with urllib.request.urlopen(req, timeout=TIMEOUT_S) as resp:
             return resp.status, resp.read().decode("utf-8", "replace")
@@ -136,8 +148,9 @@ def admin_get(gateway: str, key: str | None, path: str) -> Any:
         raise PublishError(f"{url}: the answer is not JSON: {body[:200]!r}") from exc
 
 
-def route_gateway(gateway: str, admin_key: str | None, tier: str, agent: str, adapter: str,
-                  weight: float | None = None) -> bool:
+def route_gateway(
+    gateway: str, admin_key: str | None, tier: str, agent: str, adapter: str, weight: float | None = None
+) -> bool:
     """Point the gateway's tier/agent route at `adapter`: all of it, or with `weight` (percent, 0 < w <= 100)
     as a canary arm. False (with a warning) if the gateway has no admin routes (404); PublishError for any
     other failure."""
@@ -147,8 +160,14 @@ def route_gateway(gateway: str, admin_key: str | None, tier: str, agent: str, ad
         request["weight"] = weight
     status, body = _post(url, request, _auth(admin_key))
     if status == 404:
-        log.warning("%s answered 404: this gateway has no admin routes; route %s/%s -> %s by adding the "
-                    "adapter to the tier's `adapters` and `agents` in the fleet config", url, tier, agent, adapter)
+        log.warning(
+            "%s answered 404: this gateway has no admin routes; route %s/%s -> %s by adding the "
+            "adapter to the tier's `adapters` and `agents` in the fleet config",
+            url,
+            tier,
+            agent,
+            adapter,
+        )
         return False
     if status in (401, 403):
         raise PublishError(f"{url}: the admin key was refused ({status}); set QLP_ADMIN_KEY")

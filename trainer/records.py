@@ -53,13 +53,22 @@ class Example:
         return [{"role": r, "content": c} for r, c in self.messages]
 
     def to_json(self) -> dict[str, Any]:
-        return {"id": self.id, "messages": self.chat(), "response": self.response, "source": self.source,
-                "task_id": self.task_id}
+        return {
+            "id": self.id,
+            "messages": self.chat(),
+            "response": self.response,
+            "source": self.source,
+            "task_id": self.task_id,
+        }
 
     @classmethod
     def from_json(cls, obj: dict[str, Any]) -> Example:
-        return cls(tuple((m["role"], m["content"]) for m in obj["messages"]), obj["response"], obj["source"],
-                   obj.get("task_id"))
+        return cls(
+            tuple((m["role"], m["content"]) for m in obj["messages"]),
+            obj["response"],
+            obj["source"],
+            obj.get("task_id"),
+        )
 
 
 @dataclass

@@ -60,8 +60,12 @@ class Isolation:
     notes: tuple[str, ...] = ()
 
     def describe(self) -> dict[str, object]:
-        return {"network": self.network, "user": "nobody" if self.uid == NOBODY else "trainer's own",
-                "pid_namespace": "--pid" in self.prefix, "notes": list(self.notes)}
+        return {
+            "network": self.network,
+            "user": "nobody" if self.uid == NOBODY else "trainer's own",
+            "pid_namespace": "--pid" in self.prefix,
+            "notes": list(self.notes),
+        }
 
 
 @dataclass
@@ -108,16 +112,28 @@ def _try(argv: list[str], uid: int | None, cwd: str) -> bool:
     limits = Limits(timeout_s=10)
     nproc = _user_tasks(uid if uid is not None else os.getuid()) + limits.nproc
     try:
-        r = subprocess.run(argv, cwd=cwd, env=_env(cwd), stdin=subprocess.DEVNULL, capture_output=True,
-                           timeout=20, preexec_fn=functools.partial(_preexec, limits, uid, nproc))
+        r = subprocess.run(
+            argv,
+            cwd=cwd,
+            env=_env(cwd),
+            stdin=subprocess.DEVNULL,
+            capture_output=True,
+            timeout=20,
+            preexec_fn=functools.partial(_preexec, limits, uid, nproc),
+        )
     except (OSError, subprocess.SubprocessError):
         return False
     return r.returncode == 0
 
 
 def _env(home: str) -> dict[str, str]:
-    return {"PATH": "/usr/bin:/bin", "LANG": "C.UTF-8", "HOME": home, "PYTHONDONTWRITEBYTECODE": "1",
-            "PYTHONHASHSEED": "0"}
+    return {
+        "PATH": "/usr/bin:/bin",
+        "LANG": "C.UTF-8",
+        "HOME": home,
+        "PYTHONDONTWRITEBYTECODE": "1",
+        "PYTHONHASHSEED": "0",
+    }
 
 
 @functools.cache
@@ -143,8 +159,10 @@ def detect_isolation(python: str | None = None) -> Isolation:
                     prefix = (unshare, *userns, "--net", "--pid", "--fork", "--kill-child", "--")
                     if _try([*prefix, *base], uid, cwd):
                         if uid is None and root:
-                            notes.append("runs as root: the interpreter is not usable by nobody, and root "
-                                         "is exempt from RLIMIT_NPROC; run the trainer as a non-root user")
+                            notes.append(
+                                "runs as root: the interpreter is not usable by nobody, and root "
+                                "is exempt from RLIMIT_NPROC; run the trainer as a non-root user"
+                            )
                         return Isolation(py, prefix, uid, "namespace", tuple(notes))
                 if _try(base, uid, cwd):
                     notes.append("unshare is not permitted here: network blocked in-process only")
@@ -170,16 +188,22 @@ def run_program(source: str, limits: Limits | None = None, isolation: Isolation 
         nproc = _user_tasks(iso.uid if iso.uid is not None else os.getuid()) + limits.nproc
         argv = [*iso.prefix, iso.python, "-I", "-B", "program.py"]
         start = time.monotonic()
-        proc = subprocess.Popen(argv, cwd=workdir, env=_env(workdir), stdin=subprocess.DEVNULL,
-                                stdout=subprocess.PIPE, stderr=subprocess.PIPE, start_new_session=True,
-                                preexec_fn=functools.partial(_preexec, limits, iso.uid, nproc))
+        proc = subprocess.Popen(
+            argv,
+            cwd=workdir,
+            env=_env(workdir),
+            stdin=subprocess.DEVNULL,
+            stdout=subprocess.PIPE,
+            stderr=subprocess.PIPE,
+            start_new_session=True,
+            preexec_fn=functools.partial(_preexec, limits, iso.uid, nproc),
+        )
         try:
             _, err = proc.communicate(timeout=limits.timeout_s)
         except subprocess.TimeoutExpired:
             with_group_killed(proc)
             proc.communicate()
-            return SandboxResult("timeout", f"no result within {limits.timeout_s:g}s",
-                                 time.monotonic() - start)
+            return SandboxResult("timeout", f"no result within {limits.timeout_s:g}s", time.monotonic() - start)
         seconds = time.monotonic() - start
         stderr = err.decode("utf-8", "replace")[-4000:]
         if proc.returncode == 0:

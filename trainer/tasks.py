@@ -67,16 +67,26 @@ def split_of(task_id: str, salt: str, bounds: Sequence[tuple[str, float]]) -> st
 # ---- signature-json ------------------------------------------------------------------------------------
 
 SIGNATURE_INSTRUCTION = (
-    "Describe the signature of this Python function as JSON with the keys \"name\" (the function's name), "
-    "\"params\" (every parameter in order, *args written with * and **kwargs with **) and \"required\" (the "
+    'Describe the signature of this Python function as JSON with the keys "name" (the function\'s name), '
+    '"params" (every parameter in order, *args written with * and **kwargs with **) and "required" (the '
     "parameters a caller must pass: no default, not starred). Reply with the JSON object only.\n\n"
     "```python\n{code}\n```"
 )
 _CODE = re.compile(r"```python\n(.*?)\n```", re.DOTALL)
 _MAX_HEADER_LINES, _MAX_HEADER_CHARS = 6, 320
 # Packages of the standard library that are tests, demos or GUI: not what an agent is asked about.
-_SKIP = {"test", "idlelib", "tkinter", "turtledemo", "lib2to3", "ensurepip", "site-packages", "__pycache__",
-         "pydoc_data", "venv"}
+_SKIP = {
+    "test",
+    "idlelib",
+    "tkinter",
+    "turtledemo",
+    "lib2to3",
+    "ensurepip",
+    "site-packages",
+    "__pycache__",
+    "pydoc_data",
+    "venv",
+}
 
 
 def signature_answer(code: str) -> dict[str, Any] | None:
@@ -90,11 +100,16 @@ def signature_answer(code: str) -> dict[str, Any] | None:
         return None
     a = fn.args
     positional = [p.arg for p in a.posonlyargs + a.args]
-    with_default = set(positional[len(positional) - len(a.defaults):]) if a.defaults else set()
-    params = positional + ([f"*{a.vararg.arg}"] if a.vararg else []) + [p.arg for p in a.kwonlyargs] + (
-        [f"**{a.kwarg.arg}"] if a.kwarg else [])
+    with_default = set(positional[len(positional) - len(a.defaults) :]) if a.defaults else set()
+    params = (
+        positional
+        + ([f"*{a.vararg.arg}"] if a.vararg else [])
+        + [p.arg for p in a.kwonlyargs]
+        + ([f"**{a.kwarg.arg}"] if a.kwarg else [])
+    )
     required = [p for p in positional if p not in with_default] + [
-        p.arg for p, d in zip(a.kwonlyargs, a.kw_defaults, strict=True) if d is None]
+        p.arg for p, d in zip(a.kwonlyargs, a.kw_defaults, strict=True) if d is None
+    ]
     return {"name": fn.name, "params": params, "required": required}
 
 
@@ -181,6 +196,9 @@ def check_signature(messages: Sequence[Any], reply: str) -> bool:
 
 TASKS: dict[str, Family] = {
     "signature-json": Family(
-        "signature-json", f"Python {sys.version_info.major}.{sys.version_info.minor} standard library",
-        lambda: list(_signature_tasks()), check_signature),
+        "signature-json",
+        f"Python {sys.version_info.major}.{sys.version_info.minor} standard library",
+        lambda: list(_signature_tasks()),
+        check_signature,
+    ),
 }

@@ -59,6 +59,7 @@ ADAPTER = "default"  # PEFT's adapter name inside the training model
 
 # ---- devices and processes ----
 
+
 @dataclass(frozen=True)
 class Dist:
     rank: int = 0
@@ -105,26 +106,30 @@ def load_base_model(path: str | Path, device: torch.device, dtype: torch.dtype) 
 def build_adapter(model: Any, cfg: TrainConfig, schedule: Schedule) -> Any:
     from peft import AdaLoraConfig, LoraConfig, get_peft_model
 
-    config: Any = LoraConfig(
-        task_type="CAUSAL_LM",
-        r=cfg.target_r,  # AdaLoRA's final budget: the equal-parameter comparison
-        lora_alpha=cfg.lora_alpha,
-        lora_dropout=cfg.lora_dropout,
-        target_modules=list(cfg.target_modules),
-    ) if cfg.method == "lora" else AdaLoraConfig(
-        task_type="CAUSAL_LM",
-        init_r=cfg.init_r,
-        target_r=cfg.target_r,
-        lora_alpha=cfg.lora_alpha,
-        lora_dropout=cfg.lora_dropout,
-        target_modules=list(cfg.target_modules),
-        tinit=schedule.tinit,
-        tfinal=schedule.tfinal,
-        deltaT=cfg.deltaT,
-        beta1=cfg.beta1,
-        beta2=cfg.beta2,
-        orth_reg_weight=cfg.orth_reg_weight,
-        total_step=schedule.total_step,
+    config: Any = (
+        LoraConfig(
+            task_type="CAUSAL_LM",
+            r=cfg.target_r,  # AdaLoRA's final budget: the equal-parameter comparison
+            lora_alpha=cfg.lora_alpha,
+            lora_dropout=cfg.lora_dropout,
+            target_modules=list(cfg.target_modules),
+        )
+        if cfg.method == "lora"
+        else AdaLoraConfig(
+            task_type="CAUSAL_LM",
+            init_r=cfg.init_r,
+            target_r=cfg.target_r,
+            lora_alpha=cfg.lora_alpha,
+            lora_dropout=cfg.lora_dropout,
+            target_modules=list(cfg.target_modules),
+            tinit=schedule.tinit,
+            tfinal=schedule.tfinal,
+            deltaT=cfg.deltaT,
+            beta1=cfg.beta1,
+            beta2=cfg.beta2,
+            orth_reg_weight=cfg.orth_reg_weight,
+            total_step=schedule.total_step,
+        )
     )
     # Adapter weights are created from torch's RNG: seeded here so a run (and its resume) is reproducible.
     torch.manual_seed(cfg.seed)
@@ -134,6 +139,7 @@ def build_adapter(model: Any, cfg: TrainConfig, schedule: Schedule) -> Any:
 
 
 # ---- data ----
+
 
 def encode_split(tokenizer: Any, examples: list[Any], max_seq_len: int) -> list[Encoded]:
     out = []
@@ -176,6 +182,7 @@ def _epoch_groups(n: int, epoch: int, cfg: TrainConfig, dist: Dist) -> list[list
 
 # ---- the loop ----
 
+
 @dataclass
 class StepInfo:
     step: int
@@ -205,10 +212,17 @@ class TrainResult:
         return self.tokens / self.seconds if self.seconds > 0 else 0.0
 
     def summary(self) -> dict[str, Any]:
-        return {"adapter_dir": str(self.adapter_dir), "steps": self.steps, "total_step": self.total_step,
-                "tokens": self.tokens, "seconds": round(self.seconds, 2),
-                "tokens_per_s": round(self.tokens_per_s, 1), "resumed_from": self.resumed_from,
-                "final_loss": self.final_loss, "rank_pattern": self.rank_pattern}
+        return {
+            "adapter_dir": str(self.adapter_dir),
+            "steps": self.steps,
+            "total_step": self.total_step,
+            "tokens": self.tokens,
+            "seconds": round(self.seconds, 2),
+            "tokens_per_s": round(self.tokens_per_s, 1),
+            "resumed_from": self.resumed_from,
+            "final_loss": self.final_loss,
+            "rank_pattern": self.rank_pattern,
+        }
 
 
 @contextlib.contextmanager
@@ -255,12 +269,17 @@ def _rank_summary(peft_model: Any) -> dict[str, int]:
     from peft.tuners.lora import LoraLayer
 
     if str(getattr(peft_model.peft_config[ADAPTER].peft_type, "value", "")) == "LORA":
-        return {name.removeprefix("base_model.model."): int(m.r[ADAPTER]) for name, m in peft_model.named_modules()
-                if isinstance(m, LoraLayer) and ADAPTER in m.lora_A}
+        return {
+            name.removeprefix("base_model.model."): int(m.r[ADAPTER])
+            for name, m in peft_model.named_modules()
+            if isinstance(m, LoraLayer) and ADAPTER in m.lora_A
+        }
 
     # Keys read "base_model.model.<module>.lora_E.default" (or without ".default" once PEFT has saved).
-    pattern = {k.split(".lora_E")[0].removeprefix("base_model.model."): v
-               for k, v in (peft_model.peft_config[ADAPTER].rank_pattern or {}).items()}
+    pattern = {
+        k.split(".lora_E")[0].removeprefix("base_model.model."): v
+        for k, v in (peft_model.peft_config[ADAPTER].rank_pattern or {}).items()
+    }
     out = {}
     for name, module in peft_model.named_modules():
         if isinstance(module, AdaLoraLayer) and ADAPTER in module.lora_E:
@@ -309,9 +328,12 @@ def train(
     optimizer = torch.optim.AdamW(params, lr=cfg.learning_rate, weight_decay=cfg.weight_decay)
     from transformers import get_scheduler
 
-    scheduler = get_scheduler(cfg.lr_scheduler if cfg.lr_scheduler != "constant" else "constant_with_warmup",
-                              optimizer, num_warmup_steps=schedule.warmup_steps,
-                              num_training_steps=schedule.total_step)
+    scheduler = get_scheduler(
+        cfg.lr_scheduler if cfg.lr_scheduler != "constant" else "constant_with_warmup",
+        optimizer,
+        num_warmup_steps=schedule.warmup_steps,
+        num_training_steps=schedule.total_step,
+    )
 
     start_step, resumed_from, history = 0, None, []
     ckpt = latest_checkpoint(root) if resume else None
@@ -327,10 +349,15 @@ def train(
         scheduler.load_state_dict(state["scheduler"])
         if adalora is not None:
             alloc = adalora.rankallocator
-            to_dev = {k: {n: t.to(device) for n, t in state["allocator"][k].items()}
-                      for k in ("ipt", "exp_avg_ipt", "exp_avg_unc")}
-            alloc.ipt, alloc.exp_avg_ipt, alloc.exp_avg_unc = (to_dev["ipt"], to_dev["exp_avg_ipt"],
-                                                               to_dev["exp_avg_unc"])
+            to_dev = {
+                k: {n: t.to(device) for n, t in state["allocator"][k].items()}
+                for k in ("ipt", "exp_avg_ipt", "exp_avg_unc")
+            }
+            alloc.ipt, alloc.exp_avg_ipt, alloc.exp_avg_unc = (
+                to_dev["ipt"],
+                to_dev["exp_avg_ipt"],
+                to_dev["exp_avg_unc"],
+            )
             peft_model.peft_config[ADAPTER].rank_pattern = state["rank_pattern"]
         set_rng_state(state["rng"])
         history = list(state.get("log", []))
@@ -364,8 +391,9 @@ def train(
             alloc = adalora.rankallocator
             state["allocator"] = {"ipt": alloc.ipt, "exp_avg_ipt": alloc.exp_avg_ipt, "exp_avg_unc": alloc.exp_avg_unc}
             state["rank_pattern"] = peft_model.peft_config[ADAPTER].rank_pattern
-        return save_checkpoint(root, step, _lora_state(peft_model), state, cfg.resume_hash(), dataset.hash,
-                               cfg.save_total_limit)
+        return save_checkpoint(
+            root, step, _lora_state(peft_model), state, cfg.resume_hash(), dataset.hash, cfg.save_total_limit
+        )
 
     pad_id = tokenizer.pad_token_id
     tokens = 0
@@ -380,8 +408,13 @@ def train(
     if progress and dist.main:
         from tqdm.auto import tqdm
 
-        bar = tqdm(total=schedule.total_step, initial=start_step, unit="step", desc="AdaLoRA" if adalora else "LoRA",
-                   dynamic_ncols=True)
+        bar = tqdm(
+            total=schedule.total_step,
+            initial=start_step,
+            unit="step",
+            desc="AdaLoRA" if adalora else "LoRA",
+            dynamic_ncols=True,
+        )
     groups_cache: dict[int, list[list[list[int]]]] = {}
     peft_model.train()
     with _stop_on_signals(handle_signals) as stop:
@@ -417,18 +450,39 @@ def train(
                 tokens += step_tokens * dist.world
                 last_loss = step_loss
                 budget = adalora.rankallocator.budget_schedule(global_step)[0] if adalora else lora_budget
-                info = StepInfo(global_step, schedule.total_step, epoch, step_loss, scheduler.get_last_lr()[0],
-                                tokens, tokens / elapsed if elapsed else 0.0, budget)
+                info = StepInfo(
+                    global_step,
+                    schedule.total_step,
+                    epoch,
+                    step_loss,
+                    scheduler.get_last_lr()[0],
+                    tokens,
+                    tokens / elapsed if elapsed else 0.0,
+                    budget,
+                )
                 if dist.main:
                     if global_step % cfg.logging_steps == 0 or global_step == schedule.total_step:
-                        record = {"step": global_step, "epoch": epoch, "loss": round(step_loss, 5),
-                                  "lr": info.lr, "budget": budget, "tokens": tokens,
-                                  "tokens_per_s": round(info.tokens_per_s, 1)}
+                        record = {
+                            "step": global_step,
+                            "epoch": epoch,
+                            "loss": round(step_loss, 5),
+                            "lr": info.lr,
+                            "budget": budget,
+                            "tokens": tokens,
+                            "tokens_per_s": round(info.tokens_per_s, 1),
+                        }
                         history.append(record)
                         with open(log_file, "a") as f:
                             f.write(json.dumps(record) + "\n")
-                        log.info("step %d/%d loss %.4f lr %.2e budget %s %.0f tok/s", global_step,
-                                 schedule.total_step, step_loss, info.lr, budget, info.tokens_per_s)
+                        log.info(
+                            "step %d/%d loss %.4f lr %.2e budget %s %.0f tok/s",
+                            global_step,
+                            schedule.total_step,
+                            step_loss,
+                            info.lr,
+                            budget,
+                            info.tokens_per_s,
+                        )
                     if bar is not None:
                         bar.update(1)
                         bar.set_postfix(loss=f"{step_loss:.4f}", budget=budget, refresh=False)
@@ -437,8 +491,11 @@ def train(
                 if on_step is not None:
                     on_step(info)
                 if _any_process(stop.is_set(), dist, device) and global_step != schedule.total_step:
-                    path = checkpoint(global_step) if global_step % cfg.save_steps else \
-                        root / "checkpoints" / f"step-{global_step:06d}"
+                    path = (
+                        checkpoint(global_step)
+                        if global_step % cfg.save_steps
+                        else root / "checkpoints" / f"step-{global_step:06d}"
+                    )
                     raise TrainingInterrupted(global_step, path)
         finally:
             if bar is not None:
@@ -451,11 +508,22 @@ def train(
             checkpoint(final_step)
         with atomic_dir(adapter_dir, replace=True) as tmp, adalora_quiet():
             peft_model.save_pretrained(str(tmp))
-    result = TrainResult(adapter_dir, final_step - start_step, final_step, tokens, elapsed, resumed_from,
-                         _rank_summary(peft_model), last_loss, history)
+    result = TrainResult(
+        adapter_dir,
+        final_step - start_step,
+        final_step,
+        tokens,
+        elapsed,
+        resumed_from,
+        _rank_summary(peft_model),
+        last_loss,
+        history,
+    )
     if dist.main:
-        write_json(root / "train_result.json", {**result.summary(), "schedule": schedule.__dict__,
-                                                "dataset_hash": dataset.hash, "config": cfg.to_dict()})
+        write_json(
+            root / "train_result.json",
+            {**result.summary(), "schedule": schedule.__dict__, "dataset_hash": dataset.hash, "config": cfg.to_dict()},
+        )
     if dist.world > 1:
         import torch.distributed as tdist
 

@@ -9,14 +9,43 @@ import orjson
 import uvloop
 from aiohttp import web
 
-CHUNK = b"data: " + orjson.dumps({"id": "c", "object": "chat.completion.chunk", "created": 1, "model": "bench",
-                                  "choices": [{"index": 0, "delta": {"content": "tok "}, "finish_reason": None}]}) + b"\n\n"
-USAGE = b"data: " + orjson.dumps({"id": "c", "object": "chat.completion.chunk", "created": 1, "model": "bench",
-                                  "choices": [], "usage": {"prompt_tokens": 12, "completion_tokens": 20,
-                                                           "total_tokens": 32}}) + b"\n\n"
-BODY = orjson.dumps({"id": "c", "object": "chat.completion", "created": 1, "model": "bench",
-                     "choices": [{"index": 0, "message": {"role": "assistant", "content": "ok"}, "finish_reason": "stop"}],
-                     "usage": {"prompt_tokens": 12, "completion_tokens": 2, "total_tokens": 14}})
+CHUNK = (
+    b"data: "
+    + orjson.dumps(
+        {
+            "id": "c",
+            "object": "chat.completion.chunk",
+            "created": 1,
+            "model": "bench",
+            "choices": [{"index": 0, "delta": {"content": "tok "}, "finish_reason": None}],
+        }
+    )
+    + b"\n\n"
+)
+USAGE = (
+    b"data: "
+    + orjson.dumps(
+        {
+            "id": "c",
+            "object": "chat.completion.chunk",
+            "created": 1,
+            "model": "bench",
+            "choices": [],
+            "usage": {"prompt_tokens": 12, "completion_tokens": 20, "total_tokens": 32},
+        }
+    )
+    + b"\n\n"
+)
+BODY = orjson.dumps(
+    {
+        "id": "c",
+        "object": "chat.completion",
+        "created": 1,
+        "model": "bench",
+        "choices": [{"index": 0, "message": {"role": "assistant", "content": "ok"}, "finish_reason": "stop"}],
+        "usage": {"prompt_tokens": 12, "completion_tokens": 2, "total_tokens": 14},
+    }
+)
 
 
 def make_app(n_chunks: int, interval: float, latency: float) -> web.Application:

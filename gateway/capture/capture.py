@@ -70,8 +70,9 @@ def stream_key(agent: str) -> str:
 
 
 class Capture:
-    def __init__(self, config: CaptureConfig, redis: Redis, secrets: tuple[str, ...] = (),
-                 metrics: Metrics | None = None) -> None:
+    def __init__(
+        self, config: CaptureConfig, redis: Redis, secrets: tuple[str, ...] = (), metrics: Metrics | None = None
+    ) -> None:
         self.config = config
         self.redis = redis
         self.secrets = secrets
@@ -115,10 +116,26 @@ class Capture:
                 self._count(tier, "dropped")
                 return
             now = time.time()
-            self._queue.append(Pending(
-                x.request_id, now, int((time.perf_counter() - x.started) * 1000), x.endpoint, x.stream, x.tier,
-                x.requested_tier, x.backend, x.model, x.agent, x.workflow, x.tenant, x.arm,
-                dict(x.usage) if x.usage else None, req.body, response))
+            self._queue.append(
+                Pending(
+                    x.request_id,
+                    now,
+                    int((time.perf_counter() - x.started) * 1000),
+                    x.endpoint,
+                    x.stream,
+                    x.tier,
+                    x.requested_tier,
+                    x.backend,
+                    x.model,
+                    x.agent,
+                    x.workflow,
+                    x.tenant,
+                    x.arm,
+                    dict(x.usage) if x.usage else None,
+                    req.body,
+                    response,
+                )
+            )
             self._wake.set()
             if len(self._queue) >= BATCH:
                 self._full.set()
@@ -144,7 +161,7 @@ class Capture:
         """Write everything queued now (waits for a write in progress)."""
         async with self._lock:
             while self._queue:
-                batch, self._queue = self._queue[:BATCH * 16], self._queue[BATCH * 16:]
+                batch, self._queue = self._queue[: BATCH * 16], self._queue[BATCH * 16 :]
                 await self._write(batch)
             self._full.clear()
 
@@ -187,8 +204,7 @@ class Capture:
         # A batch of short exchanges is prepared in the loop (tens of microseconds each); a big one in a worker
         # thread, so that a long prompt does not stall the requests being served.
         size = sum(len(p.response) + _prompt_chars(p.body) for p in batch)
-        rows, skipped = (self._prepare(batch) if size <= INLINE_BYTES
-                         else await asyncio.to_thread(self._prepare, batch))
+        rows, skipped = self._prepare(batch) if size <= INLINE_BYTES else await asyncio.to_thread(self._prepare, batch)
         for (tier, outcome), n in skipped.items():
             self._count(tier, outcome, n)
         if not rows:
@@ -199,8 +215,12 @@ class Capture:
         try:
             # One script call per agent stream, not one XADD per record: redis-py spends more time packing
             # a command than Redis spends running it (measured: bench/bench_learning.py).
-            await asyncio.gather(*(self._append(keys=[key], args=[self.config.maxlen, *datas], client=self.redis)
-                                   for key, datas in by_key.items()))
+            await asyncio.gather(
+                *(
+                    self._append(keys=[key], args=[self.config.maxlen, *datas], client=self.redis)
+                    for key, datas in by_key.items()
+                )
+            )
         except (RedisError, OSError) as exc:
             if not self._redis_down:
                 log.warning("capture: Redis unreachable, dropping captured exchanges until it is back: %s", exc)

@@ -31,8 +31,9 @@ __all__ = ["main"]
 
 
 def _parser() -> argparse.ArgumentParser:
-    p = argparse.ArgumentParser(prog="qlp capture", description=__doc__,
-                                formatter_class=argparse.RawDescriptionHelpFormatter)
+    p = argparse.ArgumentParser(
+        prog="qlp capture", description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter
+    )
     p.add_argument("--redis-url", help="default: QLP_REDIS_URL or redis://127.0.0.1:6379/0")
     sub = p.add_subparsers(dest="cmd", required=True)
     e = sub.add_parser("export", help="captured records as the trainer's JSON lines, outcomes joined")
@@ -91,16 +92,29 @@ async def _run(args: argparse.Namespace, out: TextIO) -> int:
             width = max([5, *(len(r["agent"]) for r in rows)])
             print(f"{'AGENT'.ljust(width)}  {'RECORDS':>8}  {'FIRST (UTC)':19}  LAST (UTC)", file=out)
             for r in rows:
-                print(f"{r['agent'].ljust(width)}  {r['records']:>8}  {_ms_time(r['first_ms']):19}  "
-                      f"{_ms_time(r['last_ms'])}", file=out)
+                print(
+                    f"{r['agent'].ljust(width)}  {r['records']:>8}  {_ms_time(r['first_ms']):19}  "
+                    f"{_ms_time(r['last_ms'])}",
+                    file=out,
+                )
             return 0
-        stats = await export(redis, Path(args.output), redactor, agent=args.agent, since_ms=since,
-                             until_ms=until, tenant=args.tenant, outcome=args.outcome)
+        stats = await export(
+            redis,
+            Path(args.output),
+            redactor,
+            agent=args.agent,
+            since_ms=since,
+            until_ms=until,
+            tenant=args.tenant,
+            outcome=args.outcome,
+        )
         c = stats.as_dict()
-        print(f"{args.output}: {c['written']} records written (success {c['success']}, failure {c['failure']}, "
-              f"unknown {c['unknown']}) of {c['read']} read from {c['streams']} stream(s); skipped: "
-              f"other tenant {c['other_tenant']}, other outcome {c['other_outcome']}, invalid {c['invalid']}",
-              file=out)
+        print(
+            f"{args.output}: {c['written']} records written (success {c['success']}, failure {c['failure']}, "
+            f"unknown {c['unknown']}) of {c['read']} read from {c['streams']} stream(s); skipped: "
+            f"other tenant {c['other_tenant']}, other outcome {c['other_outcome']}, invalid {c['invalid']}",
+            file=out,
+        )
         return 0
     finally:
         await redis.aclose()

@@ -1,10 +1,10 @@
 """The `capture:` section of the fleet config.
 
-    capture:
-      targets: {T0: [developer], T3: [developer, architect]}   # tier -> agents ("*": any agent)
-      maxlen: 100000        # records kept per agent stream (approximate trimming)
-      max_bytes: 262144     # a larger exchange is not captured (counted in qlp_capture_total)
-      redact: ['(?i)password\\s*[:=]\\s*\\S+']   # extra patterns; the built-in ones always apply
+capture:
+  targets: {T0: [developer], T3: [developer, architect]}   # tier -> agents ("*": any agent)
+  maxlen: 100000        # records kept per agent stream (approximate trimming)
+  max_bytes: 262144     # a larger exchange is not captured (counted in qlp_capture_total)
+  redact: ['(?i)password\\s*[:=]\\s*\\S+']   # extra patterns; the built-in ones always apply
 """
 
 from __future__ import annotations
@@ -19,8 +19,9 @@ __all__ = ["CaptureConfig"]
 class CaptureConfig(BaseModel):
     model_config = ConfigDict(extra="forbid", frozen=True)
 
-    targets: dict[str, tuple[str, ...]] = Field(default_factory=dict,
-                                                description="tier -> agents captured there ('*': every agent)")
+    targets: dict[str, tuple[str, ...]] = Field(
+        default_factory=dict, description="tier -> agents captured there ('*': every agent)"
+    )
     maxlen: int = Field(100_000, ge=100, description="records kept per agent stream (approximate)")
     max_bytes: int = Field(262_144, ge=1024, description="exchanges larger than this are not captured")
     redact: tuple[str, ...] = Field((), description="extra regular expressions redacted before writing")

@@ -54,7 +54,7 @@ async def agents(redis: Redis) -> list[str]:
     """Agents that have a capture stream."""
     found = set()
     async for raw in redis.scan_iter(match=STREAM_PREFIX + "*", count=500, _type="STREAM"):
-        name = (raw.decode() if isinstance(raw, bytes) else str(raw))[len(STREAM_PREFIX):]
+        name = (raw.decode() if isinstance(raw, bytes) else str(raw))[len(STREAM_PREFIX) :]
         if AGENT_RE.fullmatch(name):
             found.add(name)
     return sorted(found)
@@ -68,9 +68,14 @@ async def stream_stats(redis: Redis) -> list[dict[str, Any]]:
         n = await redis.xlen(key)
         first = await redis.xrange(key, count=1)
         last = await redis.xrevrange(key, count=1)
-        out.append({"agent": agent, "records": n,
-                    "first_ms": _id_ms(first[0][0]) if first else None,
-                    "last_ms": _id_ms(last[0][0]) if last else None})
+        out.append(
+            {
+                "agent": agent,
+                "records": n,
+                "first_ms": _id_ms(first[0][0]) if first else None,
+                "last_ms": _id_ms(last[0][0]) if last else None,
+            }
+        )
     return out
 
 
@@ -85,8 +90,9 @@ def _next_id(entry_id: Any) -> str:
     return f"{ms}-{int(seq or 0) + 1}"
 
 
-async def read_records(redis: Redis, agent: str, since_ms: int | None = None,
-                       until_ms: int | None = None) -> AsyncIterator[list[dict[str, Any] | None]]:
+async def read_records(
+    redis: Redis, agent: str, since_ms: int | None = None, until_ms: int | None = None
+) -> AsyncIterator[list[dict[str, Any] | None]]:
     """Pages of decoded records of one agent's stream (None for an entry that is not a record)."""
     key = stream_key(agent)
     lo = f"{since_ms}-0" if since_ms is not None else "-"
@@ -157,9 +163,16 @@ def _clean(rec: dict[str, Any], redactor: Redactor) -> dict[str, Any] | None:
     return {**rec, "messages": redactor.obj(messages), "response": redactor.text(rec["response"])}
 
 
-async def export(redis: Redis, output: Path, redactor: Redactor, agent: str | None = None,
-                 since_ms: int | None = None, until_ms: int | None = None, tenant: str | None = None,
-                 outcome: Outcome = "any") -> ExportStats:
+async def export(
+    redis: Redis,
+    output: Path,
+    redactor: Redactor,
+    agent: str | None = None,
+    since_ms: int | None = None,
+    until_ms: int | None = None,
+    tenant: str | None = None,
+    outcome: Outcome = "any",
+) -> ExportStats:
     """Write the matching records to `output` (JSON lines, atomically); return the counts."""
     if outcome not in OUTCOMES:
         raise ValueError(f"outcome must be one of {', '.join(OUTCOMES)}, got {outcome!r}")

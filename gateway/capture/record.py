@@ -59,8 +59,11 @@ def _content(value: Any) -> str:
     if isinstance(value, str):
         return value
     if isinstance(value, list):  # parts: keep the text ones
-        return "\n".join(p["text"] for p in value
-                         if isinstance(p, dict) and p.get("type") == "text" and isinstance(p.get("text"), str))
+        return "\n".join(
+            p["text"]
+            for p in value
+            if isinstance(p, dict) and p.get("type") == "text" and isinstance(p.get("text"), str)
+        )
     return ""
 
 
@@ -146,9 +149,23 @@ def build_record(p: Pending, redactor: Redactor) -> dict[str, Any] | None:
     if not text:
         return None
     return {
-        "request_id": p.request_id, "time": iso_time(p.time_s), "ts": int(p.time_s * 1000), "tenant": p.tenant,
-        "tier": p.tier, "requested_tier": p.requested_tier, "agent": p.agent, "workflow": p.workflow,
-        "backend": p.backend, "model": p.model, "arm": p.arm, "endpoint": p.endpoint, "stream": p.stream,
-        "messages": redactor.obj(messages), "response": redactor.text(text), "finish_reason": finish,
-        "usage": p.usage or body_usage, "latency_ms": p.latency_ms, "outcome": None,
+        "request_id": p.request_id,
+        "time": iso_time(p.time_s),
+        "ts": int(p.time_s * 1000),
+        "tenant": p.tenant,
+        "tier": p.tier,
+        "requested_tier": p.requested_tier,
+        "agent": p.agent,
+        "workflow": p.workflow,
+        "backend": p.backend,
+        "model": p.model,
+        "arm": p.arm,
+        "endpoint": p.endpoint,
+        "stream": p.stream,
+        "messages": redactor.obj(messages),
+        "response": redactor.text(text),
+        "finish_reason": finish,
+        "usage": p.usage or body_usage,
+        "latency_ms": p.latency_ms,
+        "outcome": None,
     }

@@ -31,8 +31,10 @@ MIN_LITERAL = 8
 # (name, pattern). A pattern may define a group named `keep...`: that prefix is kept, the rest is masked.
 # Group names must be unique across patterns: they are combined into one alternation.
 BUILTIN_PATTERNS: tuple[tuple[str, str], ...] = (
-    ("pem private key",
-     r"-----BEGIN (?P<pem>(?:[A-Z0-9]+ )*PRIVATE KEY(?: BLOCK)?)-----[\s\S]*?(?:-----END (?P=pem)-----|\Z)"),
+    (
+        "pem private key",
+        r"-----BEGIN (?P<pem>(?:[A-Z0-9]+ )*PRIVATE KEY(?: BLOCK)?)-----[\s\S]*?(?:-----END (?P=pem)-----|\Z)",
+    ),
     ("anthropic key", r"(?<![A-Za-z0-9_-])sk-ant-[A-Za-z0-9_-]{16,}"),
     ("openai key", r"(?<![A-Za-z0-9_-])sk-(?:proj-|svcacct-|admin-)?[A-Za-z0-9_-]{20,}"),
     ("qlp api key", r"(?<![A-Za-z0-9_-])qlp-[A-Za-z0-9_-]{32,}"),
@@ -41,20 +43,24 @@ BUILTIN_PATTERNS: tuple[tuple[str, str], ...] = (
     ("slack token", r"(?<![A-Za-z0-9])xox[abprs]-[A-Za-z0-9-]{10,}"),
     ("jwt", r"(?<![A-Za-z0-9_-])eyJ[A-Za-z0-9_-]{5,}\.eyJ[A-Za-z0-9_-]{5,}\.[A-Za-z0-9_-]*"),
     # A bearer token: at least 8 characters with a digit, or 20 and more ("bearer instrument" stays).
-    ("bearer token",
-     r"(?P<keep_bearer>\b[Bb]earer[ \t]+)(?:(?=[A-Za-z._~+/=-]*[0-9])[A-Za-z0-9._~+/=-]{8,}|[A-Za-z0-9._~+/=-]{20,})"),
+    (
+        "bearer token",
+        r"(?P<keep_bearer>\b[Bb]earer[ \t]+)(?:(?=[A-Za-z._~+/=-]*[0-9])[A-Za-z0-9._~+/=-]{8,}|[A-Za-z0-9._~+/=-]{20,})",
+    ),
     # `API_KEY=...`, `"password": "..."`, `x-api-key: ...`, `DB_PASSWORD = '...'`: the name may carry
     # prefixes (`DB_`, `x-`) and a `_key`/`_id` suffix; the value ends at white space or a quote (a quoted
     # value: at the closing quote, spaces included; `secret: Bearer x` masks the token, not the word Bearer).
     # A "value" that is itself a name (`secret: "api_key": "x"`, `secret: x-api-key: y`) or a PEM block is
     # no value: the match fails there and the real secret after it is found (atomic groups: no backtracking
     # into a shorter value). `max_tokens: 100` does not match (`tokens` is no name).
-    ("secret assignment",
-     r"(?i)(?P<keep_assign>(?<![A-Za-z0-9_.-])(?:[A-Za-z0-9]+[_.-])*"
-     r"(?:api[_-]?key|secret|passw(?:or)?d|token|credentials?|private[_-]?key)(?:[_.-]?(?:key|id))?"
-     r"[\"']?[ \t]*[:=][ \t]*[\"']?)"
-     r"(?:[Bb]earer[ \t]+)?(?!-----BEGIN )"
-     r"(?:(?<=[\"'])(?>[^\"'\n]+)(?![\"']?[ \t]*[:=])|(?<![\"'])(?>[^\s\"'`,;]+)(?<![:=]))"),
+    (
+        "secret assignment",
+        r"(?i)(?P<keep_assign>(?<![A-Za-z0-9_.-])(?:[A-Za-z0-9]+[_.-])*"
+        r"(?:api[_-]?key|secret|passw(?:or)?d|token|credentials?|private[_-]?key)(?:[_.-]?(?:key|id))?"
+        r"[\"']?[ \t]*[:=][ \t]*[\"']?)"
+        r"(?:[Bb]earer[ \t]+)?(?!-----BEGIN )"
+        r"(?:(?<=[\"'])(?>[^\"'\n]+)(?![\"']?[ \t]*[:=])|(?<![\"'])(?>[^\s\"'`,;]+)(?<![:=]))",
+    ),
 )
 
 _GLOBAL_FLAGS = re.compile(r"^\(\?([aiLmsux]+)\)")
@@ -64,7 +70,7 @@ def _scoped(pattern: str) -> str:
     """`(?i)foo` -> `(?i:foo)`: Python refuses global flags anywhere but at the start of the whole
     expression, so a pattern that brings its own must scope them before it joins an alternation."""
     m = _GLOBAL_FLAGS.match(pattern)
-    return f"(?{m.group(1)}:{pattern[m.end():]})" if m else f"(?:{pattern})"
+    return f"(?{m.group(1)}:{pattern[m.end() :]})" if m else f"(?:{pattern})"
 
 
 class Redactor:

@@ -39,8 +39,10 @@ class _Feedback(BaseModel):
     outcome: store.Outcome
     score: Score = None
     note: Annotated[str | None, Field(max_length=2000)] = None
-    tenant: Annotated[str | None, Field(pattern=TENANT_NAME.pattern,
-                                        description="admin keys: the tenant of the id (default the key's own)")] = None
+    tenant: Annotated[
+        str | None,
+        Field(pattern=TENANT_NAME.pattern, description="admin keys: the tenant of the id (default the key's own)"),
+    ] = None
 
 
 class FeedbackByRequest(_Feedback):
@@ -51,17 +53,20 @@ class FeedbackByWorkflow(_Feedback):
     workflow_id: Id
 
 
-
 def _common(records: list[dict[str, Any]], field: str) -> str | None:
     """The records' value of `field` when they all share one (a workflow may span tiers: then null)."""
     values = {r.get(field) for r in records}
     return values.pop() if len(values) == 1 else None
 
 
-@router.post("/v1/feedback", summary="Record the outcome of a request or a workflow (latest wins)",
-             responses=errors(400, 401, 403, 404, 503))
-async def post_feedback(request: Request, p: PrincipalDep, meter: MeterDep,
-                        body: FeedbackByRequest | FeedbackByWorkflow) -> dict[str, Any]:
+@router.post(
+    "/v1/feedback",
+    summary="Record the outcome of a request or a workflow (latest wins)",
+    responses=errors(400, 401, 403, 404, 503),
+)
+async def post_feedback(
+    request: Request, p: PrincipalDep, meter: MeterDep, body: FeedbackByRequest | FeedbackByWorkflow
+) -> dict[str, Any]:
     tenant = (await tenants_for(meter, p, body.tenant or p.tenant))[0]
     value = {"outcome": body.outcome, "score": body.score, "note": body.note, "ts": time.time_ns() // 1_000_000}
     with store_errors():
@@ -75,11 +80,26 @@ async def post_feedback(request: Request, p: PrincipalDep, meter: MeterDep,
             if not records:
                 raise NotFound(f"no workflow {body.workflow_id[:128]!r} in the ledger", code="workflow_not_found")
             named = {"workflow_id": body.workflow_id}
-        await store.save(meter.redis, tenant, request_id=named.get("request_id"), workflow_id=named.get("workflow_id"),
-                         value=value, applied_to=len(records), ttl_s=meter.settings.ledger_days * 86_400)
+        await store.save(
+            meter.redis,
+            tenant,
+            request_id=named.get("request_id"),
+            workflow_id=named.get("workflow_id"),
+            value=value,
+            applied_to=len(records),
+            ttl_s=meter.settings.ledger_days * 86_400,
+        )
     m = request.app.state.runtime.metrics
     for r in records:
         child(m, m.feedback, str(r.get("tier")), str(r.get("backend")), str(r.get("model")), body.outcome).inc()
-    return {"object": "feedback", **named, "tenant": tenant, "outcome": body.outcome, "score": body.score,
-            "applied_to": len(records), "tier": _common(records, "tier"), "backend": _common(records, "backend"),
-            "model": _common(records, "model")}
+    return {
+        "object": "feedback",
+        **named,
+        "tenant": tenant,
+        "outcome": body.outcome,
+        "score": body.score,
+        "applied_to": len(records),
+        "tier": _common(records, "tier"),
+        "backend": _common(records, "backend"),
+        "model": _common(records, "model"),
+    }

@@ -43,7 +43,7 @@ async def find_request(redis: Redis, tenant: str, request_id: str, days: int) ->
     per_key = len(dates) + 1
     found = []
     for i, k in enumerate(key_ids):
-        latest = next((e for e in entry_ids[i * per_key:(i + 1) * per_key] if e), None)  # newest day first
+        latest = next((e for e in entry_ids[i * per_key : (i + 1) * per_key] if e), None)  # newest day first
         if latest is not None:
             found.append((k, latest))
     if not found:
@@ -67,8 +67,16 @@ async def find_workflow(redis: Redis, tenant: str, workflow: str) -> list[dict[s
     return [orjson.loads(raw) for lst in lists for raw in lst]
 
 
-async def save(redis: Redis, tenant: str, *, request_id: str | None, workflow_id: str | None, value: dict[str, Any],
-               applied_to: int, ttl_s: int) -> None:
+async def save(
+    redis: Redis,
+    tenant: str,
+    *,
+    request_id: str | None,
+    workflow_id: str | None,
+    value: dict[str, Any],
+    applied_to: int,
+    ttl_s: int,
+) -> None:
     """Store the latest outcome of a request or a workflow (overwriting any earlier one) and log the event."""
     key = request_key(tenant, request_id) if request_id is not None else workflow_key(tenant, workflow_id or "")
     event = {**value, "request_id": request_id, "workflow_id": workflow_id, "applied_to": applied_to}
@@ -80,17 +88,18 @@ async def save(redis: Redis, tenant: str, *, request_id: str | None, workflow_id
 
 def _chunks(keys: list[str], n: int) -> Iterable[list[str]]:
     for i in range(0, len(keys), n):
-        yield keys[i:i + n]
+        yield keys[i : i + n]
 
 
-async def outcomes(redis: Redis, tenant: str, request_ids: Iterable[str], workflows: Iterable[str]
-                   ) -> tuple[dict[str, dict[str, Any]], dict[str, dict[str, Any]]]:
+async def outcomes(
+    redis: Redis, tenant: str, request_ids: Iterable[str], workflows: Iterable[str]
+) -> tuple[dict[str, dict[str, Any]], dict[str, dict[str, Any]]]:
     """The stored feedback of these requests and workflows of one tenant: (by request id, by workflow id)."""
     rids, wfs = sorted(set(request_ids)), sorted(set(workflows))
     keys = [request_key(tenant, r) for r in rids] + [workflow_key(tenant, w) for w in wfs]
     values: list[Any] = []
     for chunk in _chunks(keys, MGET_BATCH):
         values.extend(await redis.mget(chunk))
-    by_request = {r: orjson.loads(v) for r, v in zip(rids, values[:len(rids)], strict=True) if v}
-    by_workflow = {w: orjson.loads(v) for w, v in zip(wfs, values[len(rids):], strict=True) if v}
+    by_request = {r: orjson.loads(v) for r, v in zip(rids, values[: len(rids)], strict=True) if v}
+    by_workflow = {w: orjson.loads(v) for w, v in zip(wfs, values[len(rids) :], strict=True) if v}
     return by_request, by_workflow

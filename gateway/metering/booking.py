@@ -125,8 +125,13 @@ class Booker:
             await self.spool.append(served)
         except OSError as exc:
             for c in served:
-                log.error("charge %s (request %s, %d micro-USD) could not be spooled: %s", c.id,
-                          (c.record or {}).get("request_id"), c.cost_micros, exc)
+                log.error(
+                    "charge %s (request %s, %d micro-USD) could not be spooled: %s",
+                    c.id,
+                    (c.record or {}).get("request_id"),
+                    c.cost_micros,
+                    exc,
+                )
 
     def _reject_refused(self, batch: list[Charge], results: list[int | Exception]) -> None:
         for c, r in zip(batch, results, strict=True):

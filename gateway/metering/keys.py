@@ -111,10 +111,20 @@ class KeyInfo:
 
     def as_dict(self) -> dict[str, Any]:
         lim = self.limits
-        return {"id": self.id, "tenant": self.tenant, "role": self.role, "name": self.name,
-                "created": self.created, "revoked": self.revoked,
-                "limits": {"budget_day_micros": lim.budget_day_micros, "budget_month_micros": lim.budget_month_micros,
-                           "requests_per_minute": lim.rpm, "tokens_per_minute": lim.tpm}}
+        return {
+            "id": self.id,
+            "tenant": self.tenant,
+            "role": self.role,
+            "name": self.name,
+            "created": self.created,
+            "revoked": self.revoked,
+            "limits": {
+                "budget_day_micros": lim.budget_day_micros,
+                "budget_month_micros": lim.budget_month_micros,
+                "requests_per_minute": lim.rpm,
+                "tokens_per_minute": lim.tpm,
+            },
+        }
 
 
 def _text(v: Any) -> str:
@@ -127,8 +137,12 @@ def _info(key_id: str, h: dict[Any, Any]) -> KeyInfo:
 
     role = _text(h.get(b"role", b"user"))
     return KeyInfo(
-        id=key_id, tenant=_text(h[b"tenant"]), role="admin" if role == "admin" else "user",
-        name=_text(h.get(b"name", b"")), created=num("created"), revoked=h.get(b"revoked") == b"1",
+        id=key_id,
+        tenant=_text(h[b"tenant"]),
+        role="admin" if role == "admin" else "user",
+        name=_text(h.get(b"name", b"")),
+        created=num("created"),
+        revoked=h.get(b"revoked") == b"1",
         limits=KeyLimits(num("budget_day"), num("budget_month"), num("rpm"), num("tpm")),
     )
 
@@ -139,8 +153,9 @@ class KeyStore:
     def __init__(self, redis: Redis) -> None:
         self.redis = redis
 
-    async def create(self, tenant: str, *, name: str = "", role: Role = "user",
-                     limits: KeyLimits | None = None) -> tuple[str, KeyInfo]:
+    async def create(
+        self, tenant: str, *, name: str = "", role: Role = "user", limits: KeyLimits | None = None
+    ) -> tuple[str, KeyInfo]:
         """A new key; the plain key is returned once and never stored."""
         if not TENANT_NAME.match(tenant):
             raise ValueError(f"invalid tenant name {tenant!r}: letters, digits, '.', '_', '-' (max 64)")
@@ -149,11 +164,21 @@ class KeyStore:
         cred = Credential.of(key)
         info = KeyInfo(cred.key_id, tenant, role, name[:200], int(time.time()), False, lim)
         async with self.redis.pipeline(transaction=False) as p:
-            p.hset(KeyKeys(cred.key_id).record, mapping={
-                "sha256": cred.sha256, "tenant": tenant, "role": role, "name": info.name, "created": info.created,
-                "revoked": 0, "budget_day": lim.budget_day_micros, "budget_month": lim.budget_month_micros,
-                "rpm": lim.rpm, "tpm": lim.tpm,
-            })
+            p.hset(
+                KeyKeys(cred.key_id).record,
+                mapping={
+                    "sha256": cred.sha256,
+                    "tenant": tenant,
+                    "role": role,
+                    "name": info.name,
+                    "created": info.created,
+                    "revoked": 0,
+                    "budget_day": lim.budget_day_micros,
+                    "budget_month": lim.budget_month_micros,
+                    "rpm": lim.rpm,
+                    "tpm": lim.tpm,
+                },
+            )
             p.sadd(KEY_INDEX, cred.key_id)
             p.sadd(tenant_keys(tenant), cred.key_id)
             p.sadd(TENANTS, tenant)

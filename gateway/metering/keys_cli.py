@@ -25,7 +25,9 @@ __all__ = ["main"]
 
 
 def _parser() -> argparse.ArgumentParser:
-    p = argparse.ArgumentParser(prog="qlp keys", description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    p = argparse.ArgumentParser(
+        prog="qlp keys", description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter
+    )
     p.add_argument("--redis-url", help="default: QLP_REDIS_URL or redis://127.0.0.1:6379/0")
     sub = p.add_subparsers(dest="cmd", required=True)
     c = sub.add_parser("create", help="create a key (printed once)")
@@ -52,11 +54,18 @@ def _limit(v: int) -> str:
 def _table(keys: list[KeyInfo]) -> str:
     head = ("ID", "TENANT", "NAME", "ROLE", "CREATED", "REVOKED", "USD/DAY", "USD/MONTH", "RPM", "TPM")
     rows = [head] + [
-        (k.id, k.tenant, k.name, k.role, time.strftime("%Y-%m-%d %H:%M", time.gmtime(k.created)),
-         "yes" if k.revoked else "no",
-         usd(k.limits.budget_day_micros) if k.limits.budget_day_micros else "-",
-         usd(k.limits.budget_month_micros) if k.limits.budget_month_micros else "-",
-         _limit(k.limits.rpm), _limit(k.limits.tpm))
+        (
+            k.id,
+            k.tenant,
+            k.name,
+            k.role,
+            time.strftime("%Y-%m-%d %H:%M", time.gmtime(k.created)),
+            "yes" if k.revoked else "no",
+            usd(k.limits.budget_day_micros) if k.limits.budget_day_micros else "-",
+            usd(k.limits.budget_month_micros) if k.limits.budget_month_micros else "-",
+            _limit(k.limits.rpm),
+            _limit(k.limits.tpm),
+        )
         for k in keys
     ]
     widths = [max(len(r[i]) for r in rows) for i in range(len(head))]
@@ -72,13 +81,16 @@ async def _run(args: argparse.Namespace) -> int:
     try:
         if args.cmd == "create":
             limits = KeyLimits(micros_of_usd(args.budget_day), micros_of_usd(args.budget_month), args.rpm, args.tpm)
-            key, info = await store.create(args.tenant, name=args.name, role="admin" if args.admin else "user",
-                                           limits=limits)
+            key, info = await store.create(
+                args.tenant, name=args.name, role="admin" if args.admin else "user", limits=limits
+            )
             if args.json:
                 print(json.dumps({"key": key, **info.as_dict()}))
             else:
                 print(key)
-                print(f"id {info.id}, tenant {info.tenant}, role {info.role} (the key is shown only now)", file=sys.stderr)
+                print(
+                    f"id {info.id}, tenant {info.tenant}, role {info.role} (the key is shown only now)", file=sys.stderr
+                )
         elif args.cmd == "list":
             keys = await store.list_keys(args.tenant)
             print(json.dumps([k.as_dict() for k in keys], indent=2) if args.json else _table(keys))

@@ -79,8 +79,13 @@ class _Key:
 class Leases:
     """The leases of one gateway process. `release` books a closed and settled lease's unused part."""
 
-    def __init__(self, seconds: float, release: Callable[[Charge], None],
-                 renew: Callable[[str, Lease, int], None], used: Callable[[int], None] | None = None) -> None:
+    def __init__(
+        self,
+        seconds: float,
+        release: Callable[[Charge], None],
+        renew: Callable[[str, Lease, int], None],
+        used: Callable[[int], None] | None = None,
+    ) -> None:
         self.seconds = seconds
         self._release = release
         self._renew = renew  # (sha256, the lease running out, requests wanted): ask for the next one
@@ -112,8 +117,11 @@ class Leases:
         if now >= lease.expires or minute != lease.minute:
             self.close(lease)
             return None
-        if lease.requests < 1 or (lease.flags & 2 and lease.tokens < worst_tokens) or (
-                lease.flags & 1 and lease.micros < worst_micros):
+        if (
+            lease.requests < 1
+            or (lease.flags & 2 and lease.tokens < worst_tokens)
+            or (lease.flags & 1 and lease.micros < worst_micros)
+        ):
             return None
         lease.requests -= 1
         lease.tokens -= worst_tokens
@@ -147,17 +155,41 @@ class Leases:
         k.renewing = asyncio.Event()
         return min(LEASE_MAX, 2 * demand)
 
-    def granted(self, sha256: str, lease_id: str, principal: Principal, flags: int, ts_ms: int, granted: int,
-                worst_micros: int, worst_tokens: int, taken: int) -> Lease:
+    def granted(
+        self,
+        sha256: str,
+        lease_id: str,
+        principal: Principal,
+        flags: int,
+        ts_ms: int,
+        granted: int,
+        worst_micros: int,
+        worst_tokens: int,
+        taken: int,
+    ) -> Lease:
         """Install the lease ADMIT granted; `taken` (0 or 1): the request that asked for it takes its share."""
         now = time.monotonic()
         k = self._key(sha256, now)
         minute = ts_ms // 60_000
         duration = min(self.seconds, ((minute + 1) * 60_000 - ts_ms) / 1000)
         left = granted - taken
-        lease = Lease(lease_id, principal, flags, ts_ms, minute, now + duration, left, left * worst_tokens,
-                      left * worst_micros, granted * worst_micros if flags & 1 else 0, worst_micros, worst_tokens,
-                      now + 0.5 * duration, granted // 2, inflight=taken)
+        lease = Lease(
+            lease_id,
+            principal,
+            flags,
+            ts_ms,
+            minute,
+            now + duration,
+            left,
+            left * worst_tokens,
+            left * worst_micros,
+            granted * worst_micros if flags & 1 else 0,
+            worst_micros,
+            worst_tokens,
+            now + 0.5 * duration,
+            granted // 2,
+            inflight=taken,
+        )
         if k.lease is not None:
             self.close(k.lease)
         k.lease = lease
@@ -209,14 +241,24 @@ class Leases:
             return  # no limit: nothing was counted or reserved
         p = lease.principal
         windowed = lease.flags & 6  # a requests/min or tokens/min limit: the lease was counted in the window
-        self._release(Charge(lease.id, lease.ts_ms, p.tenant, p.key_id or "", True, lease.reserved, 0,
-                             -lease.tokens if windowed else 0, lease.minute,
-                             request_delta=-lease.requests if windowed else 0))
+        self._release(
+            Charge(
+                lease.id,
+                lease.ts_ms,
+                p.tenant,
+                p.key_id or "",
+                True,
+                lease.reserved,
+                0,
+                -lease.tokens if windowed else 0,
+                lease.minute,
+                request_delta=-lease.requests if windowed else 0,
+            )
+        )
 
     def _forget_idle(self) -> None:
         # Not a key whose lease is still live, nor one with a lease on its way: its waiters wait on that
         # key's event, which only `answered` of the same key sets.
-        idle = [sha for sha, k in self._keys.items()
-                if (k.lease is None or k.lease.released) and k.renewing is None]
+        idle = [sha for sha, k in self._keys.items() if (k.lease is None or k.lease.released) and k.renewing is None]
         for sha in idle:
             del self._keys[sha]

@@ -34,8 +34,12 @@ TRANSIENT = ("OOM", "READONLY", "MASTERDOWN", "CLUSTERDOWN", "TRYAGAIN", "BUSY",
 def _calendar(day_no: int) -> tuple[str, str, int, int]:
     t = time.gmtime(day_no * _DAY)
     y, m = (t.tm_year + 1, 1) if t.tm_mon == 12 else (t.tm_year, t.tm_mon + 1)
-    return (time.strftime("%Y%m%d", t), time.strftime("%Y%m", t), (day_no + 1) * _DAY,
-            calendar.timegm((y, m, 1, 0, 0, 0, 0, 0, 0)))
+    return (
+        time.strftime("%Y%m%d", t),
+        time.strftime("%Y%m", t),
+        (day_no + 1) * _DAY,
+        calendar.timegm((y, m, 1, 0, 0, 0, 0, 0, 0)),
+    )
 
 
 def calendar_of(ts_ms: int) -> tuple[str, str, int, int]:
@@ -140,8 +144,17 @@ class Ledger:
             if isinstance(reply, Exception):
                 raise reply
 
-    async def admit(self, sha256: str, key_id: str, charge_id: str, worst_micros: int, worst_tokens: int,
-                    now_ms: int, reservation_ttl_ms: int, wanted: int = 1) -> AdmitResult:
+    async def admit(
+        self,
+        sha256: str,
+        key_id: str,
+        charge_id: str,
+        worst_micros: int,
+        worst_tokens: int,
+        now_ms: int,
+        reservation_ttl_ms: int,
+        wanted: int = 1,
+    ) -> AdmitResult:
         """Queue the admission for the connection's next write, where the admissions of one key and minute
         become one ADMIT call (`_before_flush`), and wait for its answer. `wanted` > 1 asks for a lease of
         up to that many requests (`charge_id` is then the lease's id); `-wanted`, a lease asked for ahead of
@@ -200,27 +213,77 @@ class Ledger:
             keys = _KeyList([k.record, k.reservations, k.stream])
             pos = keys.pos
             pack = CHARGE_FIELDS.pack
-            args: list[Any] = [p.idempotency_days * _DAY, p.ledger_days * _DAY, p.stream_maxlen, p.request_index_days * _DAY]
-            per_minute: dict[tuple[int, int], tuple[int, int, int, int, int, int]] = {}  # what one minute's charges share
+            args: list[Any] = [
+                p.idempotency_days * _DAY,
+                p.ledger_days * _DAY,
+                p.stream_maxlen,
+                p.request_index_days * _DAY,
+            ]
+            per_minute: dict[
+                tuple[int, int], tuple[int, int, int, int, int, int]
+            ] = {}  # what one minute's charges share
             for i in idx:
                 c = charges[i]
                 shared = per_minute.get((c.ts_ms // 60_000, c.minute))
                 if shared is None:
                     day, month, _, _ = calendar_of(c.ts_ms)
                     shared = per_minute[(c.ts_ms // 60_000, c.minute)] = (
-                        int(day), int(month), pos(k.done(day)), pos(k.window(c.minute)), pos(k.counters(day)),
-                        pos(k.requests(day)))
+                        int(day),
+                        int(month),
+                        pos(k.done(day)),
+                        pos(k.window(c.minute)),
+                        pos(k.counters(day)),
+                        pos(k.requests(day)),
+                    )
                 d, m, done, window, counters, requests = shared
                 r = c.record
                 if r is None:
-                    args += (pack(c.cost_micros, c.token_delta, c.request_delta, c.key_state, c.reserved_micros, d, m,
-                                  done, window, 0, 0, 0, 0, 0, 0, 0) + f"{c.id},,".encode(), "")
+                    args += (
+                        pack(
+                            c.cost_micros,
+                            c.token_delta,
+                            c.request_delta,
+                            c.key_state,
+                            c.reserved_micros,
+                            d,
+                            m,
+                            done,
+                            window,
+                            0,
+                            0,
+                            0,
+                            0,
+                            0,
+                            0,
+                            0,
+                        )
+                        + f"{c.id},,".encode(),
+                        "",
+                    )
                     continue
                 wf = r.get("workflow")
-                args += (pack(c.cost_micros, c.token_delta, c.request_delta, c.key_state, c.reserved_micros, d, m, done,
-                              window, counters, pos(k.workflow_records(wf)) if wf else 0, requests, r["prompt_tokens"],
-                              r["completion_tokens"], r["reference_cost_micros"], r["estimated"])
-                         + f"{c.id},{(r.get('request_id') or '').replace(',', '_')},{c.group}".encode(), orjson.dumps(r))
+                args += (
+                    pack(
+                        c.cost_micros,
+                        c.token_delta,
+                        c.request_delta,
+                        c.key_state,
+                        c.reserved_micros,
+                        d,
+                        m,
+                        done,
+                        window,
+                        counters,
+                        pos(k.workflow_records(wf)) if wf else 0,
+                        requests,
+                        r["prompt_tokens"],
+                        r["completion_tokens"],
+                        r["reference_cost_micros"],
+                        r["estimated"],
+                    )
+                    + f"{c.id},{(r.get('request_id') or '').replace(',', '_')},{c.group}".encode(),
+                    orjson.dumps(r),
+                )
             cmds.append(("EVALSHA", CHARGE.sha, len(keys.names), *keys.names, *args))
         return cmds, list(groups.values())
 
@@ -236,8 +299,9 @@ class Ledger:
         cmds, groups = self._commands(charges)
         return self._collect(cmds, groups, len(charges), [conn.send(c) for c in cmds])
 
-    async def _collect(self, cmds: list[Command], groups: list[list[int]], n: int,
-                       futs: list[asyncio.Future[Any]]) -> list[int | Exception]:
+    async def _collect(
+        self, cmds: list[Command], groups: list[list[int]], n: int, futs: list[asyncio.Future[Any]]
+    ) -> list[int | Exception]:
         replies: list[Any] = []
         for f in futs:  # replies arrive together: one wake-up, then the rest are done already
             try:

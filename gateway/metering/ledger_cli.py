@@ -29,17 +29,49 @@ from gateway.settings import Settings
 
 __all__ = ["main"]
 
-CSV_FIELDS = ["id", "request_id", "time", "tenant", "key_id", "workflow", "agent", "arm", "tier", "requested_tier",
-              "backend", "model", "endpoint", "stream", "prompt_tokens", "completion_tokens", "cached_tokens",
-              "cost_micros", "reference_cost_micros", "reference_model", "latency_ms", "status", "estimated",
-              "attempts", "fallback"]
-COLUMNS = [("group", "GROUP"), ("requests", "REQUESTS"), ("prompt_tokens", "PROMPT TOK"),
-           ("completion_tokens", "COMPL TOK"), ("cost_usd", "COST USD"), ("reference_cost_usd", "REFERENCE USD"),
-           ("savings_usd", "SAVED USD"), ("estimated_requests", "ESTIMATED")]
+CSV_FIELDS = [
+    "id",
+    "request_id",
+    "time",
+    "tenant",
+    "key_id",
+    "workflow",
+    "agent",
+    "arm",
+    "tier",
+    "requested_tier",
+    "backend",
+    "model",
+    "endpoint",
+    "stream",
+    "prompt_tokens",
+    "completion_tokens",
+    "cached_tokens",
+    "cost_micros",
+    "reference_cost_micros",
+    "reference_model",
+    "latency_ms",
+    "status",
+    "estimated",
+    "attempts",
+    "fallback",
+]
+COLUMNS = [
+    ("group", "GROUP"),
+    ("requests", "REQUESTS"),
+    ("prompt_tokens", "PROMPT TOK"),
+    ("completion_tokens", "COMPL TOK"),
+    ("cost_usd", "COST USD"),
+    ("reference_cost_usd", "REFERENCE USD"),
+    ("savings_usd", "SAVED USD"),
+    ("estimated_requests", "ESTIMATED"),
+]
 
 
 def _parser() -> argparse.ArgumentParser:
-    p = argparse.ArgumentParser(prog="qlp ledger", description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    p = argparse.ArgumentParser(
+        prog="qlp ledger", description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter
+    )
     p.add_argument("--redis-url", help="default: QLP_REDIS_URL or redis://127.0.0.1:6379/0")
     sub = p.add_subparsers(dest="cmd", required=True)
     s = sub.add_parser("summary", help="totals grouped by tier, model, agent, workflow, day or tenant")
@@ -98,9 +130,18 @@ async def _run(args: argparse.Namespace, out: TextIO) -> int:
                 return 0
             print(f"workflow {wf['id']} (tenant {wf['tenant']})", file=out)
             print(table([wf]), file=out)
-            cols = [("time", "TIME"), ("request_id", "REQUEST"), ("agent", "AGENT"), ("tier", "TIER"),
-                    ("model", "MODEL"), ("prompt_tokens", "PROMPT"), ("completion_tokens", "COMPL"),
-                    ("cost_micros", "COST uUSD"), ("status", "STATUS"), ("estimated", "EST")]
+            cols = [
+                ("time", "TIME"),
+                ("request_id", "REQUEST"),
+                ("agent", "AGENT"),
+                ("tier", "TIER"),
+                ("model", "MODEL"),
+                ("prompt_tokens", "PROMPT"),
+                ("completion_tokens", "COMPL"),
+                ("cost_micros", "COST uUSD"),
+                ("status", "STATUS"),
+                ("estimated", "EST"),
+            ]
             print("", file=out)
             print(table(wf["records"], cols), file=out)
             return 0

@@ -62,8 +62,12 @@ def connect(settings: Settings) -> Redis:
     with a restarted server); none on a timeout, so a hung Redis costs one `redis_timeout`, not several.
     Retrying is safe: the charge scripts are idempotent and ADMIT does not reserve twice."""
     t = settings.redis_timeout
-    return Redis.from_url(settings.redis_url, socket_timeout=t, socket_connect_timeout=t,
-                          retry=Retry(NoBackoff(), 1, supported_errors=(RedisConnectionError,)))
+    return Redis.from_url(
+        settings.redis_url,
+        socket_timeout=t,
+        socket_connect_timeout=t,
+        retry=Retry(NoBackoff(), 1, supported_errors=(RedisConnectionError,)),
+    )
 
 
 @dataclass(slots=True)
@@ -82,8 +86,9 @@ class Ticket:
 
 
 class Meter:
-    def __init__(self, settings: Settings, config: FleetConfig, pricing: Pricing,
-                 metrics: Metrics | None = None) -> None:
+    def __init__(
+        self, settings: Settings, config: FleetConfig, pricing: Pricing, metrics: Metrics | None = None
+    ) -> None:
         pricing.check(config)
         self.settings = settings
         self.config = config
@@ -98,15 +103,25 @@ class Meter:
         self._reservation_ttl_ms = int((longest * config.retry.max_attempts + 60) * 1000)
         self.redis = connect(settings)  # key admin and ledger reading
         self.pipe = RedisPipe(settings.redis_url, settings.redis_timeout)  # the request path
-        self.ledger = Ledger(self.pipe, LedgerPolicy(settings.ledger_stream_maxlen, settings.ledger_days,
-                                                      settings.idempotency_days, settings.request_index_days))
+        self.ledger = Ledger(
+            self.pipe,
+            LedgerPolicy(
+                settings.ledger_stream_maxlen,
+                settings.ledger_days,
+                settings.idempotency_days,
+                settings.request_index_days,
+            ),
+        )
         self.keys = KeyStore(self.redis)
         self.spool = Spool(settings.spool_path)
         self.health = Health(settings.spool_path, self._redis_back)
         self.booker = Booker(self.ledger, self.spool, self.health)
         self.metrics = metrics
-        self.leases = Leases(settings.admission_lease_seconds, self.booker.queue, self._renew,
-                             lambda n: self._count("lease", n)) if settings.admission_lease_seconds > 0 else None
+        self.leases = (
+            Leases(settings.admission_lease_seconds, self.booker.queue, self._renew, lambda n: self._count("lease", n))
+            if settings.admission_lease_seconds > 0
+            else None
+        )
         self._tasks: set[asyncio.Task[None]] = set()  # lease renewals
         self._credentials: dict[bytes | str | None, Credential | Principal] = {}
         self._id_prefix = os.urandom(8).hex()  # charge and lease ids: unique per process, then a counter
@@ -129,10 +144,14 @@ class Meter:
             self.health.mark_up()
         except UNAVAILABLE as exc:
             self.health.mark_down(exc)
-            log.warning("Redis at %s is unreachable at start-up; admission is %s until it answers",
-                        _safe_url(self.settings.redis_url), self.settings.admission_when_redis_down)
-        self._replayer = asyncio.create_task(self.booker.replay_loop(self.settings.spool_replay_interval),
-                                             name="qlp-spool-replayer")
+            log.warning(
+                "Redis at %s is unreachable at start-up; admission is %s until it answers",
+                _safe_url(self.settings.redis_url),
+                self.settings.admission_when_redis_down,
+            )
+        self._replayer = asyncio.create_task(
+            self.booker.replay_loop(self.settings.spool_replay_interval), name="qlp-spool-replayer"
+        )
 
     async def stop(self) -> None:
         if self._replayer is not None:
@@ -203,8 +222,16 @@ class Meter:
                 await pending.wait()  # the key's next lease is on its way: wait for it (one shared round trip)
                 lease = leases.take(auth.sha256, worst, worst_tokens, minute, count=False)
             if lease is not None:  # no round trip: the lease's reservation covers this request
-                return Ticket(charge_id, now_ms, lease.principal, prompt, worst_tokens, minute,
-                              key_state=lease.flags != 0, lease=lease)
+                return Ticket(
+                    charge_id,
+                    now_ms,
+                    lease.principal,
+                    prompt,
+                    worst_tokens,
+                    minute,
+                    key_state=lease.flags != 0,
+                    lease=lease,
+                )
             wanted = leases.wanted(auth.sha256)
         try:
             if self.health.usable():
@@ -217,12 +244,22 @@ class Meter:
                     p = self._principal_of(auth, r)
                     self._remember(auth, p)
                     if wanted > 1 and leases is not None:
-                        lease = leases.granted(auth.sha256, lease_id, p, r.flags, now_ms, r.granted, worst,
-                                               worst_tokens, taken=1)
-                        return Ticket(charge_id, now_ms, p, prompt, worst_tokens, minute, key_state=r.flags != 0,
-                                      lease=lease)
-                    return Ticket(charge_id, now_ms, p, prompt, worst_tokens, minute, key_state=r.flags != 0,
-                                  reserved=worst if r.flags & 1 else 0)
+                        lease = leases.granted(
+                            auth.sha256, lease_id, p, r.flags, now_ms, r.granted, worst, worst_tokens, taken=1
+                        )
+                        return Ticket(
+                            charge_id, now_ms, p, prompt, worst_tokens, minute, key_state=r.flags != 0, lease=lease
+                        )
+                    return Ticket(
+                        charge_id,
+                        now_ms,
+                        p,
+                        prompt,
+                        worst_tokens,
+                        minute,
+                        key_state=r.flags != 0,
+                        reserved=worst if r.flags & 1 else 0,
+                    )
         finally:
             if wanted > 1 and leases is not None:
                 leases.answered(auth.sha256)
@@ -232,12 +269,14 @@ class Meter:
         """A charge (or, prefixed, lease) id: unique per process by its counter, across processes by its prefix."""
         return f"{self._id_prefix}{next(self._ids):x}"
 
-    async def _ask(self, cred: Credential, ident: str, worst: int, worst_tokens: int, now_ms: int,
-                   wanted: int) -> AdmitResult | None:
+    async def _ask(
+        self, cred: Credential, ident: str, worst: int, worst_tokens: int, now_ms: int, wanted: int
+    ) -> AdmitResult | None:
         """One admission (or lease, `wanted` > 1) from Redis; None when Redis is unreachable."""
         try:
-            r = await self.ledger.admit(cred.sha256, cred.key_id, ident, worst, worst_tokens, now_ms,
-                                        self._reservation_ttl_ms, wanted)
+            r = await self.ledger.admit(
+                cred.sha256, cred.key_id, ident, worst, worst_tokens, now_ms, self._reservation_ttl_ms, wanted
+            )
         except UNAVAILABLE as exc:
             self.health.mark_down(exc)
             return None
@@ -262,8 +301,17 @@ class Meter:
                 lease_id = "L" + self._new_id()
                 r = await self._ask(cred, lease_id, old.unit_micros, old.unit_tokens, now_ms, -wanted)
                 if r is not None and r.code == 0:  # refused or not worth it: the next request asks for itself
-                    self.leases.granted(cred.sha256, lease_id, self._principal_of(cred, r), r.flags, now_ms,
-                                        r.granted, old.unit_micros, old.unit_tokens, taken=0)
+                    self.leases.granted(
+                        cred.sha256,
+                        lease_id,
+                        self._principal_of(cred, r),
+                        r.flags,
+                        now_ms,
+                        r.granted,
+                        old.unit_micros,
+                        old.unit_tokens,
+                        taken=0,
+                    )
         except Exception:  # never lost silently; requests fall back to their own admission
             log.exception("lease renewal failed")
         finally:
@@ -284,15 +332,24 @@ class Meter:
 
     def _admit_without_redis(self, cred: Credential, charge_id: str, now_ms: int, prompt: int, minute: int) -> Ticket:
         if self.settings.admission_when_redis_down == "closed":
-            raise ServiceUnavailable("the usage ledger is unreachable; try again shortly", code="ledger_unavailable",
-                                     headers={"Retry-After": "1"})
+            raise ServiceUnavailable(
+                "the usage ledger is unreachable; try again shortly",
+                code="ledger_unavailable",
+                headers={"Retry-After": "1"},
+            )
         known = self._known.get(cred.sha256)
         if known is None or known[1] < time.monotonic():
-            raise ServiceUnavailable("the usage ledger is unreachable and this key cannot be verified without it",
-                                     code="ledger_unavailable", headers={"Retry-After": "1"})
+            raise ServiceUnavailable(
+                "the usage ledger is unreachable and this key cannot be verified without it",
+                code="ledger_unavailable",
+                headers={"Retry-After": "1"},
+            )
         if self.open_admitted >= self.settings.fail_open_cap:
-            raise ServiceUnavailable("the usage ledger is unreachable and this process admitted all it may "
-                                     "without it", code="ledger_unavailable", headers={"Retry-After": "1"})
+            raise ServiceUnavailable(
+                "the usage ledger is unreachable and this process admitted all it may without it",
+                code="ledger_unavailable",
+                headers={"Retry-After": "1"},
+            )
         self.open_admitted += 1
         self._count("without_redis")
         return Ticket(charge_id, now_ms, known[0], prompt, 0, minute)
@@ -324,31 +381,66 @@ class Meter:
         p = ticket.principal
         key_id = p.key_id or ADMIN_KEY_ID
         if x.first_byte_at is None or x.tier is None:  # nothing reached the client: release only
-            return Charge(ticket.charge_id, ticket.ts_ms, p.tenant, key_id, ticket.key_state, ticket.reserved, 0,
-                          -ticket.window_tokens, ticket.minute)
+            return Charge(
+                ticket.charge_id,
+                ticket.ts_ms,
+                p.tenant,
+                key_id,
+                ticket.key_state,
+                ticket.reserved,
+                0,
+                -ticket.window_tokens,
+                ticket.minute,
+            )
         toks = tokens_from_usage(x.usage)
         estimated = toks is None
         if toks is None:
             toks = Tokens(ticket.prompt_estimate, max(1, x.output_estimate or 1))
         cost, reference_cost = self._price(x.tier, x.model).cost(toks), self.pricing.reference.cost(toks)
         record: dict[str, Any] = {
-            "id": ticket.charge_id, "request_id": x.request_id, "ts": ticket.ts_ms, "tenant": p.tenant,
-            "key_id": p.key_id, "workflow": x.workflow, "agent": x.agent, "arm": x.arm,
-            "tier": x.tier, "requested_tier": x.requested_tier, "backend": x.backend, "model": x.model,
-            "endpoint": x.endpoint, "stream": x.stream,
-            "prompt_tokens": toks.prompt, "completion_tokens": toks.completion, "cached_tokens": toks.cached,
-            "cost_micros": cost, "reference_cost_micros": reference_cost,
+            "id": ticket.charge_id,
+            "request_id": x.request_id,
+            "ts": ticket.ts_ms,
+            "tenant": p.tenant,
+            "key_id": p.key_id,
+            "workflow": x.workflow,
+            "agent": x.agent,
+            "arm": x.arm,
+            "tier": x.tier,
+            "requested_tier": x.requested_tier,
+            "backend": x.backend,
+            "model": x.model,
+            "endpoint": x.endpoint,
+            "stream": x.stream,
+            "prompt_tokens": toks.prompt,
+            "completion_tokens": toks.completion,
+            "cached_tokens": toks.cached,
+            "cost_micros": cost,
+            "reference_cost_micros": reference_cost,
             "reference_model": self.pricing.reference_model,
             "latency_ms": round((time.perf_counter() - x.started) * 1000),
-            "status": x.status, "estimated": estimated, "attempts": x.attempts,
+            "status": x.status,
+            "estimated": estimated,
+            "attempts": x.attempts,
             "fallback": [t for t in (x.requested_tier, *x.fallbacks) if t],
         }
         parts = (x.tier, f"{x.backend}/{x.model}", x.agent or "", x.workflow or "")
         group = SEP.join(parts)
         if group.count(SEP) != 3:  # a separator inside a value (agent and workflow come from headers)
             group = SEP.join([v.replace(SEP, " ") for v in parts])
-        return Charge(ticket.charge_id, ticket.ts_ms, p.tenant, key_id, ticket.key_state, ticket.reserved, cost,
-                      toks.prompt + toks.completion - ticket.window_tokens, ticket.minute, record, group)
+        return Charge(
+            ticket.charge_id,
+            ticket.ts_ms,
+            p.tenant,
+            key_id,
+            ticket.key_state,
+            ticket.reserved,
+            cost,
+            toks.prompt + toks.completion - ticket.window_tokens,
+            ticket.minute,
+            record,
+            group,
+        )
 
     def _price(self, tier: str, model: str | None) -> ModelPrice:
         """The price of `model` on `tier`, kept per pair (models come from the fleet config: few)."""
@@ -367,10 +459,13 @@ class Meter:
         except UNAVAILABLE as exc:
             self.health.mark_down(exc)
         mode = self.settings.admission_when_redis_down
-        return {"redis": "up" if self.up else "down", "admission_when_redis_down": mode,
-                "spool_depth": await asyncio.to_thread(self.spool.depth),
-                "admitted_without_redis": self.open_admitted,
-                "ready": self.up or mode == "open"}
+        return {
+            "redis": "up" if self.up else "down",
+            "admission_when_redis_down": mode,
+            "spool_depth": await asyncio.to_thread(self.spool.depth),
+            "admitted_without_redis": self.open_admitted,
+            "ready": self.up or mode == "open",
+        }
 
 
 def _rejection(r: AdmitResult) -> GatewayError:
@@ -378,19 +473,28 @@ def _rejection(r: AdmitResult) -> GatewayError:
     if code in (1, 2):
         return AuthenticationError("invalid API key" if code == 1 else "this API key was revoked")
     if code == 3:
-        return RateLimited("requests per minute limit reached for this API key",
-                           headers={"Retry-After": str(retry_after)})
+        return RateLimited(
+            "requests per minute limit reached for this API key", headers={"Retry-After": str(retry_after)}
+        )
     if code == 4:
-        return RateLimited("tokens per minute limit reached for this API key",
-                           headers={"Retry-After": str(retry_after)})
+        return RateLimited(
+            "tokens per minute limit reached for this API key", headers={"Retry-After": str(retry_after)}
+        )
     which = "daily" if period == "day" else "monthly"
     if r.held:  # the spend leaves room: the worst case of requests in flight (or leased) is what holds it
-        return RateLimited(f"the {which} budget of this API key is held by requests in flight (their worst case is "
-                           "reserved until they finish); retry in a moment", code="budget_exceeded",
-                           headers={"Retry-After": "1"})
+        return RateLimited(
+            f"the {which} budget of this API key is held by requests in flight (their worst case is "
+            "reserved until they finish); retry in a moment",
+            code="budget_exceeded",
+            headers={"Retry-After": "1"},
+        )
     # Spent: the period's end is when it frees up (Retry-After), no retry within the SDK's patience helps.
-    return RateLimited(f"the {which} budget of this API key is spent", code="budget_exceeded",
-                       headers={"Retry-After": str(retry_after)}, should_retry=False)
+    return RateLimited(
+        f"the {which} budget of this API key is spent",
+        code="budget_exceeded",
+        headers={"Retry-After": str(retry_after)},
+        should_retry=False,
+    )
 
 
 def _safe_url(url: str) -> str:

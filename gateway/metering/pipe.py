@@ -167,11 +167,14 @@ class RedisPipe:
                     if self.unix_path is not None:
                         _, proto = await loop.create_unix_connection(lambda: Connection(self), self.unix_path)
                     else:
-                        _, proto = await loop.create_connection(lambda: Connection(self), self.host, self.port,
-                                                                ssl=self.ssl)
+                        _, proto = await loop.create_connection(
+                            lambda: Connection(self), self.host, self.port, ssl=self.ssl
+                        )
                     hello: list[Command] = []
                     if self.password is not None:
-                        hello.append(("AUTH", self.username, self.password) if self.username else ("AUTH", self.password))
+                        hello.append(
+                            ("AUTH", self.username, self.password) if self.username else ("AUTH", self.password)
+                        )
                     if self.db:
                         hello.append(("SELECT", self.db))
                     for cmd in hello:

@@ -60,12 +60,18 @@ class ModelPrice:
         cached = min(t.cached, t.prompt)
         write = min(t.cache_write, t.prompt - cached)
         plain = t.prompt - cached - write
-        numerator = plain * self.input + cached * self.cached_input + write * self.cache_write + t.completion * self.output
+        numerator = (
+            plain * self.input + cached * self.cached_input + write * self.cache_write + t.completion * self.output
+        )
         return -(-numerator // 1_000_000)  # ceil: never under-bill a fraction of a micro-dollar
 
     def max_with(self, other: ModelPrice) -> ModelPrice:
-        return ModelPrice(max(self.input, other.input), max(self.output, other.output),
-                          max(self.cached_input, other.cached_input), max(self.cache_write, other.cache_write))
+        return ModelPrice(
+            max(self.input, other.input),
+            max(self.output, other.output),
+            max(self.cached_input, other.cached_input),
+            max(self.cache_write, other.cache_write),
+        )
 
 
 class _External(BaseModel):
@@ -77,9 +83,12 @@ class _External(BaseModel):
 
     def price(self) -> ModelPrice:
         i = _micros(self.input)
-        return ModelPrice(i, _micros(self.output),
-                          i if self.cached_input is None else _micros(self.cached_input),
-                          i if self.cache_write is None else _micros(self.cache_write))
+        return ModelPrice(
+            i,
+            _micros(self.output),
+            i if self.cached_input is None else _micros(self.cached_input),
+            i if self.cache_write is None else _micros(self.cache_write),
+        )
 
 
 class _Local(BaseModel):
@@ -167,8 +176,9 @@ def load_pricing(path: Path) -> Pricing:
     except FileNotFoundError as exc:
         raise SystemExit(f"pricing file not found: {path} (set QLP_PRICING)") from exc
     f = _PricingFile.model_validate(raw)
-    return Pricing(f.reference_model, {k: v.price() for k, v in f.external.items()},
-                   {k: v.price() for k, v in f.local.items()})
+    return Pricing(
+        f.reference_model, {k: v.price() for k, v in f.external.items()}, {k: v.price() for k, v in f.local.items()}
+    )
 
 
 def _int(v: Any) -> int:

@@ -26,8 +26,14 @@ __all__ = ["GROUPS", "MAX_DAYS", "GroupBy", "export", "parse_day", "summary", "w
 GroupBy = Literal["tier", "model", "agent", "workflow", "day", "tenant", "key"]
 GROUPS: tuple[str, ...] = get_args(GroupBy)
 MAX_DAYS = 366
-METRICS = {"req": "requests", "pt": "prompt_tokens", "ct": "completion_tokens", "cost": "cost_micros",
-           "ref": "reference_cost_micros", "est": "estimated_requests"}
+METRICS = {
+    "req": "requests",
+    "pt": "prompt_tokens",
+    "ct": "completion_tokens",
+    "cost": "cost_micros",
+    "ref": "reference_cost_micros",
+    "est": "estimated_requests",
+}
 _RECORD_METRICS = ("prompt_tokens", "completion_tokens", "cost_micros", "reference_cost_micros")
 _PART = {"tier": 0, "model": 1, "agent": 2, "workflow": 3}
 NONE = "(none)"  # requests without an agent or workflow
@@ -54,8 +60,14 @@ def _empty() -> dict[str, int]:
 
 def _row(group: str, m: dict[str, int]) -> dict[str, Any]:
     saved = m["reference_cost_micros"] - m["cost_micros"]
-    return {"group": group, **m, "savings_micros": saved, "cost_usd": usd(m["cost_micros"]),
-            "reference_cost_usd": usd(m["reference_cost_micros"]), "savings_usd": usd(saved)}
+    return {
+        "group": group,
+        **m,
+        "savings_micros": saved,
+        "cost_usd": usd(m["cost_micros"]),
+        "reference_cost_usd": usd(m["reference_cost_micros"]),
+        "savings_usd": usd(saved),
+    }
 
 
 async def _keys_of(redis: Redis, tenants: list[str]) -> list[tuple[str, str]]:
@@ -63,7 +75,9 @@ async def _keys_of(redis: Redis, tenants: list[str]) -> list[tuple[str, str]]:
     return [(t, k) for t in tenants for k in await store.key_ids(t)]
 
 
-async def summary(redis: Redis, tenants: list[str], group_by: GroupBy, since: dt.date, until: dt.date) -> dict[str, Any]:
+async def summary(
+    redis: Redis, tenants: list[str], group_by: GroupBy, since: dt.date, until: dt.date
+) -> dict[str, Any]:
     days = _days(since, until)
     keys = await _keys_of(redis, tenants)
     async with redis.pipeline(transaction=False) as p:
@@ -95,8 +109,15 @@ async def summary(redis: Redis, tenants: list[str], group_by: GroupBy, since: dt
                     group = parts[_PART[group_by]] or NONE  # no agent or workflow given: "(none)"
                 groups.setdefault(group, _empty())[name] += n
     rows = [_row(g, v) for g, v in sorted(groups.items())]
-    return {"object": "ledger.summary", "group_by": group_by, "since": since.isoformat(), "until": until.isoformat(),
-            "tenants": tenants, "data": rows, "total": _row("total", total)}
+    return {
+        "object": "ledger.summary",
+        "group_by": group_by,
+        "since": since.isoformat(),
+        "until": until.isoformat(),
+        "tenants": tenants,
+        "data": rows,
+        "total": _row("total", total),
+    }
 
 
 def with_time(rec: dict[str, Any]) -> dict[str, Any]:
@@ -122,12 +143,18 @@ async def workflow(redis: Redis, tenant: str, workflow_id: str) -> dict[str, Any
         m["estimated_requests"] += 1 if rec.get("estimated") else 0
         for name in _RECORD_METRICS:
             m[name] += int(rec.get(name) or 0)
-    return {"object": "ledger.workflow", "id": workflow_id, "tenant": tenant, **_row(workflow_id, m),
-            "records": records}
+    return {
+        "object": "ledger.workflow",
+        "id": workflow_id,
+        "tenant": tenant,
+        **_row(workflow_id, m),
+        "records": records,
+    }
 
 
-async def export(redis: Redis, tenants: list[str], since: dt.date, until: dt.date,
-                 page: int = 1000) -> AsyncIterator[dict[str, Any]]:
+async def export(
+    redis: Redis, tenants: list[str], since: dt.date, until: dt.date, page: int = 1000
+) -> AsyncIterator[dict[str, Any]]:
     """Ledger records whose request started within [since, until] (UTC days), key by key."""
     lo = int(dt.datetime.combine(since, dt.time(), dt.UTC).timestamp() * 1000)
     hi = int(dt.datetime.combine(until + dt.timedelta(days=1), dt.time(), dt.UTC).timestamp() * 1000)

@@ -37,8 +37,9 @@ async def single_valued_query(request: Request) -> None:
     seen: set[str] = set()
     for name, _ in request.query_params.multi_items():
         if name in seen:
-            raise InvalidRequest(f"query parameter {name[:64]!r} is given more than once", param=name[:64],
-                                 code="invalid_value")
+            raise InvalidRequest(
+                f"query parameter {name[:64]!r} is given more than once", param=name[:64], code="invalid_value"
+            )
         seen.add(name)
 
 
@@ -100,23 +101,28 @@ def _range(since: str | None, until: str | None) -> tuple[dt.date, dt.date]:
     try:
         return reader.parse_day(since, today), reader.parse_day(until, today)
     except ValueError as exc:
-        raise InvalidRequest("since/until must be dates (YYYY-MM-DD, UTC)", param="since", code="invalid_value") from exc
+        raise InvalidRequest(
+            "since/until must be dates (YYYY-MM-DD, UTC)", param="since", code="invalid_value"
+        ) from exc
 
 
 # A UTC day; empty is the same as absent (today).
-_DAY: dict[str, Any] = {"anyOf": [{"type": "string", "format": "date"}, {"type": "string", "maxLength": 0},
-                                  {"type": "null"}]}
+_DAY: dict[str, Any] = {
+    "anyOf": [{"type": "string", "format": "date"}, {"type": "string", "maxLength": 0}, {"type": "null"}]
+}
 # The query parameters of a day range and a tenant, shared by every route that reads the ledger.
-SinceQuery = Annotated[str | None, Query(description="first UTC day, YYYY-MM-DD (default today)",
-                                         json_schema_extra=_DAY)]
-UntilQuery = Annotated[str | None, Query(description="last UTC day, inclusive (default today)",
-                                         json_schema_extra=_DAY)]
-TenantQuery = Annotated[str | None, Query(description="admin: one tenant (default all)",
-                                          pattern=TENANT_NAME.pattern)]
+SinceQuery = Annotated[
+    str | None, Query(description="first UTC day, YYYY-MM-DD (default today)", json_schema_extra=_DAY)
+]
+UntilQuery = Annotated[str | None, Query(description="last UTC day, inclusive (default today)", json_schema_extra=_DAY)]
+TenantQuery = Annotated[str | None, Query(description="admin: one tenant (default all)", pattern=TENANT_NAME.pattern)]
 
 
-@router.get("/v1/ledger/summary", summary="Cost, tokens and savings grouped by tier, model, agent, workflow or day",
-            responses=errors(400, 401, 403, 404, 503))
+@router.get(
+    "/v1/ledger/summary",
+    summary="Cost, tokens and savings grouped by tier, model, agent, workflow or day",
+    responses=errors(400, 401, 403, 404, 503),
+)
 async def ledger_summary(
     p: PrincipalDep,
     meter: MeterDep,
@@ -134,10 +140,17 @@ async def ledger_summary(
         raise InvalidRequest(str(exc), param="until", code="invalid_value") from exc
 
 
-@router.get("/v1/ledger/workflows/{workflow_id}", summary="Cost of one workflow and every request in it",
-            responses=errors(400, 401, 403, 404, 503))
-async def ledger_workflow(p: PrincipalDep, meter: MeterDep, workflow_id: str,
-                          tenant: Annotated[str | None, Query(pattern=TENANT_NAME.pattern)] = None) -> dict[str, Any]:
+@router.get(
+    "/v1/ledger/workflows/{workflow_id}",
+    summary="Cost of one workflow and every request in it",
+    responses=errors(400, 401, 403, 404, 503),
+)
+async def ledger_workflow(
+    p: PrincipalDep,
+    meter: MeterDep,
+    workflow_id: str,
+    tenant: Annotated[str | None, Query(pattern=TENANT_NAME.pattern)] = None,
+) -> dict[str, Any]:
     with store_errors():
         for t in await tenants_for(meter, p, tenant):
             found = await reader.workflow(meter.redis, t, workflow_id)
@@ -156,8 +169,12 @@ def _usd_text(v: Any) -> Any:
 
 
 # USD as a JSON number or a decimal string (exact). The description says so; the API accepts nothing else.
-Usd = Annotated[Decimal, BeforeValidator(_usd_text), Field(ge=0),
-                WithJsonSchema({"anyOf": [{"type": "number", "minimum": 0}, {"type": "string", "pattern": _USD_TEXT}]})]
+Usd = Annotated[
+    Decimal,
+    BeforeValidator(_usd_text),
+    Field(ge=0),
+    WithJsonSchema({"anyOf": [{"type": "number", "minimum": 0}, {"type": "string", "pattern": _USD_TEXT}]}),
+]
 
 
 def _json_int(v: Any) -> Any:
@@ -180,18 +197,27 @@ class KeyRequest(BaseModel):
     tokens_per_minute: Count = 0
 
 
-@router.post("/v1/admin/keys", summary="Create an API key (shown once)", status_code=201,
-             responses=errors(400, 401, 403, 404, 503))
+@router.post(
+    "/v1/admin/keys",
+    summary="Create an API key (shown once)",
+    status_code=201,
+    responses=errors(400, 401, 403, 404, 503),
+)
 async def create_key(_: AdminDep, meter: MeterDep, body: KeyRequest) -> dict[str, Any]:
-    limits = KeyLimits(micros_of_usd(body.budget_day_usd), micros_of_usd(body.budget_month_usd),
-                       body.requests_per_minute, body.tokens_per_minute)
+    limits = KeyLimits(
+        micros_of_usd(body.budget_day_usd),
+        micros_of_usd(body.budget_month_usd),
+        body.requests_per_minute,
+        body.tokens_per_minute,
+    )
     with store_errors():
         key, info = await meter.keys.create(body.tenant, name=body.name, role=body.role, limits=limits)
     return {"key": key, **info.as_dict()}
 
 
-@router.get("/v1/admin/keys", summary="List API keys (never the keys themselves)",
-            responses=errors(400, 401, 403, 404, 503))
+@router.get(
+    "/v1/admin/keys", summary="List API keys (never the keys themselves)", responses=errors(400, 401, 403, 404, 503)
+)
 async def list_keys(_: AdminDep, meter: MeterDep, tenant: str | None = None) -> dict[str, Any]:
     with store_errors():
         keys = await meter.keys.list_keys(tenant)

@@ -78,7 +78,7 @@ class Spool:
             try:
                 view = memoryview(data)
                 while view:
-                    view = view[os.write(fd, view):]
+                    view = view[os.write(fd, view) :]
                 os.fsync(fd)
             finally:
                 os.close(fd)
@@ -100,7 +100,9 @@ class Spool:
         return sorted(self.path.parent.glob(self.path.name + ".replay-*"))
 
     def has_pending(self) -> bool:
-        return bool(self._pending) or (self.path.is_file() and self.path.stat().st_size > 0) or bool(self._replay_files())
+        return (
+            bool(self._pending) or (self.path.is_file() and self.path.stat().st_size > 0) or bool(self._replay_files())
+        )
 
     def depth(self) -> int:
         """Charges waiting (lines on disk, plus lines queued for the disk)."""

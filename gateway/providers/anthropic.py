@@ -42,9 +42,25 @@ log = logging.getLogger("qlp.gateway")
 DEFAULT_VERSION = "2023-06-01"
 _VERSION = re.compile(r"^\d{4}-\d{2}-\d{2}$")
 _DATA_URL = re.compile(r"^data:(image/[a-z0-9.+\-]+);base64,(.+)$", re.IGNORECASE | re.DOTALL)
-_HANDLED = frozenset({"model", "messages", "max_tokens", "max_completion_tokens", "stop", "temperature", "top_p",
-                      "top_k", "tools", "tool_choice", "parallel_tool_calls", "user", "stream", "stream_options",
-                      "n"})
+_HANDLED = frozenset(
+    {
+        "model",
+        "messages",
+        "max_tokens",
+        "max_completion_tokens",
+        "stop",
+        "temperature",
+        "top_p",
+        "top_k",
+        "tools",
+        "tool_choice",
+        "parallel_tool_calls",
+        "user",
+        "stream",
+        "stream_options",
+        "n",
+    }
+)
 
 
 def _bad(message: str, param: str) -> InvalidRequest:
@@ -123,8 +139,9 @@ def _messages(messages: list[Any]) -> tuple[str, list[dict[str, Any]]]:
             if not isinstance(m.get("tool_call_id"), str):
                 raise _bad("tool messages need tool_call_id", f"{param}.tool_call_id")
             role = "user"
-            blocks = [{"type": "tool_result", "tool_use_id": m["tool_call_id"],
-                       "content": _text(content, f"{param}.content")}]
+            blocks = [
+                {"type": "tool_result", "tool_use_id": m["tool_call_id"], "content": _text(content, f"{param}.content")}
+            ]
         else:
             raise _bad(f"role {role!r} is not supported by this tier's provider; use tools", f"{param}.role")
         if not blocks:
@@ -144,8 +161,10 @@ def _tools(tools: Any) -> list[dict[str, Any]]:
         fn = t.get("function") if isinstance(t, dict) and t.get("type", "function") == "function" else None
         if not isinstance(fn, dict) or not isinstance(fn.get("name"), str):
             raise _bad("only function tools are supported by this tier's provider", f"tools[{j}]")
-        tool: dict[str, Any] = {"name": fn["name"],
-                                "input_schema": fn.get("parameters") or {"type": "object", "properties": {}}}
+        tool: dict[str, Any] = {
+            "name": fn["name"],
+            "input_schema": fn.get("parameters") or {"type": "object", "properties": {}},
+        }
         if isinstance(fn.get("description"), str):
             tool["description"] = fn["description"]
         out.append(tool)
@@ -213,7 +232,9 @@ class AnthropicProvider(Provider):
     def __init__(self, api_version: str | None = None, max_tokens_default: int = 4096) -> None:
         version = api_version or DEFAULT_VERSION
         if not _VERSION.match(version):
-            raise ValueError(f"anthropic `api_version` (the anthropic-version header) must look like 2023-06-01, got {version!r}")
+            raise ValueError(
+                f"anthropic `api_version` (the anthropic-version header) must look like 2023-06-01, got {version!r}"
+            )
         if max_tokens_default < 1:
             raise ValueError("max_tokens_default must be at least 1")
         self.api_version = version
@@ -224,8 +245,12 @@ class AnthropicProvider(Provider):
         return "/messages"
 
     def headers(self, api_key: str | None, request_id: str) -> dict[str, str]:
-        h = {"Content-Type": "application/json", "Accept-Encoding": "identity", "X-Request-Id": request_id,
-             "anthropic-version": self.api_version}
+        h = {
+            "Content-Type": "application/json",
+            "Accept-Encoding": "identity",
+            "X-Request-Id": request_id,
+            "anthropic-version": self.api_version,
+        }
         if api_key:
             h["x-api-key"] = api_key
         return h

@@ -35,8 +35,14 @@ from gateway.sse import EventBuffer, data_of, events_of
 
 __all__ = ["AnthropicStream", "finish_reason", "message_to_completion", "usage_from"]
 
-_FINISH = {"end_turn": "stop", "stop_sequence": "stop", "pause_turn": "stop", "max_tokens": "length",
-           "tool_use": "tool_calls", "refusal": "content_filter"}
+_FINISH = {
+    "end_turn": "stop",
+    "stop_sequence": "stop",
+    "pause_turn": "stop",
+    "max_tokens": "length",
+    "tool_use": "tool_calls",
+    "refusal": "content_filter",
+}
 _USAGE_KEYS = ("input_tokens", "output_tokens", "cache_read_input_tokens", "cache_creation_input_tokens")
 _DONE = b"data: [DONE]\n\n"
 
@@ -55,8 +61,12 @@ def usage_from(u: Mapping[str, Any]) -> dict[str, Any]:
     read, write = _count(u, "cache_read_input_tokens"), _count(u, "cache_creation_input_tokens")
     prompt = _count(u, "input_tokens") + read + write
     completion = _count(u, "output_tokens")
-    return {"prompt_tokens": prompt, "completion_tokens": completion, "total_tokens": prompt + completion,
-            "prompt_tokens_details": {"cached_tokens": read, "cache_creation_tokens": write}}
+    return {
+        "prompt_tokens": prompt,
+        "completion_tokens": completion,
+        "total_tokens": prompt + completion,
+        "prompt_tokens_details": {"cached_tokens": read, "cache_creation_tokens": write},
+    }
 
 
 def _arguments(value: Any) -> str:
@@ -72,18 +82,29 @@ def message_to_completion(msg: Mapping[str, Any], created: int | None = None) ->
         if block.get("type") == "text" and isinstance(block.get("text"), str):
             texts.append(block["text"])
         elif block.get("type") == "tool_use":
-            calls.append({"id": block.get("id"), "type": "function",
-                          "function": {"name": block.get("name"), "arguments": _arguments(block.get("input"))}})
-    message: dict[str, Any] = {"role": "assistant", "content": "".join(texts) if texts or not calls else None,
-                               "refusal": None}
+            calls.append(
+                {
+                    "id": block.get("id"),
+                    "type": "function",
+                    "function": {"name": block.get("name"), "arguments": _arguments(block.get("input"))},
+                }
+            )
+    message: dict[str, Any] = {
+        "role": "assistant",
+        "content": "".join(texts) if texts or not calls else None,
+        "refusal": None,
+    }
     if calls:
         message["tool_calls"] = calls
     usage = msg.get("usage")
     return {
-        "id": msg.get("id"), "object": "chat.completion", "created": created or int(time.time()),
+        "id": msg.get("id"),
+        "object": "chat.completion",
+        "created": created or int(time.time()),
         "model": msg.get("model"),
-        "choices": [{"index": 0, "message": message, "finish_reason": finish_reason(msg.get("stop_reason")),
-                     "logprobs": None}],
+        "choices": [
+            {"index": 0, "message": message, "finish_reason": finish_reason(msg.get("stop_reason")), "logprobs": None}
+        ],
         "usage": usage_from(usage if isinstance(usage, dict) else {}),
     }
 
@@ -110,8 +131,9 @@ class AnthropicStream:
             try:
                 obj = orjson.loads(data)
             except orjson.JSONDecodeError as exc:
-                raise ProviderError(ErrorClass("protocol", False, 502, "upstream sent an invalid stream event"),
-                                    b"".join(out)) from exc
+                raise ProviderError(
+                    ErrorClass("protocol", False, 502, "upstream sent an invalid stream event"), b"".join(out)
+                ) from exc
             if not isinstance(obj, dict):
                 continue
             if obj.get("type") == "error":
@@ -130,8 +152,19 @@ class AnthropicStream:
             block = _obj(ev.get("content_block"))
             if block.get("type") == "tool_use":
                 n = self._tools[_index(ev)] = len(self._tools)
-                self._chunk(out, {"tool_calls": [{"index": n, "id": block.get("id"), "type": "function",
-                                                  "function": {"name": block.get("name"), "arguments": ""}}]})
+                self._chunk(
+                    out,
+                    {
+                        "tool_calls": [
+                            {
+                                "index": n,
+                                "id": block.get("id"),
+                                "type": "function",
+                                "function": {"name": block.get("name"), "arguments": ""},
+                            }
+                        ]
+                    },
+                )
             elif block.get("type") == "text" and block.get("text"):
                 self._chunk(out, {"content": block["text"]})
         elif kind == "content_block_delta":
@@ -139,8 +172,14 @@ class AnthropicStream:
             if delta.get("type") == "text_delta" and delta.get("text"):
                 self._chunk(out, {"content": delta["text"]})
             elif delta.get("type") == "input_json_delta" and _index(ev) in self._tools and delta.get("partial_json"):
-                self._chunk(out, {"tool_calls": [{"index": self._tools[_index(ev)],
-                                                  "function": {"arguments": delta["partial_json"]}}]})
+                self._chunk(
+                    out,
+                    {
+                        "tool_calls": [
+                            {"index": self._tools[_index(ev)], "function": {"arguments": delta["partial_json"]}}
+                        ]
+                    },
+                )
         elif kind == "message_delta":
             self._take_usage(ev.get("usage"))
             delta = _obj(ev.get("delta"))

@@ -31,8 +31,18 @@ __all__ = ["ErrorClass", "Passthrough", "Provider", "ProviderError", "StreamTran
 
 # Body fields that name hosts, headers or credentials in some SDKs or gateways. parse_request already drops
 # ROUTING_FIELDS; providers drop these again (and the rest) so no request can reach an upstream with them.
-STEERING_FIELDS = (*ROUTING_FIELDS, "extra_headers", "extra_query", "api_type", "azure_endpoint",
-                   "azure_deployment", "deployment_id", "engine", "host", "url")
+STEERING_FIELDS = (
+    *ROUTING_FIELDS,
+    "extra_headers",
+    "extra_query",
+    "api_type",
+    "azure_endpoint",
+    "azure_deployment",
+    "deployment_id",
+    "engine",
+    "host",
+    "url",
+)
 
 
 def drop_steering(body: Mapping[str, Any]) -> dict[str, Any]:
@@ -60,9 +70,16 @@ class ErrorClass:
     code: str | None = None  # ... and its error code, when it gave a string one
 
     def to_error(self, sanitize: Callable[[str], str]) -> UpstreamError:
-        return UpstreamError(sanitize(self.message), kind=self.kind, retryable=self.retryable, status=self.status,
-                             upstream_status=self.upstream_status, retry_after=self.retry_after,
-                             param=self.param, upstream_code=self.code)
+        return UpstreamError(
+            sanitize(self.message),
+            kind=self.kind,
+            retryable=self.retryable,
+            status=self.status,
+            upstream_status=self.upstream_status,
+            retry_after=self.retry_after,
+            param=self.param,
+            upstream_code=self.code,
+        )
 
 
 class ProviderError(Exception):

@@ -31,8 +31,14 @@ __all__ = ["anthropic_event_error", "classify_anthropic", "classify_openai", "er
 
 # Anthropic's error types and the HTTP status each comes with (its public errors reference).
 ANTHROPIC_STATUS = {
-    "invalid_request_error": 400, "authentication_error": 401, "billing_error": 402, "permission_error": 403,
-    "not_found_error": 404, "request_too_large": 413, "rate_limit_error": 429, "api_error": 500,
+    "invalid_request_error": 400,
+    "authentication_error": 401,
+    "billing_error": 402,
+    "permission_error": 403,
+    "not_found_error": 404,
+    "request_too_large": 413,
+    "rate_limit_error": 429,
+    "api_error": 500,
     "overloaded_error": 529,
 }
 _QUOTA_CODES = frozenset({"insufficient_quota", "billing_hard_limit_reached", "enforced_spend_limit_reached"})
@@ -90,9 +96,11 @@ def _codes(err: Mapping[str, Any]) -> set[str]:
 
 # A rejection that names no `param` (vLLM's answer to `tool_choice: auto` on a server started without a tool
 # parser, for one) still says which field it is about: the caller's SDK shows `param`, so name it.
-_PARAM_IN_MESSAGE = ((re.compile(r"\btool[ _]choice\b", re.IGNORECASE), "tool_choice"),
-                     (re.compile(r"\b(?:tools?|tool[ _]call(?:ing|s)?)\b", re.IGNORECASE), "tools"),
-                     (re.compile(r"\bresponse_format\b|\bjson[ _]schema\b", re.IGNORECASE), "response_format"))
+_PARAM_IN_MESSAGE = (
+    (re.compile(r"\btool[ _]choice\b", re.IGNORECASE), "tool_choice"),
+    (re.compile(r"\b(?:tools?|tool[ _]call(?:ing|s)?)\b", re.IGNORECASE), "tools"),
+    (re.compile(r"\bresponse_format\b|\bjson[ _]schema\b", re.IGNORECASE), "response_format"),
+)
 
 
 def _param(err: Mapping[str, Any], detail: str) -> str | None:
@@ -106,24 +114,36 @@ def _common(status: int, headers: Mapping[str, str], err: Mapping[str, Any]) -> 
     detail = _message(err)
     if status == 429:
         ra = retry_after(headers)
-        return ErrorClass("status_429", ra is not None, 429, "upstream rate limit" + (f": {detail}" if detail else ""),
-                          status, ra)
+        return ErrorClass(
+            "status_429", ra is not None, 429, "upstream rate limit" + (f": {detail}" if detail else ""), status, ra
+        )
     if status in (401, 403):
         # The caller's key was fine (the gateway checked it); the gateway's own credentials were refused.
         return ErrorClass("upstream_auth", False, 502, "upstream refused the gateway's credentials", status)
     if 400 <= status < 500:
         code = err.get("code")  # vLLM sends its status as an int `code`: not a code
-        return ErrorClass("rejected", False, status, detail or f"upstream rejected the request ({status})", status,
-                          param=_param(err, detail), code=code if isinstance(code, str) else None)
+        return ErrorClass(
+            "rejected",
+            False,
+            status,
+            detail or f"upstream rejected the request ({status})",
+            status,
+            param=_param(err, detail),
+            code=code if isinstance(code, str) else None,
+        )
     if status in (502, 503, 504):
         return ErrorClass("status_5xx", True, status, f"upstream unavailable ({status})", status, retry_after(headers))
     return ErrorClass("status_5xx", False, 502, f"upstream failed ({status})", status)
 
 
 def _quota(status: int) -> ErrorClass:
-    return ErrorClass("quota_exceeded", False, 503,
-                      "the upstream provider refused: the gateway's account is out of quota or over its spend limit",
-                      status)
+    return ErrorClass(
+        "quota_exceeded",
+        False,
+        503,
+        "the upstream provider refused: the gateway's account is out of quota or over its spend limit",
+        status,
+    )
 
 
 def classify_openai(status: int, headers: Mapping[str, str], body: bytes) -> ErrorClass:

@@ -31,7 +31,9 @@ __all__ = ["main"]
 
 
 def _parser() -> argparse.ArgumentParser:
-    p = argparse.ArgumentParser(prog="qlp report", description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    p = argparse.ArgumentParser(
+        prog="qlp report", description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter
+    )
     p.add_argument("--redis-url", help="default: QLP_REDIS_URL or redis://127.0.0.1:6379/0")
     p.add_argument("--since", help="first UTC day (YYYY-MM-DD), default today")
     p.add_argument("--until", help="last UTC day, inclusive, default today")
@@ -60,8 +62,11 @@ async def _run(args: argparse.Namespace, out: TextIO) -> int:
     redis = connect(settings)
     try:
         tenants = args.tenant or sorted({*await KeyStore(redis).tenants(), "admin"})
-        rep = await reader.load(redis, reader.Selection(tenants, since, until, args.tier, args.agent),
-                                reader.external_tiers(_fleet(settings)))
+        rep = await reader.load(
+            redis,
+            reader.Selection(tenants, since, until, args.tier, args.agent),
+            reader.external_tiers(_fleet(settings)),
+        )
     finally:
         await redis.aclose()
     print(json.dumps(rep, indent=2) if args.json else render.table(rep), file=out)

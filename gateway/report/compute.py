@@ -56,7 +56,7 @@ def per(total: int, n: int) -> int | None:
 
 
 def outcome_of(rec: Mapping[str, Any], by_request: Outcomes, by_workflow: Outcomes) -> str | None:
-    """"success" | "failure" | None: the request's own feedback, else its workflow's, else unknown."""
+    """ "success" | "failure" | None: the request's own feedback, else its workflow's, else unknown."""
     tenant = str(rec.get("tenant"))
     own = by_request.get((tenant, str(rec.get("request_id"))))
     if own is None and rec.get("workflow"):
@@ -109,8 +109,9 @@ def _figures(recs: list[dict[str, Any]], outcomes: list[str | None]) -> dict[str
     }
 
 
-def _grouped(items: Iterable[tuple[dict[str, Any], str | None]], key: Callable[[dict[str, Any]], tuple[str, ...]]
-             ) -> dict[tuple[str, ...], tuple[list[dict[str, Any]], list[str | None]]]:
+def _grouped(
+    items: Iterable[tuple[dict[str, Any], str | None]], key: Callable[[dict[str, Any]], tuple[str, ...]]
+) -> dict[tuple[str, ...], tuple[list[dict[str, Any]], list[str | None]]]:
     groups: dict[tuple[str, ...], tuple[list[dict[str, Any]], list[str | None]]] = {}
     for rec, out in items:
         recs, outs = groups.setdefault(key(rec), ([], []))
@@ -129,23 +130,44 @@ def _shadow(records: Iterable[dict[str, Any]]) -> list[dict[str, Any]]:
     for (source, agent, tier, model), recs in sorted(groups.items()):
         cost = sum(int(r.get("cost_micros") or 0) for r in recs)
         latencies = [int(r.get("latency_ms") or 0) for r in recs]
-        rows.append({"source_tier": source, "agent": agent, "tier": tier, "model": model, "requests": len(recs),
-                     "errors": sum(1 for r in recs if not _ok(r.get("status"))),
-                     "latency_p50_ms": nearest_rank(latencies, 50), "latency_p95_ms": nearest_rank(latencies, 95),
-                     "cost_micros": cost, "cost_usd": usd(cost)})
+        rows.append(
+            {
+                "source_tier": source,
+                "agent": agent,
+                "tier": tier,
+                "model": model,
+                "requests": len(recs),
+                "errors": sum(1 for r in recs if not _ok(r.get("status"))),
+                "latency_p50_ms": nearest_rank(latencies, 50),
+                "latency_p95_ms": nearest_rank(latencies, 95),
+                "cost_micros": cost,
+                "cost_usd": usd(cost),
+            }
+        )
     return rows
 
 
-def build(records: Iterable[dict[str, Any]], by_request: Outcomes, by_workflow: Outcomes,
-          shadow: Iterable[dict[str, Any]] = (), *, external_tiers: frozenset[str] = frozenset({"T3"}),
-          meta: Mapping[str, Any] | None = None) -> dict[str, Any]:
+def build(
+    records: Iterable[dict[str, Any]],
+    by_request: Outcomes,
+    by_workflow: Outcomes,
+    shadow: Iterable[dict[str, Any]] = (),
+    *,
+    external_tiers: frozenset[str] = frozenset({"T3"}),
+    meta: Mapping[str, Any] | None = None,
+) -> dict[str, Any]:
     """The report of these ledger records (already selected: tenants, days, filters), their outcomes keyed
     by (tenant, id), and the shadow records of the same selection."""
     items = [(r, outcome_of(r, by_request, by_workflow)) for r in records]
-    rows = [{"tier": k[0], "agent": k[1], "arm": k[2], **_figures(*v)} for k, v in _grouped(
-        items, lambda r: (str(r.get("requested_tier")), r.get("agent") or NO_AGENT, r.get("arm") or NO_ARM)).items()]
-    tiers = [{"tier": k[0], **_figures(*v)} for k, v in _grouped(
-        items, lambda r: (str(r.get("requested_tier")),)).items()]
+    rows = [
+        {"tier": k[0], "agent": k[1], "arm": k[2], **_figures(*v)}
+        for k, v in _grouped(
+            items, lambda r: (str(r.get("requested_tier")), r.get("agent") or NO_AGENT, r.get("arm") or NO_ARM)
+        ).items()
+    ]
+    tiers = [
+        {"tier": k[0], **_figures(*v)} for k, v in _grouped(items, lambda r: (str(r.get("requested_tier")),)).items()
+    ]
     local = [(r, o) for r, o in items if r.get("tier") not in external_tiers]
     local_fig = _figures([r for r, _ in local], [o for _, o in local])
     total = _figures([r for r, _ in items], [o for _, o in items])
@@ -156,10 +178,17 @@ def build(records: Iterable[dict[str, Any]], by_request: Outcomes, by_workflow: 
         "tiers": tiers,
         "total": total,
         # Served by a local tier (not external): their cost as a share of the counterfactual.
-        "local": {"requests": local_fig["requests"], "cost_micros": local_fig["cost_micros"],
-                  "counterfactual_micros": local_fig["counterfactual_micros"],
-                  "cost_share": (local_fig["cost_micros"] / local_fig["counterfactual_micros"]
-                                 if local_fig["counterfactual_micros"] else None),
-                  "success_rate": local_fig["success_rate"], "success_ci95": local_fig["success_ci95"]},
+        "local": {
+            "requests": local_fig["requests"],
+            "cost_micros": local_fig["cost_micros"],
+            "counterfactual_micros": local_fig["counterfactual_micros"],
+            "cost_share": (
+                local_fig["cost_micros"] / local_fig["counterfactual_micros"]
+                if local_fig["counterfactual_micros"]
+                else None
+            ),
+            "success_rate": local_fig["success_rate"],
+            "success_ci95": local_fig["success_ci95"],
+        },
         "shadow": _shadow(shadow),
     }

@@ -33,8 +33,9 @@ class Selection:
 
     __slots__ = ("agent", "since", "tenants", "tier", "until")
 
-    def __init__(self, tenants: list[str], since: dt.date, until: dt.date, tier: str | None = None,
-                 agent: str | None = None) -> None:
+    def __init__(
+        self, tenants: list[str], since: dt.date, until: dt.date, tier: str | None = None, agent: str | None = None
+    ) -> None:
         self.tenants, self.since, self.tier, self.agent = tenants, since, tier, agent
         self.until = min(until, dt.date.max - dt.timedelta(days=1))  # the range's end is the next midnight
 
@@ -48,12 +49,18 @@ class Selection:
         return int(lo * 1000), int(hi * 1000)
 
     def wants(self, rec: dict[str, Any], tier_field: str) -> bool:
-        return ((self.tier is None or rec.get(tier_field) == self.tier)
-                and (self.agent is None or (rec.get("agent") or compute.NO_AGENT) == self.agent))
+        return (self.tier is None or rec.get(tier_field) == self.tier) and (
+            self.agent is None or (rec.get("agent") or compute.NO_AGENT) == self.agent
+        )
 
     def meta(self) -> dict[str, Any]:
-        return {"since": self.since.isoformat(), "until": self.until.isoformat(), "tenants": self.tenants,
-                "tier": self.tier, "agent": self.agent}
+        return {
+            "since": self.since.isoformat(),
+            "until": self.until.isoformat(),
+            "tenants": self.tenants,
+            "tier": self.tier,
+            "agent": self.agent,
+        }
 
 
 async def shadow_records(redis: Redis, sel: Selection) -> AsyncIterator[dict[str, Any]]:
@@ -90,8 +97,12 @@ async def load(redis: Redis, sel: Selection, external: frozenset[str] = frozense
         mine = [r for r in records if r.get("tenant") == tenant]
         if not mine:
             continue
-        rq, wf = await store.outcomes(redis, tenant, (str(r.get("request_id")) for r in mine),
-                                      (str(r["workflow"]) for r in mine if r.get("workflow")))
+        rq, wf = await store.outcomes(
+            redis,
+            tenant,
+            (str(r.get("request_id")) for r in mine),
+            (str(r["workflow"]) for r in mine if r.get("workflow")),
+        )
         by_request.update(((tenant, k), v) for k, v in rq.items())
         by_workflow.update(((tenant, k), v) for k, v in wf.items())
     shadow = [r async for r in shadow_records(redis, sel)]

@@ -37,21 +37,51 @@ def _ms(v: int | None) -> str:
     return "-" if v is None else str(v)
 
 
-_COLUMNS = ("TIER", "AGENT", "ARM", "REQUESTS", "WORKFLOWS", "SUCCESS [95% CI]", "FEEDBACK", "P50 MS", "P95 MS",
-            "COST/REQ", "COST/WORKFLOW", "GPT-4/REQ", "COST", "SAVED")
+_COLUMNS = (
+    "TIER",
+    "AGENT",
+    "ARM",
+    "REQUESTS",
+    "WORKFLOWS",
+    "SUCCESS [95% CI]",
+    "FEEDBACK",
+    "P50 MS",
+    "P95 MS",
+    "COST/REQ",
+    "COST/WORKFLOW",
+    "GPT-4/REQ",
+    "COST",
+    "SAVED",
+)
 
 
 def _cells(tier: str, agent: str, arm: str, f: dict[str, Any]) -> list[str]:
-    return [tier, agent, arm, str(f["requests"]), str(f["workflows"]), pct_ci(f["success_rate"], f["success_ci95"]),
-            str(f["feedback"]), _ms(f["latency_p50_ms"]), _ms(f["latency_p95_ms"]),
-            _money(f["cost_per_request_micros"]), _money(f["cost_per_workflow_micros"]),
-            _money(f["counterfactual_per_request_micros"]), _money(f["cost_micros"]), _pct(f["saved_share"])]
+    return [
+        tier,
+        agent,
+        arm,
+        str(f["requests"]),
+        str(f["workflows"]),
+        pct_ci(f["success_rate"], f["success_ci95"]),
+        str(f["feedback"]),
+        _ms(f["latency_p50_ms"]),
+        _ms(f["latency_p95_ms"]),
+        _money(f["cost_per_request_micros"]),
+        _money(f["cost_per_workflow_micros"]),
+        _money(f["counterfactual_per_request_micros"]),
+        _money(f["cost_micros"]),
+        _pct(f["saved_share"]),
+    ]
 
 
 def _align(rows: list[list[str]], left: int) -> str:
     widths = [max(len(r[i]) for r in rows) for i in range(len(rows[0]))]
-    return "\n".join("  ".join(c.ljust(w) if i < left else c.rjust(w) for i, (c, w) in enumerate(zip(r, widths, strict=True))
-                               ).rstrip() for r in rows)
+    return "\n".join(
+        "  ".join(
+            c.ljust(w) if i < left else c.rjust(w) for i, (c, w) in enumerate(zip(r, widths, strict=True))
+        ).rstrip()
+        for r in rows
+    )
 
 
 def summary_line(rep: dict[str, Any]) -> str:
@@ -59,12 +89,15 @@ def summary_line(rep: dict[str, Any]) -> str:
     local, total = rep["local"], rep["total"]
     parts = [f"{total['requests']} requests"]
     if local["cost_share"] is not None:
-        parts.append(f"local tiers cost {local['cost_share'] * 100:.1f}% of GPT-4 for the same tokens "
-                     f"({local['requests']} requests)")
+        parts.append(
+            f"local tiers cost {local['cost_share'] * 100:.1f}% of GPT-4 for the same tokens "
+            f"({local['requests']} requests)"
+        )
     parts.append(f"saved {_pct(total['saved_share'])} overall ({_money(total['saved_micros'])})")
     if total["success_rate"] is not None:
-        parts.append(f"success rate {pct_ci(total['success_rate'], total['success_ci95'])} over "
-                     f"{total['feedback']} outcomes")
+        parts.append(
+            f"success rate {pct_ci(total['success_rate'], total['success_ci95'])} over {total['feedback']} outcomes"
+        )
     else:
         parts.append("no feedback yet")
     return "; ".join(parts)
@@ -80,8 +113,20 @@ def table(rep: dict[str, Any]) -> str:
     out = [head, _align(rows, 3), "", summary_line(rep)]
     if rep["shadow"]:
         srows = [["SOURCE", "AGENT", "SHADOW TIER", "MODEL", "REQUESTS", "ERRORS", "P50 MS", "P95 MS", "COST (OURS)"]]
-        srows += [[s["source_tier"], s["agent"], s["tier"], s["model"], str(s["requests"]), str(s["errors"]),
-                   _ms(s["latency_p50_ms"]), _ms(s["latency_p95_ms"]), _money(s["cost_micros"])] for s in rep["shadow"]]
+        srows += [
+            [
+                s["source_tier"],
+                s["agent"],
+                s["tier"],
+                s["model"],
+                str(s["requests"]),
+                str(s["errors"]),
+                _ms(s["latency_p50_ms"]),
+                _ms(s["latency_p95_ms"]),
+                _money(s["cost_micros"]),
+            ]
+            for s in rep["shadow"]
+        ]
         out += ["", "shadow calls (never billed to tenants):", _align(srows, 4)]
     return "\n".join(out)
 
@@ -103,8 +148,12 @@ def _axis(xmax: float, fmt: Any, y0: int, y1: int, title: str) -> list[str]:
     for i in range(5):
         x = _LABEL_W + _PLOT_W * i / 4
         out.append(f'<line x1="{x:.1f}" y1="{y0}" x2="{x:.1f}" y2="{y1}" stroke="#e3e6ea"/>')
-        out.append(f'<text x="{x:.1f}" y="{y1 + 14}" text-anchor="middle" class="tick">{html.escape(fmt(xmax * i / 4))}</text>')
-    out.append(f'<text x="{_LABEL_W + _PLOT_W / 2}" y="{y1 + 32}" text-anchor="middle" class="axis">{html.escape(title)}</text>')
+        out.append(
+            f'<text x="{x:.1f}" y="{y1 + 14}" text-anchor="middle" class="tick">{html.escape(fmt(xmax * i / 4))}</text>'
+        )
+    out.append(
+        f'<text x="{_LABEL_W + _PLOT_W / 2}" y="{y1 + 32}" text-anchor="middle" class="axis">{html.escape(title)}</text>'
+    )
     return out
 
 
@@ -119,13 +168,17 @@ def _legend(items: list[tuple[str, str]]) -> list[str]:
 
 def _svg(title: str, body: list[str], height: int) -> str:
     w = _LABEL_W + _PLOT_W + 180  # room for the value labels right of the longest bar or whisker
-    return (f'<svg xmlns="http://www.w3.org/2000/svg" width="{w}" height="{height}" viewBox="0 0 {w} {height}" '
-            f'role="img" aria-label="{html.escape(title)}"><text x="4" y="16" class="title">{html.escape(title)}</text>'
-            + "".join(body) + "</svg>")
+    return (
+        f'<svg xmlns="http://www.w3.org/2000/svg" width="{w}" height="{height}" viewBox="0 0 {w} {height}" '
+        f'role="img" aria-label="{html.escape(title)}"><text x="4" y="16" class="title">{html.escape(title)}</text>'
+        + "".join(body)
+        + "</svg>"
+    )
 
 
-def _bars(title: str, labels: list[str], series: list[tuple[str, str, list[float | None]]], fmt: Any,
-          axis_title: str) -> str:
+def _bars(
+    title: str, labels: list[str], series: list[tuple[str, str, list[float | None]]], fmt: Any, axis_title: str
+) -> str:
     """Horizontal grouped bars: one row per label, one bar per series."""
     vmax = _nice_max(max([v for _, _, vs in series for v in vs if v is not None] or [0]))
     row_h = _BAR_H * len(series) + _GAP
@@ -133,7 +186,9 @@ def _bars(title: str, labels: list[str], series: list[tuple[str, str, list[float
     body = _axis(vmax, fmt, _TOP - 4, y1, axis_title) + _legend([(n, c) for n, c, _ in series])
     for i, label in enumerate(labels):
         y = _TOP + i * row_h
-        body.append(f'<text x="{_LABEL_W - 6}" y="{y + row_h / 2 + 3:.1f}" text-anchor="end" class="label">{html.escape(label)}</text>')
+        body.append(
+            f'<text x="{_LABEL_W - 6}" y="{y + row_h / 2 + 3:.1f}" text-anchor="end" class="label">{html.escape(label)}</text>'
+        )
         for j, (name, color, values) in enumerate(series):
             v = values[i]
             by = y + j * _BAR_H
@@ -141,8 +196,10 @@ def _bars(title: str, labels: list[str], series: list[tuple[str, str, list[float
                 body.append(f'<text x="{_LABEL_W + 4}" y="{by + 11}" class="tick">no data</text>')
                 continue
             w = _PLOT_W * v / vmax
-            body.append(f'<rect x="{_LABEL_W}" y="{by}" width="{w:.1f}" height="{_BAR_H - 2}" fill="{color}">'
-                        f'<title>{html.escape(f"{label}: {name} {fmt(v)}")}</title></rect>')
+            body.append(
+                f'<rect x="{_LABEL_W}" y="{by}" width="{w:.1f}" height="{_BAR_H - 2}" fill="{color}">'
+                f"<title>{html.escape(f'{label}: {name} {fmt(v)}')}</title></rect>"
+            )
             body.append(f'<text x="{_LABEL_W + w + 4:.1f}" y="{by + 11}" class="tick">{html.escape(fmt(v))}</text>')
     return _svg(title, body, y1 + 44)
 
@@ -155,7 +212,9 @@ def _success(labels: list[str], rows: list[dict[str, Any]]) -> str:
     body += _legend([("success rate", _GREEN), ("95% interval", "#555")])
     for i, (label, r) in enumerate(zip(labels, rows, strict=True)):
         cy = _TOP + i * row_h + row_h / 2
-        body.append(f'<text x="{_LABEL_W - 6}" y="{cy + 3:.1f}" text-anchor="end" class="label">{html.escape(label)}</text>')
+        body.append(
+            f'<text x="{_LABEL_W - 6}" y="{cy + 3:.1f}" text-anchor="end" class="label">{html.escape(label)}</text>'
+        )
         if r["success_rate"] is None:
             body.append(f'<text x="{_LABEL_W + 4}" y="{cy + 3:.1f}" class="tick">no feedback</text>')
             continue
@@ -163,9 +222,13 @@ def _success(labels: list[str], rows: list[dict[str, Any]]) -> str:
         x = _LABEL_W + _PLOT_W * r["success_rate"]
         body.append(f'<line x1="{lo:.1f}" y1="{cy}" x2="{hi:.1f}" y2="{cy}" stroke="#555" stroke-width="1.5"/>')
         for e in (lo, hi):
-            body.append(f'<line x1="{e:.1f}" y1="{cy - 5}" x2="{e:.1f}" y2="{cy + 5}" stroke="#555" stroke-width="1.5"/>')
+            body.append(
+                f'<line x1="{e:.1f}" y1="{cy - 5}" x2="{e:.1f}" y2="{cy + 5}" stroke="#555" stroke-width="1.5"/>'
+            )
         text = f"{pct_ci(r['success_rate'], r['success_ci95'])}, n={r['feedback']}"
-        body.append(f'<circle cx="{x:.1f}" cy="{cy}" r="5" fill="{_GREEN}"><title>{html.escape(label + ": " + text)}</title></circle>')
+        body.append(
+            f'<circle cx="{x:.1f}" cy="{cy}" r="5" fill="{_GREEN}"><title>{html.escape(label + ": " + text)}</title></circle>'
+        )
         body.append(f'<text x="{hi + 8:.1f}" y="{cy + 3:.1f}" class="tick">{html.escape(text)}</text>')
     return _svg("Success rate per arm", body, y1 + 44)
 
@@ -189,28 +252,65 @@ def html_page(rep: dict[str, Any]) -> str:
     its interval, latency), the table, and the shadow calls."""
     rows = rep["data"]
     labels = [f"{r['tier']} · {r['agent']} · {r['arm']}" for r in rows]
-    charts = [
-        _bars("Cost per request: arm vs. all-GPT-4 (T3) counterfactual", labels,
-              [("this arm", _BLUE, [r["cost_per_request_micros"] for r in rows]),
-               ("same tokens on GPT-4", _GREY, [r["counterfactual_per_request_micros"] for r in rows])],
-              lambda v: "$" + usd(round(v)), "USD per request"),
-        _success(labels, rows),
-        _bars("Latency per arm", labels, [("p50", _BLUE, [r["latency_p50_ms"] for r in rows]),
-                                          ("p95", _ORANGE, [r["latency_p95_ms"] for r in rows])],
-              lambda v: f"{v:.0f} ms", "latency, milliseconds (nearest rank)"),
-    ] if rows else ["<p>No requests in this range.</p>"]
+    charts = (
+        [
+            _bars(
+                "Cost per request: arm vs. all-GPT-4 (T3) counterfactual",
+                labels,
+                [
+                    ("this arm", _BLUE, [r["cost_per_request_micros"] for r in rows]),
+                    ("same tokens on GPT-4", _GREY, [r["counterfactual_per_request_micros"] for r in rows]),
+                ],
+                lambda v: "$" + usd(round(v)),
+                "USD per request",
+            ),
+            _success(labels, rows),
+            _bars(
+                "Latency per arm",
+                labels,
+                [
+                    ("p50", _BLUE, [r["latency_p50_ms"] for r in rows]),
+                    ("p95", _ORANGE, [r["latency_p95_ms"] for r in rows]),
+                ],
+                lambda v: f"{v:.0f} ms",
+                "latency, milliseconds (nearest rank)",
+            ),
+        ]
+        if rows
+        else ["<p>No requests in this range.</p>"]
+    )
     trows = [_cells(r["tier"], r["agent"], r["arm"], r) for r in rows]
     trows += [_cells(t["tier"], "*", "*", t) for t in rep["tiers"]] + [_cells("TOTAL", "", "", rep["total"])]
-    parts = [f"<h1>QLP rollout report</h1><p class=\"sub\">{html.escape(str(rep.get('since')))} .. "
-             f"{html.escape(str(rep.get('until')))} (UTC) · tenants: {html.escape(', '.join(rep.get('tenants') or []))}</p>",
-             f'<p class="summary">{html.escape(summary_line(rep))}</p>', *charts,
-             "<h2>All figures</h2>", _html_table(list(_COLUMNS), trows)]
+    parts = [
+        f'<h1>QLP rollout report</h1><p class="sub">{html.escape(str(rep.get("since")))} .. '
+        f"{html.escape(str(rep.get('until')))} (UTC) · tenants: {html.escape(', '.join(rep.get('tenants') or []))}</p>",
+        f'<p class="summary">{html.escape(summary_line(rep))}</p>',
+        *charts,
+        "<h2>All figures</h2>",
+        _html_table(list(_COLUMNS), trows),
+    ]
     if rep["shadow"]:
         parts.append("<h2>Shadow calls (never billed to tenants)</h2>")
-        parts.append(_html_table(["SOURCE", "AGENT", "SHADOW TIER", "MODEL", "REQUESTS", "ERRORS", "P50 MS", "P95 MS",
-                                  "COST (OURS)"],
-                                 [[s["source_tier"], s["agent"], s["tier"], s["model"], str(s["requests"]),
-                                   str(s["errors"]), _ms(s["latency_p50_ms"]), _ms(s["latency_p95_ms"]),
-                                   _money(s["cost_micros"])] for s in rep["shadow"]]))
-    return ("<!DOCTYPE html><html lang=\"en\"><head><meta charset=\"utf-8\"><title>QLP rollout report</title>"
-            f"<style>{_STYLE}</style></head><body>{''.join(parts)}</body></html>")
+        parts.append(
+            _html_table(
+                ["SOURCE", "AGENT", "SHADOW TIER", "MODEL", "REQUESTS", "ERRORS", "P50 MS", "P95 MS", "COST (OURS)"],
+                [
+                    [
+                        s["source_tier"],
+                        s["agent"],
+                        s["tier"],
+                        s["model"],
+                        str(s["requests"]),
+                        str(s["errors"]),
+                        _ms(s["latency_p50_ms"]),
+                        _ms(s["latency_p95_ms"]),
+                        _money(s["cost_micros"]),
+                    ]
+                    for s in rep["shadow"]
+                ],
+            )
+        )
+    return (
+        '<!DOCTYPE html><html lang="en"><head><meta charset="utf-8"><title>QLP rollout report</title>'
+        f"<style>{_STYLE}</style></head><body>{''.join(parts)}</body></html>"
+    )

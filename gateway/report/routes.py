@@ -37,11 +37,12 @@ __all__ = ["router"]
 router = APIRouter(tags=["report"], dependencies=[Security(bearer), Depends(single_valued_query)])
 
 _RESPONSES: dict[int | str, dict[str, Any]] = {
-    200: {"description": "The report (JSON), or with format=html a self-contained page with charts",
-          "content": {"application/json": {"schema": {"type": "object"}}, "text/html": {"schema": {"type": "string"}}}},
+    200: {
+        "description": "The report (JSON), or with format=html a self-contained page with charts",
+        "content": {"application/json": {"schema": {"type": "object"}}, "text/html": {"schema": {"type": "string"}}},
+    },
     **errors(400, 401, 403, 404, 503),
 }
-
 
 
 def _day(value: str | None, name: str, today: dt.date) -> dt.date:
@@ -51,8 +52,12 @@ def _day(value: str | None, name: str, today: dt.date) -> dt.date:
         raise InvalidRequest(f"{name} must be a date (YYYY-MM-DD, UTC)", param=name, code="invalid_value") from exc
 
 
-@router.get("/v1/report", summary="Rollout report: quality, latency, cost and savings per tier, agent and arm",
-            responses=_RESPONSES, response_class=Response)
+@router.get(
+    "/v1/report",
+    summary="Rollout report: quality, latency, cost and savings per tier, agent and arm",
+    responses=_RESPONSES,
+    response_class=Response,
+)
 async def get_report(
     request: Request,
     p: PrincipalDep,
@@ -61,16 +66,20 @@ async def get_report(
     until: UntilQuery = None,
     tenant: TenantQuery = None,
     tier: Annotated[str | None, Query(description="only requests for this tier (requested)", max_length=64)] = None,
-    agent: Annotated[str | None, Query(description='only this agent ("(none)": requests without one)',
-                                       max_length=128)] = None,
+    agent: Annotated[
+        str | None, Query(description='only this agent ("(none)": requests without one)', max_length=128)
+    ] = None,
     format: Literal["json", "html"] = "json",
 ) -> Response:
     today = dt.datetime.now(dt.UTC).date()
     first, last = _day(since, "since", today), _day(until, "until", today)
     tenants = await tenants_for(meter, p, tenant)
     with store_errors():
-        rep = await reader.load(meter.redis, reader.Selection(tenants, first, last, tier or None, agent or None),
-                                reader.external_tiers(request.app.state.runtime.config))
+        rep = await reader.load(
+            meter.redis,
+            reader.Selection(tenants, first, last, tier or None, agent or None),
+            reader.external_tiers(request.app.state.runtime.config),
+        )
     if format == "html":
         return HTMLResponse(render.html_page(rep))
     return JSONResponse(rep)

@@ -38,9 +38,12 @@ class _Model(BaseModel):
 class Arm(_Model):
     name: str = Field(pattern=NAME, description="the arm's name, as reported (ledger `arm`, /v1/report)")
     weight: float = Field(ge=0, le=1_000_000, description="relative share of workflows; 0: none")
-    adapter: str | None = Field(None, pattern=ADAPTER,
-                                description="model/adapter sent upstream; none: the tier's usual choice")
-    tier: str | None = Field(None, pattern=TIER, description="serve this arm from another tier (e.g. T3); none: this tier")
+    adapter: str | None = Field(
+        None, pattern=ADAPTER, description="model/adapter sent upstream; none: the tier's usual choice"
+    )
+    tier: str | None = Field(
+        None, pattern=TIER, description="serve this arm from another tier (e.g. T3); none: this tier"
+    )
 
 
 class Shadow(_Model):

@@ -74,8 +74,14 @@ class Rollouts:
         out = []
         for (tier, agent), r in sorted(self._table.items()):
             key = rollout_key(tier, agent)
-            out.append({"tier": tier, "agent": agent, **r.model_dump(mode="json"),
-                        "source": "runtime" if key in self._runtime else "config"})
+            out.append(
+                {
+                    "tier": tier,
+                    "agent": agent,
+                    **r.model_dump(mode="json"),
+                    "source": "runtime" if key in self._runtime else "config",
+                }
+            )
         return out
 
     def get(self, tier: str, agent: str) -> Rollout | None:

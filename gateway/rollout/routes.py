@@ -1,10 +1,10 @@
 """Rollout admin routes (admin key only; docs/rollout.md):
 
-    GET    /v1/admin/rollouts                    every rollout in force, and whether config or runtime set it
-    PUT    /v1/admin/rollouts/{tier}/{agent}     replace a rollout's arms and shadow (at run time, all processes)
-    DELETE /v1/admin/rollouts/{tier}/{agent}     drop the runtime rollout: the config's applies again
-    POST   /v1/admin/routes                      {tier, agent, adapter, weight}: route an agent to an adapter,
-                                                 all of it (weight 100) or as a canary (`qlp train publish`)
+GET    /v1/admin/rollouts                    every rollout in force, and whether config or runtime set it
+PUT    /v1/admin/rollouts/{tier}/{agent}     replace a rollout's arms and shadow (at run time, all processes)
+DELETE /v1/admin/rollouts/{tier}/{agent}     drop the runtime rollout: the config's applies again
+POST   /v1/admin/routes                      {tier, agent, adapter, weight}: route an agent to an adapter,
+                                             all of it (weight 100) or as a canary (`qlp train publish`)
 """
 
 from __future__ import annotations
@@ -52,27 +52,35 @@ def _applying() -> Iterator[None]:
 
 
 def _view(rollouts: Rollouts, tier: str, agent: str) -> dict[str, Any]:
-    return next((r for r in rollouts.effective() if r["tier"] == tier and r["agent"] == agent),
-                {"tier": tier, "agent": agent, "arms": [], "shadow": None, "source": "none"})
+    return next(
+        (r for r in rollouts.effective() if r["tier"] == tier and r["agent"] == agent),
+        {"tier": tier, "agent": agent, "arms": [], "shadow": None, "source": "none"},
+    )
 
 
-@router.get("/v1/admin/rollouts", summary="Rollouts in force (arms, weights, shadow)",
-            responses=errors(401, 403, 404))
+@router.get("/v1/admin/rollouts", summary="Rollouts in force (arms, weights, shadow)", responses=errors(401, 403, 404))
 async def list_rollouts(_: AdminDep, rollouts: RolloutsDep) -> dict[str, Any]:
     return {"object": "list", "data": rollouts.effective()}
 
 
-@router.put("/v1/admin/rollouts/{tier}/{agent}", summary="Set a rollout's arms and shadow at run time",
-            responses=errors(400, 401, 403, 404, 503))
-async def put_rollout(_: AdminDep, rollouts: RolloutsDep, tier: TierPath, agent: AgentPath,
-                      body: Rollout) -> dict[str, Any]:
+@router.put(
+    "/v1/admin/rollouts/{tier}/{agent}",
+    summary="Set a rollout's arms and shadow at run time",
+    responses=errors(400, 401, 403, 404, 503),
+)
+async def put_rollout(
+    _: AdminDep, rollouts: RolloutsDep, tier: TierPath, agent: AgentPath, body: Rollout
+) -> dict[str, Any]:
     with _applying():
         await rollouts.put(tier, agent, body)
     return _view(rollouts, tier, agent)
 
 
-@router.delete("/v1/admin/rollouts/{tier}/{agent}", summary="Drop a runtime rollout (the config's applies again)",
-               responses=errors(400, 401, 403, 404, 503))
+@router.delete(
+    "/v1/admin/rollouts/{tier}/{agent}",
+    summary="Drop a runtime rollout (the config's applies again)",
+    responses=errors(400, 401, 403, 404, 503),
+)
 async def delete_rollout(_: AdminDep, rollouts: RolloutsDep, tier: TierPath, agent: AgentPath) -> dict[str, Any]:
     with _applying():
         removed = await rollouts.delete(tier, agent)
@@ -105,8 +113,11 @@ def with_canary(current: Rollout | None, arm: Arm) -> Rollout:
     return Rollout(arms=(*scaled, arm), shadow=shadow)
 
 
-@router.post("/v1/admin/routes", summary="Route an agent's workflows to an adapter (all, or as a canary)",
-             responses=errors(400, 401, 403, 404, 503))
+@router.post(
+    "/v1/admin/routes",
+    summary="Route an agent's workflows to an adapter (all, or as a canary)",
+    responses=errors(400, 401, 403, 404, 503),
+)
 async def route_adapter(_: AdminDep, rollouts: RolloutsDep, body: RouteRequest) -> dict[str, Any]:
     name = body.arm or re.sub(r"[^A-Za-z0-9._-]", "-", body.adapter)[:64]
     arm = Arm(name=name, weight=body.weight, adapter=body.adapter)

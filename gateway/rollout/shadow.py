@@ -74,8 +74,9 @@ class ShadowRunner:
         rt = self.rt
         tier = rt.config.tiers[s.tier]
         tgt = Target(tier, s.adapter, s.adapter) if s.adapter else target_in(tier, req.model, x.agent)
-        backend = choose_backend(tier.backends, rt.states(tier.name, tier.backends, time.monotonic()), tier.policy,
-                                 random.random())
+        backend = choose_backend(
+            tier.backends, rt.states(tier.name, tier.backends, time.monotonic()), tier.policy, random.random()
+        )
         if backend is None:
             child(rt.metrics, rt.metrics.shadow, tier.name, "none", "error").inc()
             return
@@ -99,22 +100,41 @@ class ShadowRunner:
         child(rt.metrics, rt.metrics.shadow, tier.name, backend.name, "ok" if status == 200 else "error").inc()
         await self._book(x, s, tier.name, backend.name, tgt.model, usage, status, latency_ms)
 
-    async def _book(self, x: Exchange, s: Shadow, tier: str, backend: str, model: str,
-                    usage: dict[str, Any] | None, status: int, latency_ms: int) -> None:
+    async def _book(
+        self,
+        x: Exchange,
+        s: Shadow,
+        tier: str,
+        backend: str,
+        model: str,
+        usage: dict[str, Any] | None,
+        status: int,
+        latency_ms: int,
+    ) -> None:
         meter = self.rt.meter
         if meter is None:
             return
         toks = tokens_from_usage(usage) or Tokens(0, 0)
         cost = meter.pricing.price(self.rt.config.tiers[tier], model).cost(toks) if status == 200 else 0
         record = {
-            "id": os.urandom(12).hex(), "request_id": x.request_id, "ts": time.time_ns() // 1_000_000,
-            "tenant": x.tenant, "workflow": x.workflow, "agent": x.agent, "source_tier": x.tier, "tier": tier,
-            "backend": backend, "model": model, "prompt_tokens": toks.prompt, "completion_tokens": toks.completion,
-            "cost_micros": cost, "reference_cost_micros": meter.pricing.reference.cost(toks),
-            "latency_ms": latency_ms, "status": status,
+            "id": os.urandom(12).hex(),
+            "request_id": x.request_id,
+            "ts": time.time_ns() // 1_000_000,
+            "tenant": x.tenant,
+            "workflow": x.workflow,
+            "agent": x.agent,
+            "source_tier": x.tier,
+            "tier": tier,
+            "backend": backend,
+            "model": model,
+            "prompt_tokens": toks.prompt,
+            "completion_tokens": toks.completion,
+            "cost_micros": cost,
+            "reference_cost_micros": meter.pricing.reference.cost(toks),
+            "latency_ms": latency_ms,
+            "status": status,
         }
         try:
-            await meter.redis.xadd(SHADOW_STREAM, {"r": orjson.dumps(record)}, maxlen=STREAM_MAXLEN,
-                                   approximate=True)
+            await meter.redis.xadd(SHADOW_STREAM, {"r": orjson.dumps(record)}, maxlen=STREAM_MAXLEN, approximate=True)
         except Exception as exc:  # best effort: the shadow ledger is for comparison, not billing
             log.warning("shadow record for %s not booked: %s", x.request_id, type(exc).__name__)

@@ -23,10 +23,18 @@ async def healthz() -> dict[str, str]:
     return {"status": "ok"}
 
 
-@router.get("/readyz", summary="Readiness: every tier has a reachable backend", response_model=None,
-            responses={200: {"content": {"application/json": {"schema": {"type": "object"}}}},
-                       503: {"description": "Not ready (same body: which tier or the ledger is down)",
-                             "content": {"application/json": {"schema": {"type": "object"}}}}})
+@router.get(
+    "/readyz",
+    summary="Readiness: every tier has a reachable backend",
+    response_model=None,
+    responses={
+        200: {"content": {"application/json": {"schema": {"type": "object"}}}},
+        503: {
+            "description": "Not ready (same body: which tier or the ledger is down)",
+            "content": {"application/json": {"schema": {"type": "object"}}},
+        },
+    },
+)
 async def readyz(request: Request) -> JSONResponse:
     rt: Runtime = request.app.state.runtime
     probed = await rt.probe_once()

@@ -24,8 +24,17 @@ async def list_models(request: Request) -> dict[str, Any]:
     data: list[dict[str, Any]] = []
     listed = {key for name, t in rt.config.tiers.items() for key in (name, *t.aliases, *t.adapters)}
     for name, tier in rt.config.tiers.items():
-        data.append(_model(name, created, tier=name, kind=tier.kind.value, upstream_model=tier.model,
-                           description=tier.description, fallback=list(tier.fallback)))
+        data.append(
+            _model(
+                name,
+                created,
+                tier=name,
+                kind=tier.kind.value,
+                upstream_model=tier.model,
+                description=tier.description,
+                fallback=list(tier.fallback),
+            )
+        )
         data.extend(_model(alias, created, tier=name, parent=name) for alias in tier.aliases)
         for adapter in tier.adapters:
             agents = sorted(a for a, ad in tier.agents.items() if ad == adapter)

@@ -66,8 +66,9 @@ class CompletionRequest(BaseModel):
 
 # Optional headers: an empty one is the same as none (hence the "" defaults). The fleet's tiers are T0..T3;
 # case and surrounding blanks do not matter.
-TierH = Annotated[str, Header(description="T0..T3; else `model` decides; else the default tier",
-                                     pattern=r"^\s*([Tt][0-3])?\s*$")]
+TierH = Annotated[
+    str, Header(description="T0..T3; else `model` decides; else the default tier", pattern=r"^\s*([Tt][0-3])?\s*$")
+]
 AgentH = Annotated[str, Header(description="agent role; picks its adapter within the tier")]
 WorkflowH = Annotated[str, Header(description="groups requests for cost per workflow")]
 RequestIdH = Annotated[str, Header(description="idempotency and correlation key; echoed")]

@@ -42,11 +42,29 @@ def sanitize(message: str, secrets: Iterable[str] = ()) -> str:
 class UpstreamResponse:
     """An upstream response whose headers arrived with a 2xx status. Always `close()` it, exactly once."""
 
-    __slots__ = ("_closed", "_conn", "_deadline", "_first_by", "_idle", "_pool", "_provider", "_sanitize", "headers",
-                 "status")
+    __slots__ = (
+        "_closed",
+        "_conn",
+        "_deadline",
+        "_first_by",
+        "_idle",
+        "_pool",
+        "_provider",
+        "_sanitize",
+        "headers",
+        "status",
+    )
 
-    def __init__(self, pool: Pool, conn: Connection, idle: float, first_by: float, deadline: float,
-                 provider: Provider | None = None, sanitize: Callable[[str], str] = str) -> None:
+    def __init__(
+        self,
+        pool: Pool,
+        conn: Connection,
+        idle: float,
+        first_by: float,
+        deadline: float,
+        provider: Provider | None = None,
+        sanitize: Callable[[str], str] = str,
+    ) -> None:
         self._pool = pool
         # Only a translating provider is kept: OpenAI-compatible bytes pass untouched on the hot path.
         self._provider = provider if provider is not None and provider.translates else None
@@ -157,14 +175,22 @@ class UpstreamClient:
             resp.close()
         return True
 
-    async def post(self, url: str, body: bytes, headers: dict[str, str], timeouts: Timeouts,
-                   provider: Provider | None = None) -> UpstreamResponse:
+    async def post(
+        self, url: str, body: bytes, headers: dict[str, str], timeouts: Timeouts, provider: Provider | None = None
+    ) -> UpstreamResponse:
         """Send a request; return once 2xx headers arrived. Anything else raises `UpstreamError`, classified
         by `provider` (OpenAI's rules without one); a translating provider's answer is read as OpenAI's."""
         return await self._send(b"POST", url, body, headers, timeouts, provider)
 
-    async def _send(self, method: bytes, url: str, body: bytes, headers: dict[str, str],
-                    timeouts: Timeouts, provider: Provider | None = None) -> UpstreamResponse:
+    async def _send(
+        self,
+        method: bytes,
+        url: str,
+        body: bytes,
+        headers: dict[str, str],
+        timeouts: Timeouts,
+        provider: Provider | None = None,
+    ) -> UpstreamResponse:
         pool = self._pool
         assert pool is not None, "UpstreamClient used outside the app lifespan"
         start = time.monotonic()
@@ -187,8 +213,9 @@ class UpstreamClient:
                     await conn.wait_headers()
         except TimeoutError as exc:
             if conn is None:
-                raise UpstreamError("upstream connect timed out", kind="timeout_connect", retryable=True,
-                                    status=504) from exc
+                raise UpstreamError(
+                    "upstream connect timed out", kind="timeout_connect", retryable=True, status=504
+                ) from exc
             pool.discard(conn)
             kind = "timeout_first_byte" if first_byte < timeouts.total else "timeout_total"
             raise UpstreamError("upstream did not answer in time", kind=kind, retryable=False, status=504) from exc
@@ -198,8 +225,9 @@ class UpstreamClient:
             raise UpstreamError("upstream closed the connection", kind="connect", retryable=True) from exc
         except ssl.SSLCertVerificationError as exc:
             # Not a passing fault: the upstream's certificate is not one this machine trusts.
-            raise UpstreamError(f"upstream TLS certificate not trusted: {exc.verify_message}", kind="tls",
-                                retryable=False) from exc
+            raise UpstreamError(
+                f"upstream TLS certificate not trusted: {exc.verify_message}", kind="tls", retryable=False
+            ) from exc
         except ProxyError as exc:
             raise UpstreamError(f"HTTPS proxy: {exc}", kind="proxy", retryable=False) from exc
         except OSError as exc:

@@ -82,8 +82,25 @@ def _https_proxy() -> tuple[str, int, bytes | None] | None:
 
 
 class Connection(asyncio.Protocol):
-    __slots__ = ("_buffered", "_chunks", "_exc", "_headers_done", "_parser", "_paused", "_waiter",
-                 "complete", "got_bytes", "headers", "idle_since", "keep_alive", "key", "lost", "reused", "status", "transport")
+    __slots__ = (
+        "_buffered",
+        "_chunks",
+        "_exc",
+        "_headers_done",
+        "_parser",
+        "_paused",
+        "_waiter",
+        "complete",
+        "got_bytes",
+        "headers",
+        "idle_since",
+        "keep_alive",
+        "key",
+        "lost",
+        "reused",
+        "status",
+        "transport",
+    )
 
     def __init__(self, key: tuple[str, str, int]) -> None:
         self.key = key
@@ -200,8 +217,14 @@ class Connection(asyncio.Protocol):
                 self._waiter = None
 
     def reusable(self) -> bool:
-        return (self.complete and not self.lost and self._exc is None and self.transport is not None
-                and not self.transport.is_closing() and self.keep_alive)
+        return (
+            self.complete
+            and not self.lost
+            and self._exc is None
+            and self.transport is not None
+            and not self.transport.is_closing()
+            and self.keep_alive
+        )
 
     def close(self) -> None:
         if self.transport is not None:
@@ -212,7 +235,9 @@ class Pool:
     """Kept-alive connections per origin; at most `limit` open at once (others wait for a slot)."""
 
     def __init__(self, limit: int = 1024, keepalive: float = 60.0, max_idle_per_origin: int = 256) -> None:
-        self._idle: dict[tuple[str, str, int], collections.deque[Connection]] = collections.defaultdict(collections.deque)
+        self._idle: dict[tuple[str, str, int], collections.deque[Connection]] = collections.defaultdict(
+            collections.deque
+        )
         self._slots = asyncio.Semaphore(limit)
         self._keepalive = keepalive
         self._max_idle = max_idle_per_origin
@@ -244,8 +269,9 @@ class Pool:
             ctx = self._ssl
             if self._proxy is not None and not urllib.request.proxy_bypass(host):
                 return await self._connect_tunnel(key, ctx)
-        _, conn = await loop.create_connection(lambda: Connection(key), host, port, ssl=ctx,
-                                               server_hostname=host if ctx else None)
+        _, conn = await loop.create_connection(
+            lambda: Connection(key), host, port, ssl=ctx, server_hostname=host if ctx else None
+        )
         return conn
 
     async def _connect_tunnel(self, key: tuple[str, str, int], ctx: ssl.SSLContext) -> Connection:
@@ -279,19 +305,33 @@ class Pool:
         now = time.monotonic()
         while idle:
             conn = idle.pop()
-            if conn.lost or conn.transport is None or conn.transport.is_closing() or now - conn.idle_since > self._keepalive:
+            if (
+                conn.lost
+                or conn.transport is None
+                or conn.transport.is_closing()
+                or now - conn.idle_since > self._keepalive
+            ):
                 conn.close()
                 continue
             return conn
         return None
 
-    async def request(self, method: bytes, url: str, headers: dict[str, str], body: bytes,
-                      connect_timeout: float) -> Connection:
+    async def request(
+        self, method: bytes, url: str, headers: dict[str, str], body: bytes, connect_timeout: float
+    ) -> Connection:
         """Send a request; return the connection once it is written. The caller awaits `wait_headers()`,
         reads the body, and calls `release()` exactly once."""
         key, path, host = self._origin(url)
-        head = [method, b" ", path.encode(), b" HTTP/1.1\r\nHost: ", host, b"\r\nContent-Length: ",
-                str(len(body)).encode(), b"\r\n"]
+        head = [
+            method,
+            b" ",
+            path.encode(),
+            b" HTTP/1.1\r\nHost: ",
+            host,
+            b"\r\nContent-Length: ",
+            str(len(body)).encode(),
+            b"\r\n",
+        ]
         for k, v in headers.items():
             if "\r" in v or "\n" in v or "\r" in k or "\n" in k:
                 raise ValueError("header names and values may not contain line breaks")

@@ -29,8 +29,18 @@ from dataclasses import dataclass
 from pathlib import Path
 
 __all__ = [
-    "CPU_CONFIG", "VLLM_PYTHON", "VllmProcess", "VllmUnavailable", "command", "cpu_flags", "default_dtype",
-    "environment", "free_port", "preflight", "start", "stop",
+    "CPU_CONFIG",
+    "VLLM_PYTHON",
+    "VllmProcess",
+    "VllmUnavailable",
+    "command",
+    "cpu_flags",
+    "default_dtype",
+    "environment",
+    "free_port",
+    "preflight",
+    "start",
+    "stop",
 ]
 
 ROOT = Path(__file__).resolve().parents[2]
@@ -91,17 +101,22 @@ def _mem_available_gib() -> float | None:
 def preflight(python: Path = VLLM_PYTHON, kv_cache_gib: float = 2.0) -> None:
     """Refuse early, with the cause, what would make vLLM fail or hang."""
     if not python.is_file():
-        raise VllmUnavailable(f"vLLM is not installed ({python} is missing): run `make vllm` "
-                              "(`make up` and `make test` run it for you)")
+        raise VllmUnavailable(
+            f"vLLM is not installed ({python} is missing): run `make vllm` (`make up` and `make test` run it for you)"
+        )
     if platform.machine() in ("x86_64", "AMD64") and "avx2" not in cpu_flags():
-        raise VllmUnavailable("this CPU has no AVX2, which vLLM's CPU build needs: run the fleet on a CPU with "
-                              "AVX2 or AVX-512, or on a GPU (docker compose --profile gpu)")
+        raise VllmUnavailable(
+            "this CPU has no AVX2, which vLLM's CPU build needs: run the fleet on a CPU with "
+            "AVX2 or AVX-512, or on a GPU (docker compose --profile gpu)"
+        )
     free = _mem_available_gib()
     need = BASE_GIB + kv_cache_gib
     if free is not None and free < need:
-        raise VllmUnavailable(f"{free:.1f} GiB of memory available, vLLM needs about {need:.1f} GiB "
-                              f"({BASE_GIB:.1f} for the model, {kv_cache_gib:g} for the KV cache): free memory or "
-                              "lower the KV cache (QLP_VLLM_KV_CACHE_GIB)")
+        raise VllmUnavailable(
+            f"{free:.1f} GiB of memory available, vLLM needs about {need:.1f} GiB "
+            f"({BASE_GIB:.1f} for the model, {kv_cache_gib:g} for the KV cache): free memory or "
+            "lower the KV cache (QLP_VLLM_KV_CACHE_GIB)"
+        )
 
 
 def free_port() -> int:
@@ -110,8 +125,16 @@ def free_port() -> int:
         return int(s.getsockname()[1])
 
 
-def command(model: Path | str, port: int, *, python: Path = VLLM_PYTHON, config: Path | None = CPU_CONFIG,
-            dtype: str | None = None, host: str = "127.0.0.1", extra: list[str] | None = None) -> list[str]:
+def command(
+    model: Path | str,
+    port: int,
+    *,
+    python: Path = VLLM_PYTHON,
+    config: Path | None = CPU_CONFIG,
+    dtype: str | None = None,
+    host: str = "127.0.0.1",
+    extra: list[str] | None = None,
+) -> list[str]:
     cmd = [str(python), "-m", ENTRY]
     if config is not None:
         cmd += ["--config", str(config)]
@@ -124,8 +147,10 @@ def environment(kv_cache_gib: float = 2.0, threads_bind: str | None = None) -> d
         "VLLM_CPU_KVCACHE_SPACE": f"{kv_cache_gib:g}",
         # The trainer's publish step hot-loads adapters (POST /v1/load_lora_adapter).
         "VLLM_ALLOW_RUNTIME_LORA_UPDATING": "True",
-        "HF_HUB_OFFLINE": "1", "TRANSFORMERS_OFFLINE": "1",
-        "VLLM_NO_USAGE_STATS": "1", "DO_NOT_TRACK": "1",
+        "HF_HUB_OFFLINE": "1",
+        "TRANSFORMERS_OFFLINE": "1",
+        "VLLM_NO_USAGE_STATS": "1",
+        "DO_NOT_TRACK": "1",
         "PYTHONUNBUFFERED": "1",
     }
     if threads_bind:
@@ -153,8 +178,10 @@ def diagnose(returncode: int, tail: str) -> str:
     if returncode == -signal.SIGILL or "illegal instruction" in low:
         return "vLLM died on an illegal instruction: this CPU lacks an instruction set its CPU build needs (AVX2)"
     if returncode == -signal.SIGKILL or "cannot allocate memory" in low or "out of memory" in low:
-        return ("vLLM was killed or could not allocate memory while loading (out of memory?): free memory or lower "
-                "the KV cache (QLP_VLLM_KV_CACHE_GIB)")
+        return (
+            "vLLM was killed or could not allocate memory while loading (out of memory?): free memory or lower "
+            "the KV cache (QLP_VLLM_KV_CACHE_GIB)"
+        )
     if "address already in use" in low:
         return "vLLM's port is taken: stop what listens there or choose another port"
     if "no module named 'vllm'" in low:
@@ -162,10 +189,21 @@ def diagnose(returncode: int, tail: str) -> str:
     return f"vLLM exited with status {returncode}"
 
 
-def start(model: Path | str, port: int, log: Path, *, timeout: float = 180.0,
-          progress: Callable[[str], None] | None = None, kv_cache_gib: float = 2.0,
-          threads_bind: str | None = None, python: Path = VLLM_PYTHON, config: Path | None = CPU_CONFIG,
-          dtype: str | None = None, extra: list[str] | None = None, env: dict[str, str] | None = None) -> VllmProcess:
+def start(
+    model: Path | str,
+    port: int,
+    log: Path,
+    *,
+    timeout: float = 180.0,
+    progress: Callable[[str], None] | None = None,
+    kv_cache_gib: float = 2.0,
+    threads_bind: str | None = None,
+    python: Path = VLLM_PYTHON,
+    config: Path | None = CPU_CONFIG,
+    dtype: str | None = None,
+    extra: list[str] | None = None,
+    env: dict[str, str] | None = None,
+) -> VllmProcess:
     """Launch vLLM in its own process group (log to `log`) and return once GET /health answers 200."""
     preflight(python, kv_cache_gib)
     url = f"http://127.0.0.1:{port}"
@@ -173,8 +211,14 @@ def start(model: Path | str, port: int, log: Path, *, timeout: float = 180.0,
     log.parent.mkdir(parents=True, exist_ok=True)
     t0 = time.monotonic()
     with log.open("ab") as out:
-        proc = subprocess.Popen(cmd, cwd=ROOT, stdout=out, stderr=subprocess.STDOUT, start_new_session=True,
-                                env={**os.environ, **environment(kv_cache_gib, threads_bind), **(env or {})})
+        proc = subprocess.Popen(
+            cmd,
+            cwd=ROOT,
+            stdout=out,
+            stderr=subprocess.STDOUT,
+            start_new_session=True,
+            env={**os.environ, **environment(kv_cache_gib, threads_bind), **(env or {})},
+        )
     phase = -1
     offset = log.stat().st_size if log.exists() else 0
     try:

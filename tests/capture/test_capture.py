@@ -25,10 +25,13 @@ from tests.fakes.upstream import chunk, completion
 CFG = CaptureConfig(targets={"T0": ("developer",), "T3": ("*",)}, maxlen=100, max_bytes=4096)
 
 
-def exchange(agent: str | None = "developer", stream: bool = False, endpoint: str = "chat",
-             **over: Any) -> Exchange:
-    x = Exchange(request_id=over.pop("request_id", f"r-{time.monotonic_ns()}"), started=time.perf_counter() - 0.25,
-                 endpoint=endpoint, stream=stream)  # type: ignore[arg-type]
+def exchange(agent: str | None = "developer", stream: bool = False, endpoint: str = "chat", **over: Any) -> Exchange:
+    x = Exchange(
+        request_id=over.pop("request_id", f"r-{time.monotonic_ns()}"),
+        started=time.perf_counter() - 0.25,
+        endpoint=endpoint,
+        stream=stream,
+    )  # type: ignore[arg-type]
     x.tier = x.requested_tier = "T0"
     x.backend, x.model, x.agent, x.workflow, x.tenant, x.status = "a", "m0", agent, "wf-1", "acme", 200
     x.usage = {"prompt_tokens": 5, "completion_tokens": 3}
@@ -52,8 +55,12 @@ def sse(*pieces: str, done: bool = True) -> bytes:
 
 
 def counts(m: Metrics) -> dict[tuple[str, str], float]:
-    return {(s.labels["tier"], s.labels["outcome"]): s.value for metric in m.capture.collect()
-            for s in metric.samples if s.name.endswith("_total")}
+    return {
+        (s.labels["tier"], s.labels["outcome"]): s.value
+        for metric in m.capture.collect()
+        for s in metric.samples
+        if s.name.endswith("_total")
+    }
 
 
 async def entries(r: Redis, agent: str = "developer") -> list[dict[str, Any]]:
@@ -75,12 +82,24 @@ def metrics() -> Metrics:
 async def test_a_served_exchange_becomes_one_redacted_record(r: Redis) -> None:
     m = metrics()
     cap = Capture(CFG, r, secrets=("backend-secret-value-1",), metrics=m)
-    body = {"model": "qlp-t0", "messages": [
-        {"role": "system", "content": "backend-secret-value-1 is the key"},
-        {"role": "user", "content": [{"type": "text", "text": planted()}, {"type": "image_url", "image_url": {"url": "x"}}]},
-        {"role": "assistant", "content": None, "tool_calls": [
-            {"id": "c1", "type": "function", "function": {"name": "f", "arguments": '{"token": "CANARYtc"}'}}]},
-        {"role": "tool", "tool_call_id": "c1", "content": "ok"}]}
+    body = {
+        "model": "qlp-t0",
+        "messages": [
+            {"role": "system", "content": "backend-secret-value-1 is the key"},
+            {
+                "role": "user",
+                "content": [{"type": "text", "text": planted()}, {"type": "image_url", "image_url": {"url": "x"}}],
+            },
+            {
+                "role": "assistant",
+                "content": None,
+                "tool_calls": [
+                    {"id": "c1", "type": "function", "function": {"name": "f", "arguments": '{"token": "CANARYtc"}'}}
+                ],
+            },
+            {"role": "tool", "tool_call_id": "c1", "content": "ok"},
+        ],
+    }
     x = exchange()
     cap.submit(x, request(body), orjson.dumps(completion("m0", "the answer, sk-proj-CANARYechoedabcdefghijklmnop")))
     await cap.flush()
@@ -91,10 +110,34 @@ async def test_a_served_exchange_becomes_one_redacted_record(r: Redis) -> None:
     assert [m["role"] for m in rec["messages"]] == ["system", "user", "assistant", "tool"]
     assert all(isinstance(m["content"], str) for m in rec["messages"])
     assert rec["messages"][2]["tool_calls"][0]["function"]["name"] == "f"
-    assert {k: rec[k] for k in ("request_id", "tenant", "tier", "requested_tier", "agent", "workflow", "backend",
-                                "model", "endpoint", "stream", "outcome")} == {
-        "request_id": x.request_id, "tenant": "acme", "tier": "T0", "requested_tier": "T0", "agent": "developer",
-        "workflow": "wf-1", "backend": "a", "model": "m0", "endpoint": "chat", "stream": False, "outcome": None}
+    assert {
+        k: rec[k]
+        for k in (
+            "request_id",
+            "tenant",
+            "tier",
+            "requested_tier",
+            "agent",
+            "workflow",
+            "backend",
+            "model",
+            "endpoint",
+            "stream",
+            "outcome",
+        )
+    } == {
+        "request_id": x.request_id,
+        "tenant": "acme",
+        "tier": "T0",
+        "requested_tier": "T0",
+        "agent": "developer",
+        "workflow": "wf-1",
+        "backend": "a",
+        "model": "m0",
+        "endpoint": "chat",
+        "stream": False,
+        "outcome": None,
+    }
     assert rec["usage"] == {"prompt_tokens": 5, "completion_tokens": 3}
     assert 250 <= rec["latency_ms"] < 10_000
     assert rec["time"].endswith("Z") and abs(rec["ts"] - time.time() * 1000) < 60_000
@@ -119,12 +162,15 @@ async def test_text_completion_prompt_becomes_a_user_turn(r: Redis) -> None:
     assert rec["messages"] == [{"role": "user", "content": "hello"}] and rec["response"] == " world"
 
 
-@pytest.mark.parametrize("response", [
-    sse("partial", done=False),  # cut before [DONE]
-    sse("a").replace(b"data: [DONE]", b'data: {"error": {"message": "upstream died"}}\n\ndata: [DONE]'),
-    orjson.dumps({"choices": [{"index": 0, "message": {"role": "assistant", "content": None, "tool_calls": []}}]}),
-    b"not json",
-])
+@pytest.mark.parametrize(
+    "response",
+    [
+        sse("partial", done=False),  # cut before [DONE]
+        sse("a").replace(b"data: [DONE]", b'data: {"error": {"message": "upstream died"}}\n\ndata: [DONE]'),
+        orjson.dumps({"choices": [{"index": 0, "message": {"role": "assistant", "content": None, "tool_calls": []}}]}),
+        b"not json",
+    ],
+)
 async def test_exchanges_without_a_whole_reply_are_skipped_and_counted(r: Redis, response: bytes) -> None:
     m = metrics()
     cap = Capture(CFG, r, metrics=m)

@@ -50,8 +50,16 @@ def r(redis_url: str) -> Any:
         yield c
 
 
-def ask(client: openai.OpenAI, content: str = "hi", *, agent: str | None = "developer", tier: str = "T0",
-        stream: bool = False, request_id: str | None = None, workflow: str | None = "wf-1") -> str:
+def ask(
+    client: openai.OpenAI,
+    content: str = "hi",
+    *,
+    agent: str | None = "developer",
+    tier: str = "T0",
+    stream: bool = False,
+    request_id: str | None = None,
+    workflow: str | None = "wf-1",
+) -> str:
     headers = {"X-QLP-Tier": tier}
     if agent:
         headers["X-QLP-Agent"] = agent
@@ -89,8 +97,9 @@ def export(gw: RunningGateway, redis_url: str, out: Path, monkeypatch: pytest.Mo
     return buf.getvalue()
 
 
-def test_developer_exchanges_on_t0_are_captured_and_no_others(client: openai.OpenAI, r: redis.Redis,
-                                                                upstreams: dict[str, FakeUpstream]) -> None:
+def test_developer_exchanges_on_t0_are_captured_and_no_others(
+    client: openai.OpenAI, r: redis.Redis, upstreams: dict[str, FakeUpstream]
+) -> None:
     # Not captured: another agent on T0, the developer on T1, no agent at all.
     ask(client, agent="architect")
     ask(client, tier="T1")
@@ -103,21 +112,38 @@ def test_developer_exchanges_on_t0_are_captured_and_no_others(client: openai.Ope
     assert r.xlen(stream_key("developer")) == 2
     for rec in (plain, streamed):
         assert rec["tier"] == rec["requested_tier"] == "T0"
-        assert (rec["backend"], rec["model"], rec["agent"], rec["workflow"], rec["tenant"]) == \
-            ("a", "m0", "developer", "wf-1", "acme")
+        assert (rec["backend"], rec["model"], rec["agent"], rec["workflow"], rec["tenant"]) == (
+            "a",
+            "m0",
+            "developer",
+            "wf-1",
+            "acme",
+        )
         assert rec["messages"] == [{"role": "system", "content": "You write code."}, {"role": "user", "content": "hi"}]
         assert rec["outcome"] is None and rec["endpoint"] == "chat" and 0 <= rec["latency_ms"] < 20_000
-    assert (plain["request_id"], plain["stream"], plain["response"]) == \
-        ("req-plain", False, "def add(a, b): return a + b")
-    assert (streamed["request_id"], streamed["stream"], streamed["response"]) == \
-        ("req-stream", True, "hello0 hello1 hello2 ")
+    assert (plain["request_id"], plain["stream"], plain["response"]) == (
+        "req-plain",
+        False,
+        "def add(a, b): return a + b",
+    )
+    assert (streamed["request_id"], streamed["stream"], streamed["response"]) == (
+        "req-stream",
+        True,
+        "hello0 hello1 hello2 ",
+    )
     assert plain["usage"]["prompt_tokens"] == 5 and plain["usage"]["completion_tokens"] == 3
     assert streamed["usage"]["completion_tokens"] == 3
 
 
 def test_redaction_canaries_never_reach_the_stream_or_the_export(
-        gw: RunningGateway, client: openai.OpenAI, r: redis.Redis, upstreams: dict[str, FakeUpstream],
-        redis_url: str, tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    gw: RunningGateway,
+    client: openai.OpenAI,
+    r: redis.Redis,
+    upstreams: dict[str, FakeUpstream],
+    redis_url: str,
+    tmp_path: Path,
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
     secret_text = planted() + f"\nbackend key {BACKEND_SECRET}, admin key {ADMIN_KEY}"
     echo = f"you sent {CANARIES['openai']} and {CANARIES['aws']} and {BACKEND_SECRET}"
     upstreams["a"].push(Script(content=echo), Script(content=echo, n_chunks=1))
@@ -137,8 +163,13 @@ def test_redaction_canaries_never_reach_the_stream_or_the_export(
 
 
 def test_export_joins_feedback_outcomes_and_the_trainer_accepts_it(
-        gw: RunningGateway, client: openai.OpenAI, r: redis.Redis, redis_url: str, tmp_path: Path,
-        monkeypatch: pytest.MonkeyPatch) -> None:
+    gw: RunningGateway,
+    client: openai.OpenAI,
+    r: redis.Redis,
+    redis_url: str,
+    tmp_path: Path,
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
     ask(client, "one", request_id="req-own", workflow="wf-a")  # its own feedback: success
     ask(client, "two", request_id="req-wf", workflow="wf-b")  # its workflow's: failure
     ask(client, "three", request_id="req-both", workflow="wf-b")  # its own (success) beats the workflow's
@@ -176,8 +207,13 @@ def test_export_joins_feedback_outcomes_and_the_trainer_accepts_it(
 
 
 def test_export_reapplies_redaction_patterns_added_after_the_capture(
-        gw: RunningGateway, client: openai.OpenAI, r: redis.Redis, redis_url: str, tmp_path: Path,
-        monkeypatch: pytest.MonkeyPatch) -> None:
+    gw: RunningGateway,
+    client: openai.OpenAI,
+    r: redis.Redis,
+    redis_url: str,
+    tmp_path: Path,
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
     ask(client, "project LATECANARY-7 is secret")
     captured(r, 1)
     assert b"LATECANARY-7" in raw_stream_bytes(r)  # no pattern for it when it was captured
@@ -190,8 +226,9 @@ def test_export_reapplies_redaction_patterns_added_after_the_capture(
     assert "LATECANARY" not in out.read_text() and "project [REDACTED] is secret" in out.read_text()
 
 
-def test_capture_cli_stats_and_errors(client: openai.OpenAI, r: redis.Redis, redis_url: str, tmp_path: Path,
-                                      capsys: pytest.CaptureFixture[str]) -> None:
+def test_capture_cli_stats_and_errors(
+    client: openai.OpenAI, r: redis.Redis, redis_url: str, tmp_path: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
     ask(client)
     captured(r, 1)
     buf = io.StringIO()

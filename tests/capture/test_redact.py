@@ -14,8 +14,12 @@ from tests.capture.conftest import CANARIES, MARKERS, planted
 @pytest.mark.parametrize("kind", list(CANARIES))
 def test_each_builtin_secret_kind_is_masked(kind: str) -> None:
     r = Redactor()
-    for text in (CANARIES[kind], f"before {CANARIES[kind]} after", f"«{CANARIES[kind]}»\n",
-                 f'{{"content": "{CANARIES[kind]}"}}'):
+    for text in (
+        CANARIES[kind],
+        f"before {CANARIES[kind]} after",
+        f"«{CANARIES[kind]}»\n",
+        f'{{"content": "{CANARIES[kind]}"}}',
+    ):
         out = r.text(text)
         assert MARKERS[kind] not in out, out
         assert MASK in out
@@ -35,11 +39,19 @@ def test_assignment_keeps_the_name_and_masks_the_value() -> None:
     assert r.text("Authorization: Bearer abc123xyz987") == "Authorization: Bearer [REDACTED]"
 
 
-@pytest.mark.parametrize("text", [
-    "max_tokens: 100", "the bearer instrument", "def tokenize(s): return s.split()",
-    "task-abcdefghijklmnopqrstuvwxyz0123", "use qlp-t0 for cheap work", "password policy: see the wiki",
-    "naïve café 東京 — ok", "",
-])
+@pytest.mark.parametrize(
+    "text",
+    [
+        "max_tokens: 100",
+        "the bearer instrument",
+        "def tokenize(s): return s.split()",
+        "task-abcdefghijklmnopqrstuvwxyz0123",
+        "use qlp-t0 for cheap work",
+        "password policy: see the wiki",
+        "naïve café 東京 — ok",
+        "",
+    ],
+)
 def test_ordinary_text_is_left_alone(text: str) -> None:
     assert Redactor().text(text) == text
 
@@ -53,8 +65,10 @@ def test_redaction_is_idempotent_so_export_can_reapply_it() -> None:
 def test_overlapping_secrets_leave_no_fragment() -> None:
     r = Redactor(secrets=["sk-proj-CANARYlonglonglong-abcdefghijklmnop", "CANARYlonglonglong"])
     # A literal inside a pattern match, a pattern match inside an assignment, a key inside a PEM block.
-    text = ("token=sk-proj-CANARYlonglonglong-abcdefghijklmnop and CANARYlonglonglong and "
-            "-----BEGIN PRIVATE KEY-----\nsk-ant-api03-CANARYxxxxxxxxxxxxxxxxxx\n-----END PRIVATE KEY-----")
+    text = (
+        "token=sk-proj-CANARYlonglonglong-abcdefghijklmnop and CANARYlonglonglong and "
+        "-----BEGIN PRIVATE KEY-----\nsk-ant-api03-CANARYxxxxxxxxxxxxxxxxxx\n-----END PRIVATE KEY-----"
+    )
     out = r.text(text)
     assert "CANARY" not in out
     assert "PRIVATE KEY" not in out
@@ -67,8 +81,10 @@ def test_a_pem_block_cut_before_its_end_is_masked_to_the_end() -> None:
 
 def test_literal_secrets_and_config_patterns_are_masked() -> None:
     r = Redactor(["(?i)hunter\\d+", r"ACME-\d{4}"], ["s3cr3t-backend-key"])
-    assert r.text("pw HUNTER22, ticket ACME-1234, key s3cr3t-backend-key.") == \
-        "pw [REDACTED], ticket [REDACTED], key [REDACTED]."
+    assert (
+        r.text("pw HUNTER22, ticket ACME-1234, key s3cr3t-backend-key.")
+        == "pw [REDACTED], ticket [REDACTED], key [REDACTED]."
+    )
 
 
 def test_config_patterns_with_their_own_groups_still_work() -> None:
@@ -81,8 +97,11 @@ def test_short_literal_secrets_do_not_mask_ordinary_words() -> None:
 
 
 def test_nested_values_are_redacted_and_keys_kept() -> None:
-    value = {"role": "assistant", "content": None, "tool_calls": [
-        {"id": "c1", "function": {"name": "login", "arguments": '{"password": "CANARYpw"}'}}]}
+    value = {
+        "role": "assistant",
+        "content": None,
+        "tool_calls": [{"id": "c1", "function": {"name": "login", "arguments": '{"password": "CANARYpw"}'}}],
+    }
     out = Redactor().obj(value)
     assert "CANARY" not in str(out)
     assert out["tool_calls"][0]["function"]["name"] == "login" and out["content"] is None

@@ -74,7 +74,9 @@ def _listen_port(svc: dict[str, Any]) -> int:
         if arg == "--port":
             return int(command[i + 1])
     if "--config" in command:  # vLLM: the port is in its launch-arguments file
-        cfg = yaml.safe_load((ROOT / "services/vllm" / command[command.index("--config") + 1].rsplit("/", 1)[1]).read_text())
+        cfg = yaml.safe_load(
+            (ROOT / "services/vllm" / command[command.index("--config") + 1].rsplit("/", 1)[1]).read_text()
+        )
         return int(cfg["port"])
     raise AssertionError(f"no --port in {command}")
 

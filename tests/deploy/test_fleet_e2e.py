@@ -48,9 +48,26 @@ def test_local_fleet_serves_every_tier_books_it_and_leaves_nothing_running(tmp_p
     env = {**os.environ, "QLP_PORT": str(gw_port), "PYTHONUNBUFFERED": "1"}
     env.pop("QLP_T3_API_KEY", None)
     proc = subprocess.Popen(
-        [sys.executable, "-m", "gateway.cli", "up", "--config", str(cfg_path), "--var", str(var),
-         "--redis-port", str(redis_port), "--ready-timeout", "240"],
-        cwd=ROOT, env=env, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True, start_new_session=True,
+        [
+            sys.executable,
+            "-m",
+            "gateway.cli",
+            "up",
+            "--config",
+            str(cfg_path),
+            "--var",
+            str(var),
+            "--redis-port",
+            str(redis_port),
+            "--ready-timeout",
+            "240",
+        ],
+        cwd=ROOT,
+        env=env,
+        stdout=subprocess.PIPE,
+        stderr=subprocess.STDOUT,
+        text=True,
+        start_new_session=True,
     )
     try:
         out = ""
@@ -67,8 +84,11 @@ def test_local_fleet_serves_every_tier_books_it_and_leaves_nothing_running(tmp_p
         client = openai.OpenAI(base_url=gw + "/v1", api_key=key, max_retries=0, timeout=120)
         for tier in ("T0", "T1", "T2"):
             r = client.chat.completions.with_raw_response.create(
-                model="qlp-t0", messages=[{"role": "user", "content": "Say hi"}], max_tokens=4,
-                extra_headers={"X-QLP-Tier": tier, "X-QLP-Workflow-Id": "wf-e2e"})
+                model="qlp-t0",
+                messages=[{"role": "user", "content": "Say hi"}],
+                max_tokens=4,
+                extra_headers={"X-QLP-Tier": tier, "X-QLP-Workflow-Id": "wf-e2e"},
+            )
             assert r.headers["x-qlp-tier"] == tier and r.parse().choices[0].message.content is not None
 
         ledger = httpx.get(gw + "/v1/ledger/workflows/wf-e2e", headers={"Authorization": f"Bearer {key}"}, timeout=30)
@@ -84,7 +104,9 @@ def test_local_fleet_serves_every_tier_books_it_and_leaves_nothing_running(tmp_p
         proc.send_signal(signal.SIGINT)
         proc.wait(60)
     deadline = time.monotonic() + 10
-    while (left := _processes_mentioning(str(tmp_path)) + _processes_mentioning(f"--port {model_port}")) and time.monotonic() < deadline:
+    while (
+        left := _processes_mentioning(str(tmp_path)) + _processes_mentioning(f"--port {model_port}")
+    ) and time.monotonic() < deadline:
         time.sleep(0.1)
     assert not left, f"processes left running: {left}"
     assert proc.returncode == 0

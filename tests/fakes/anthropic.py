@@ -24,8 +24,22 @@ from tests.fakes.threaded import ThreadedServer
 
 __all__ = ["AnthropicScript", "FakeAnthropic", "anthropic_events", "anthropic_message"]
 
-_FIELDS = frozenset({"model", "messages", "max_tokens", "system", "stop_sequences", "temperature", "top_p", "top_k",
-                     "tools", "tool_choice", "metadata", "stream"})
+_FIELDS = frozenset(
+    {
+        "model",
+        "messages",
+        "max_tokens",
+        "system",
+        "stop_sequences",
+        "temperature",
+        "top_p",
+        "top_k",
+        "tools",
+        "tool_choice",
+        "metadata",
+        "stream",
+    }
+)
 
 
 @dataclass
@@ -53,10 +67,19 @@ def anthropic_message(s: AnthropicScript, model: str) -> dict[str, Any]:
     if s.tool:
         content.append({"type": "tool_use", "id": "toolu_01", "name": s.tool[0], "input": s.tool[1]})
     return {
-        "id": "msg_fake01", "type": "message", "role": "assistant", "model": model, "content": content,
-        "stop_reason": s.stop_reason or ("tool_use" if s.tool else "end_turn"), "stop_sequence": None,
-        "usage": {"input_tokens": s.input_tokens, "output_tokens": s.output_tokens,
-                  "cache_creation_input_tokens": s.cache_write, "cache_read_input_tokens": s.cache_read},
+        "id": "msg_fake01",
+        "type": "message",
+        "role": "assistant",
+        "model": model,
+        "content": content,
+        "stop_reason": s.stop_reason or ("tool_use" if s.tool else "end_turn"),
+        "stop_sequence": None,
+        "usage": {
+            "input_tokens": s.input_tokens,
+            "output_tokens": s.output_tokens,
+            "cache_creation_input_tokens": s.cache_write,
+            "cache_read_input_tokens": s.cache_read,
+        },
     }
 
 
@@ -67,39 +90,58 @@ def _sse(obj: dict[str, Any]) -> bytes:
 def anthropic_events(s: AnthropicScript, model: str) -> list[bytes]:
     """The stream of the same message `anthropic_message` returns, event by event."""
     msg = anthropic_message(s, model)
-    start = {**msg, "content": [], "stop_reason": None,
-             "usage": {**msg["usage"], "output_tokens": 1}}
+    start = {**msg, "content": [], "stop_reason": None, "usage": {**msg["usage"], "output_tokens": 1}}
     events = [_sse({"type": "message_start", "message": start}), _sse({"type": "ping"})]
     for i, block in enumerate(msg["content"]):
         if block["type"] == "text":
-            events.append(_sse({"type": "content_block_start", "index": i, "content_block": {"type": "text", "text": ""}}))
+            events.append(
+                _sse({"type": "content_block_start", "index": i, "content_block": {"type": "text", "text": ""}})
+            )
             words = block["text"].split(" ")
             for j, w in enumerate(words):
                 piece = w if j == len(words) - 1 else w + " "
-                events.append(_sse({"type": "content_block_delta", "index": i,
-                                    "delta": {"type": "text_delta", "text": piece}}))
+                events.append(
+                    _sse({"type": "content_block_delta", "index": i, "delta": {"type": "text_delta", "text": piece}})
+                )
         else:
-            events.append(_sse({"type": "content_block_start", "index": i,
-                                "content_block": {**block, "input": {}}}))
+            events.append(_sse({"type": "content_block_start", "index": i, "content_block": {**block, "input": {}}}))
             js = orjson.dumps(block["input"]).decode()
             third = max(1, len(js) // 3)
-            for piece in (js[:third], js[third:2 * third], js[2 * third:]):
-                events.append(_sse({"type": "content_block_delta", "index": i,
-                                    "delta": {"type": "input_json_delta", "partial_json": piece}}))
+            for piece in (js[:third], js[third : 2 * third], js[2 * third :]):
+                events.append(
+                    _sse(
+                        {
+                            "type": "content_block_delta",
+                            "index": i,
+                            "delta": {"type": "input_json_delta", "partial_json": piece},
+                        }
+                    )
+                )
         events.append(_sse({"type": "content_block_stop", "index": i}))
-    events.append(_sse({"type": "message_delta", "delta": {"stop_reason": msg["stop_reason"], "stop_sequence": None},
-                        "usage": {"output_tokens": s.output_tokens}}))
+    events.append(
+        _sse(
+            {
+                "type": "message_delta",
+                "delta": {"stop_reason": msg["stop_reason"], "stop_sequence": None},
+                "usage": {"output_tokens": s.output_tokens},
+            }
+        )
+    )
     events.append(_sse({"type": "message_stop"}))
     return events
 
 
-def _error(status: int, type_: str, message: str, headers: dict[str, str] | None = None,
-           details: dict[str, Any] | None = None) -> web.Response:
+def _error(
+    status: int, type_: str, message: str, headers: dict[str, str] | None = None, details: dict[str, Any] | None = None
+) -> web.Response:
     err: dict[str, Any] = {"type": type_, "message": message}
     if details:
         err["details"] = details
-    return web.Response(status=status, body=orjson.dumps({"type": "error", "error": err, "request_id": "req_fake"}),
-                        headers={"Content-Type": "application/json", **(headers or {})})
+    return web.Response(
+        status=status,
+        body=orjson.dumps({"type": "error", "error": err, "request_id": "req_fake"}),
+        headers={"Content-Type": "application/json", **(headers or {})},
+    )
 
 
 def _invalid(body: dict[str, Any]) -> str | None:
@@ -123,7 +165,7 @@ def _invalid(body: dict[str, Any]) -> str | None:
         if m.get("role") not in ("user", "assistant"):
             return f"messages.{i}.role: Input should be 'user' or 'assistant'"
         if i and m["role"] == msgs[i - 1]["role"]:
-            return "messages: roles must alternate between \"user\" and \"assistant\""
+            return 'messages: roles must alternate between "user" and "assistant"'
         content = m.get("content")
         if not content:
             return f"messages.{i}: all messages must have non-empty content"
@@ -175,8 +217,9 @@ class FakeAnthropic(ThreadedServer):
         if s.status != 200:
             return _error(s.status, s.error_type or "api_error", s.message, s.headers, s.error_details)
         if not body.get("stream"):
-            return web.Response(body=orjson.dumps(anthropic_message(s, body["model"])),
-                                headers={"Content-Type": "application/json"})
+            return web.Response(
+                body=orjson.dumps(anthropic_message(s, body["model"])), headers={"Content-Type": "application/json"}
+            )
         return await self._stream(request, s, body["model"])
 
     async def _stream(self, request: web.Request, s: AnthropicScript, model: str) -> web.StreamResponse:
@@ -192,7 +235,7 @@ class FakeAnthropic(ThreadedServer):
                     assert request.transport is not None
                     request.transport.close()
                     return resp
-                pieces = [ev[j: j + s.split] for j in range(0, len(ev), s.split)] if s.split else [ev]
+                pieces = [ev[j : j + s.split] for j in range(0, len(ev), s.split)] if s.split else [ev]
                 for p in pieces:
                     await resp.write(p)
             await resp.write_eof()

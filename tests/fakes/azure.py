@@ -27,13 +27,17 @@ _FILTER = [{"prompt_index": 0, "content_filter_results": {"hate": {"filtered": F
 
 
 def _error(status: int, code: str, message: str, headers: dict[str, str] | None = None) -> web.Response:
-    return web.Response(status=status, body=orjson.dumps({"error": {"code": code, "message": message}}),
-                        headers={"Content-Type": "application/json", **(headers or {})})
+    return web.Response(
+        status=status,
+        body=orjson.dumps({"error": {"code": code, "message": message}}),
+        headers={"Content-Type": "application/json", **(headers or {})},
+    )
 
 
 class FakeAzure(ThreadedServer):
-    def __init__(self, name: str = "azure", api_key: str = "azure-test-key-0123",
-                 deployments: tuple[str, ...] = ("gpt4o-prod",)) -> None:
+    def __init__(
+        self, name: str = "azure", api_key: str = "azure-test-key-0123", deployments: tuple[str, ...] = ("gpt4o-prod",)
+    ) -> None:
         super().__init__(name)
         self.api_key = api_key
         self.deployments = deployments
@@ -61,32 +65,56 @@ class FakeAzure(ThreadedServer):
         if request.query.get("api-version") not in API_VERSIONS:
             return _error(404, "404", "Resource not found")
         if request.headers.get("api-key") != self.api_key:
-            return _error(401, "401", "Access denied due to invalid subscription key or wrong API endpoint. "
-                                      "Make sure to provide a valid key for an active subscription.")
+            return _error(
+                401,
+                "401",
+                "Access denied due to invalid subscription key or wrong API endpoint. "
+                "Make sure to provide a valid key for an active subscription.",
+            )
         deployment = request.match_info["deployment"]
         if deployment not in self.deployments:
             return _error(404, "DeploymentNotFound", "The API deployment for this resource does not exist.")
         s = self.scripts.popleft() if self.scripts else self.default
         if s.status != 200 or s.body is not None:
-            payload = s.body if s.body is not None else {"error": {"code": str(s.status), "message": f"scripted {s.status}"}}
-            return web.Response(status=s.status, body=payload if isinstance(payload, bytes) else orjson.dumps(payload),
-                                headers={"Content-Type": "application/json", **s.headers})
+            payload = (
+                s.body if s.body is not None else {"error": {"code": str(s.status), "message": f"scripted {s.status}"}}
+            )
+            return web.Response(
+                status=s.status,
+                body=payload if isinstance(payload, bytes) else orjson.dumps(payload),
+                headers={"Content-Type": "application/json", **s.headers},
+            )
         model = "gpt-4o-2024-08-06"  # Azure answers with the deployed model, whatever the body said
         if not body.get("stream"):
             out: dict[str, Any] = {**completion(model, s.content), "prompt_filter_results": _FILTER}
             return web.Response(body=orjson.dumps(out), headers={"Content-Type": "application/json"})
         resp = web.StreamResponse(headers={"Content-Type": "text/event-stream"})
         await resp.prepare(request)
-        events = [b"data: " + orjson.dumps({"id": "", "object": "", "created": 0, "model": "", "choices": [],
-                                            "prompt_filter_results": _FILTER}) + b"\n\n",
-                  chunk(model, {"role": "assistant", "content": ""})]
+        events = [
+            b"data: "
+            + orjson.dumps(
+                {"id": "", "object": "", "created": 0, "model": "", "choices": [], "prompt_filter_results": _FILTER}
+            )
+            + b"\n\n",
+            chunk(model, {"role": "assistant", "content": ""}),
+        ]
         events += [chunk(model, {"content": f"{s.content}{i} "}) for i in range(s.n_chunks)]
         events.append(chunk(model, {}, "stop"))
         if (body.get("stream_options") or {}).get("include_usage"):
-            events.append(b"data: " + orjson.dumps({
-                "id": "chatcmpl-fake", "object": "chat.completion.chunk", "created": 1, "model": model,
-                "choices": [], "usage": {"prompt_tokens": 5, "completion_tokens": s.n_chunks,
-                                         "total_tokens": 5 + s.n_chunks}}) + b"\n\n")
+            events.append(
+                b"data: "
+                + orjson.dumps(
+                    {
+                        "id": "chatcmpl-fake",
+                        "object": "chat.completion.chunk",
+                        "created": 1,
+                        "model": model,
+                        "choices": [],
+                        "usage": {"prompt_tokens": 5, "completion_tokens": s.n_chunks, "total_tokens": 5 + s.n_chunks},
+                    }
+                )
+                + b"\n\n"
+            )
         events.append(b"data: [DONE]\n\n")
         for i, ev in enumerate(events):
             if s.cut_after is not None and i >= s.cut_after:

@@ -70,8 +70,9 @@ class FaultProxy(LoopThread):
         return f"http://127.0.0.1:{self.port}/v1"
 
     # -- control (thread-safe) -------------------------------------------------------------------------
-    def set(self, mode: Mode, *, latency: float = 0.0, after: int = 0, rst: bool = False,
-            close_existing: bool = True) -> None:
+    def set(
+        self, mode: Mode, *, latency: float = 0.0, after: int = 0, rst: bool = False, close_existing: bool = True
+    ) -> None:
         self._fault = _Fault(mode, latency, after, rst)
         if close_existing:
             self.close_connections()
@@ -128,8 +129,10 @@ class FaultProxy(LoopThread):
                 return
             up_reader, upstream = await asyncio.open_connection(*self.target)
             self._live.add(upstream)
-            pumps = {asyncio.create_task(self._pump(reader, upstream, fault, down=False)),
-                     asyncio.create_task(self._pump(up_reader, writer, fault, down=True))}
+            pumps = {
+                asyncio.create_task(self._pump(reader, upstream, fault, down=False)),
+                asyncio.create_task(self._pump(up_reader, writer, fault, down=True)),
+            }
             # Either side finishing ends the connection: the client went away (a stalled response
             # pump would otherwise wait forever), or the upstream closed or was cut.
             _, pending = await asyncio.wait(pumps, return_when=asyncio.FIRST_COMPLETED)

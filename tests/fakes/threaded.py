@@ -87,6 +87,13 @@ class ThreadedServer(LoopThread):
             body = orjson.loads(raw)
         except orjson.JSONDecodeError:
             body = None
-        self.requests.append({"path": request.path, "query": dict(request.query), "body": body,
-                              "headers": dict(request.headers), "raw": raw})
+        self.requests.append(
+            {
+                "path": request.path,
+                "query": dict(request.query),
+                "body": body,
+                "headers": dict(request.headers),
+                "raw": raw,
+            }
+        )
         return body if isinstance(body, dict) else {}

@@ -43,16 +43,27 @@ class Script:
 
 def completion(model: str, content: str, prompt_tokens: int = 5, completion_tokens: int = 3) -> dict[str, Any]:
     return {
-        "id": "chatcmpl-fake", "object": "chat.completion", "created": 1, "model": model,
+        "id": "chatcmpl-fake",
+        "object": "chat.completion",
+        "created": 1,
+        "model": model,
         "choices": [{"index": 0, "message": {"role": "assistant", "content": content}, "finish_reason": "stop"}],
-        "usage": {"prompt_tokens": prompt_tokens, "completion_tokens": completion_tokens,
-                  "total_tokens": prompt_tokens + completion_tokens},
+        "usage": {
+            "prompt_tokens": prompt_tokens,
+            "completion_tokens": completion_tokens,
+            "total_tokens": prompt_tokens + completion_tokens,
+        },
     }
 
 
 def chunk(model: str, delta: dict[str, Any], finish: str | None = None) -> bytes:
-    obj = {"id": "chatcmpl-fake", "object": "chat.completion.chunk", "created": 1, "model": model,
-           "choices": [{"index": 0, "delta": delta, "finish_reason": finish}]}
+    obj = {
+        "id": "chatcmpl-fake",
+        "object": "chat.completion.chunk",
+        "created": 1,
+        "model": model,
+        "choices": [{"index": 0, "delta": delta, "finish_reason": finish}],
+    }
     return b"data: " + orjson.dumps(obj) + b"\n\n"
 
 
@@ -102,7 +113,9 @@ class FakeUpstream(ThreadedServer):
             raw = payload if isinstance(payload, bytes) else orjson.dumps(payload)
             return web.Response(status=s.status, body=raw, headers={"Content-Type": "application/json", **s.headers})
         if not body.get("stream"):
-            doc = completion(model, s.content, s.prompt_tokens, 3 if s.completion_tokens is None else s.completion_tokens)
+            doc = completion(
+                model, s.content, s.prompt_tokens, 3 if s.completion_tokens is None else s.completion_tokens
+            )
             if not s.usage_in_body:
                 del doc["usage"]
             return web.Response(body=orjson.dumps(doc), headers={"Content-Type": "application/json", **s.headers})
@@ -113,10 +126,24 @@ class FakeUpstream(ThreadedServer):
         chunks.append(chunk(model, {}, "stop"))
         if s.usage_in_stream and (body.get("stream_options") or {}).get("include_usage"):
             ct = s.n_chunks if s.completion_tokens is None else s.completion_tokens
-            chunks.append(b"data: " + orjson.dumps({
-                "id": "chatcmpl-fake", "object": "chat.completion.chunk", "created": 1, "model": model,
-                "choices": [], "usage": {"prompt_tokens": s.prompt_tokens, "completion_tokens": ct,
-                                         "total_tokens": s.prompt_tokens + ct}}) + b"\n\n")
+            chunks.append(
+                b"data: "
+                + orjson.dumps(
+                    {
+                        "id": "chatcmpl-fake",
+                        "object": "chat.completion.chunk",
+                        "created": 1,
+                        "model": model,
+                        "choices": [],
+                        "usage": {
+                            "prompt_tokens": s.prompt_tokens,
+                            "completion_tokens": ct,
+                            "total_tokens": s.prompt_tokens + ct,
+                        },
+                    }
+                )
+                + b"\n\n"
+            )
         if s.done:
             chunks.append(b"data: [DONE]\n\n")
         try:

@@ -58,8 +58,11 @@ async def test_pooled_connection_closed_by_server_is_retried_transparently(clien
             assert await resp.read() == b"ok"
             resp.close()
             # the server's FIN has reached the pooled connection: reusing a stale one is the point
-            await eventually_async(lambda: all(c.lost for q in client._pool._idle.values() for c in q),  # type: ignore[union-attr]
-                                   2, "the server's FIN")
+            await eventually_async(
+                lambda: all(c.lost for q in client._pool._idle.values() for c in q),  # type: ignore[union-attr]
+                2,
+                "the server's FIN",
+            )
     assert connections == 3
 
 
@@ -152,7 +155,8 @@ async def test_connect_timeout_trips_on_time_and_is_retryable(client: UpstreamCl
     with full_accept_queue() as port:
         t0 = time.monotonic()
         with pytest.raises(UpstreamError) as e:
-            await client.post(f"http://127.0.0.1:{port}/v1/x", b"{}", {},
-                              Timeouts(connect=0.3, first_byte=5, idle=5, total=10))
+            await client.post(
+                f"http://127.0.0.1:{port}/v1/x", b"{}", {}, Timeouts(connect=0.3, first_byte=5, idle=5, total=10)
+            )
         assert 0.25 < time.monotonic() - t0 < 1.5
         assert e.value.kind == "timeout_connect" and e.value.retryable

@@ -75,8 +75,17 @@ def test_invalid_fields_are_400_naming_the_field(gw, upstreams, payload, code, p
 
 
 def test_documented_edges_of_the_ranges_are_accepted(gw, upstreams) -> None:  # type: ignore[no-untyped-def]
-    ok = {"temperature": 2, "top_p": 0, "presence_penalty": -2, "frequency_penalty": 2.0, "logprobs": True,
-          "top_logprobs": 20, "seed": -1, "stop": ["a", "b"], "logit_bias": {"50256": -100}}
+    ok = {
+        "temperature": 2,
+        "top_p": 0,
+        "presence_penalty": -2,
+        "frequency_penalty": 2.0,
+        "logprobs": True,
+        "top_logprobs": 20,
+        "seed": -1,
+        "stop": ["a", "b"],
+        "logit_bias": {"50256": -100},
+    }
     r = post(gw, json={"messages": MSG, **ok})
     assert r.status_code == 200, r.text
     assert {k: upstreams["a"].requests[0]["body"][k] for k in ok} == ok
@@ -137,8 +146,11 @@ def test_chunked_body_over_limit_is_413(gw, upstreams) -> None:  # type: ignore[
 
 
 def test_unknown_route_and_wrong_method_use_the_envelope(gw) -> None:  # type: ignore[no-untyped-def]
-    for r, status in ((httpx.get(gw.url + "/v1/nothing"), 404), (httpx.get(gw.url + "/v1/chat/completions"), 405),
-                      (httpx.delete(gw.url + "/v1/models"), 405)):
+    for r, status in (
+        (httpx.get(gw.url + "/v1/nothing"), 404),
+        (httpx.get(gw.url + "/v1/chat/completions"), 405),
+        (httpx.delete(gw.url + "/v1/models"), 405),
+    ):
         assert_envelope(r, status)
         assert len(r.headers["x-request-id"]) == 32 and r.headers["x-should-retry"] == "false"
     r = httpx.get(gw.url + "/v1/nothing", headers={"X-Request-Id": "mine-1"})

@@ -23,8 +23,14 @@ def fleet(ups: dict[str, FakeUpstream], **over: Any) -> dict[str, Any]:
         "retry": {"max_attempts": 3, "backoff_base": 0.001, "backoff_max": 0.01},
         "breaker": {"failures": 3, "cooldown": 60},
         "tiers": {
-            "T0": {"model": "m0", "aliases": ["qlp-t0"], "adapters": ["dev-v1"], "agents": {"developer": "dev-v1"},
-                   "fallback": ["T1"], "backends": [{"name": "a", "base_url": ups["a"].base_url}]},
+            "T0": {
+                "model": "m0",
+                "aliases": ["qlp-t0"],
+                "adapters": ["dev-v1"],
+                "agents": {"developer": "dev-v1"},
+                "fallback": ["T1"],
+                "backends": [{"name": "a", "base_url": ups["a"].base_url}],
+            },
             "T1": {"model": "m1", "aliases": ["qlp-t1"], "backends": [{"name": "b", "base_url": ups["b"].base_url}]},
         },
     }
@@ -39,10 +45,12 @@ def client(gw: Any, **headers: str) -> openai.OpenAI:
 
 # -- happy paths ------------------------------------------------------------------------------------------
 
+
 def test_non_stream_response_is_the_upstreams_with_routing_headers(upstreams, gateway_factory) -> None:
     gw = gateway_factory(fleet(upstreams))
-    r = client(gw).chat.completions.with_raw_response.create(model="qlp-t0", messages=MSG,
-                                                            extra_headers={"X-Request-Id": "req-123"})
+    r = client(gw).chat.completions.with_raw_response.create(
+        model="qlp-t0", messages=MSG, extra_headers={"X-Request-Id": "req-123"}
+    )
     assert r.headers["x-request-id"] == "req-123"
     assert r.headers["x-qlp-tier"] == "T0" and r.headers["x-qlp-backend"] == "a/m0"
     assert r.parse().choices[0].message.content == "hello"
@@ -63,15 +71,19 @@ def test_tier_header_routes_to_that_tier(upstreams, gateway_factory) -> None:
 
 def test_agent_header_sends_the_agents_adapter_upstream(upstreams, gateway_factory) -> None:
     gw = gateway_factory(fleet(upstreams))
-    r = client(gw, **{"X-QLP-Agent": "developer"}).chat.completions.with_raw_response.create(model="qlp-t0", messages=MSG)
+    r = client(gw, **{"X-QLP-Agent": "developer"}).chat.completions.with_raw_response.create(
+        model="qlp-t0", messages=MSG
+    )
     assert r.headers["x-qlp-backend"] == "a/dev-v1" and upstreams["a"].requests[0]["body"]["model"] == "dev-v1"
 
 
 def test_unknown_request_fields_pass_through_and_steering_fields_do_not(upstreams, gateway_factory) -> None:
     gw = gateway_factory(fleet(upstreams))
-    client(gw).chat.completions.create(model="qlp-t0", messages=MSG,
-                                       extra_body={"guided_json": {"type": "object"}, "api_base": "http://evil",
-                                                   "base_url": "http://evil"})
+    client(gw).chat.completions.create(
+        model="qlp-t0",
+        messages=MSG,
+        extra_body={"guided_json": {"type": "object"}, "api_base": "http://evil", "base_url": "http://evil"},
+    )
     body = upstreams["a"].requests[0]["body"]
     assert body["guided_json"] == {"type": "object"} and "api_base" not in body and "base_url" not in body
 
@@ -85,8 +97,9 @@ def test_completions_endpoint_is_proxied(upstreams, gateway_factory) -> None:
 def test_stream_passes_every_chunk_and_ends_with_done(upstreams, gateway_factory) -> None:
     upstreams["a"].default = Script(n_chunks=5)
     gw = gateway_factory(fleet(upstreams))
-    with httpx.stream("POST", gw.url + "/v1/chat/completions",
-                      json={"model": "qlp-t0", "messages": MSG, "stream": True}) as r:
+    with httpx.stream(
+        "POST", gw.url + "/v1/chat/completions", json={"model": "qlp-t0", "messages": MSG, "stream": True}
+    ) as r:
         raw = r.read()
     events = [e for e in raw.split(b"\n\n") if e]
     assert events[-1] == b"data: [DONE]"
@@ -103,12 +116,16 @@ def test_stream_hides_usage_chunk_unless_client_asked(upstreams, gateway_factory
 
 def test_stream_keeps_usage_chunk_when_client_asked(upstreams, gateway_factory) -> None:
     gw = gateway_factory(fleet(upstreams))
-    chunks = list(client(gw).chat.completions.create(model="qlp-t0", messages=MSG, stream=True,
-                                                     stream_options={"include_usage": True}))
+    chunks = list(
+        client(gw).chat.completions.create(
+            model="qlp-t0", messages=MSG, stream=True, stream_options={"include_usage": True}
+        )
+    )
     assert chunks[-1].usage is not None and chunks[-1].usage.completion_tokens == 3
 
 
 # -- fallback, retries, breaker ----------------------------------------------------------------------------
+
 
 def test_fallback_when_tier_has_no_reachable_backend(upstreams, gateway_factory) -> None:
     cfg = fleet(upstreams)
@@ -170,7 +187,9 @@ def test_429_with_retry_after_is_honoured(upstreams, gateway_factory) -> None:
 
 @pytest.mark.parametrize("status", [400, 404, 422])
 def test_client_errors_are_never_retried_nor_fall_back(upstreams, gateway_factory, status) -> None:
-    upstreams["a"].push(Script(status=status, body={"error": {"message": "bad thing", "type": "invalid_request_error"}}))
+    upstreams["a"].push(
+        Script(status=status, body={"error": {"message": "bad thing", "type": "invalid_request_error"}})
+    )
     gw = gateway_factory(fleet(upstreams))
     r = httpx.post(gw.url + "/v1/chat/completions", json={"model": "qlp-t0", "messages": MSG})
     assert r.status_code == status and r.json()["error"]["message"] == "bad thing"
@@ -190,8 +209,10 @@ def test_breaker_ejects_a_failing_backend(upstreams, gateway_factory) -> None:
     upstreams["a"].default = Script(status=500)
     cfg = fleet(upstreams)
     cfg["tiers"]["T0"]["fallback"] = []
-    cfg["tiers"]["T0"]["backends"] = [{"name": "a", "base_url": upstreams["a"].base_url},
-                                      {"name": "c", "base_url": upstreams["c"].base_url}]
+    cfg["tiers"]["T0"]["backends"] = [
+        {"name": "a", "base_url": upstreams["a"].base_url},
+        {"name": "c", "base_url": upstreams["c"].base_url},
+    ]
     gw = gateway_factory(cfg)
     for _ in range(20):
         httpx.post(gw.url + "/v1/chat/completions", json={"messages": MSG})
@@ -214,6 +235,7 @@ def test_breaker_half_open_probe_restores_backend(upstreams, gateway_factory) ->
 
 
 # -- timeouts and streams that break -----------------------------------------------------------------------
+
 
 def test_first_byte_timeout_gives_504(upstreams, gateway_factory) -> None:
     upstreams["a"].push(Script(delay=3))
@@ -241,8 +263,7 @@ def test_idle_timeout_mid_stream_yields_in_band_error(upstreams, gateway_factory
     cfg = fleet(upstreams)
     cfg["tiers"]["T0"].update(fallback=[], timeouts={"idle": 0.3})
     gw = gateway_factory(cfg)
-    with httpx.stream("POST", gw.url + "/v1/chat/completions",
-                      json={"messages": MSG, "stream": True}) as r:
+    with httpx.stream("POST", gw.url + "/v1/chat/completions", json={"messages": MSG, "stream": True}) as r:
         raw = r.read()
     last = raw.strip().split(b"\n\n")[-1]
     assert json.loads(last[6:])["error"]["code"] == "timeout_idle"
@@ -270,10 +291,15 @@ def test_client_disconnect_closes_the_upstream_within_a_second(upstreams, gatewa
 
 # -- external tier ------------------------------------------------------------------------------------------
 
+
 def t3_fleet(ups: dict[str, FakeUpstream]) -> dict[str, Any]:
     cfg = fleet(ups)
-    cfg["tiers"]["T3"] = {"kind": "openai", "model": "gpt-4", "aliases": ["qlp-t3"],
-                          "backends": [{"name": "openai", "base_url": ups["c"].base_url, "api_key_secret": "t3_api_key"}]}
+    cfg["tiers"]["T3"] = {
+        "kind": "openai",
+        "model": "gpt-4",
+        "aliases": ["qlp-t3"],
+        "backends": [{"name": "openai", "base_url": ups["c"].base_url, "api_key_secret": "t3_api_key"}],
+    }
     return cfg
 
 

@@ -12,17 +12,30 @@ from gateway.config import FleetConfig, Policy
 from gateway.errors import InvalidRequest, NotFound
 from gateway.routing import BackendState, TierResolver, choose_backend
 
-CONFIG = FleetConfig.model_validate({
-    "default_tier": "T0",
-    "tiers": {
-        "T0": {"model": "base", "aliases": ["qlp-t0"], "adapters": ["t0-dev", "t0-test"],
-               "agents": {"developer": "t0-dev"}, "fallback": ["T1"],
-               "backends": [{"name": "x", "base_url": "http://127.0.0.1:1/v1", "weight": 3},
-                            {"name": "y", "base_url": "http://127.0.0.1:2/v1", "weight": 1}]},
-        "T1": {"model": "base1", "aliases": ["qlp-t1"], "adapters": ["t1-arch"],
-               "backends": [{"name": "z", "base_url": "http://127.0.0.1:3/v1"}]},
-    },
-})
+CONFIG = FleetConfig.model_validate(
+    {
+        "default_tier": "T0",
+        "tiers": {
+            "T0": {
+                "model": "base",
+                "aliases": ["qlp-t0"],
+                "adapters": ["t0-dev", "t0-test"],
+                "agents": {"developer": "t0-dev"},
+                "fallback": ["T1"],
+                "backends": [
+                    {"name": "x", "base_url": "http://127.0.0.1:1/v1", "weight": 3},
+                    {"name": "y", "base_url": "http://127.0.0.1:2/v1", "weight": 1},
+                ],
+            },
+            "T1": {
+                "model": "base1",
+                "aliases": ["qlp-t1"],
+                "adapters": ["t1-arch"],
+                "backends": [{"name": "z", "base_url": "http://127.0.0.1:3/v1"}],
+            },
+        },
+    }
+)
 
 
 def test_header_tier_wins_over_model_alias() -> None:
@@ -97,7 +110,8 @@ def test_weights_split_traffic_in_proportion() -> None:
     backends = CONFIG.tiers["T0"].backends
     state = {"x": BackendState(True), "y": BackendState(True)}
     counts = collections.Counter(
-        choose_backend(backends, state, Policy.WEIGHTED, i / 10_000).name for i in range(10_000)  # type: ignore[union-attr]
+        choose_backend(backends, state, Policy.WEIGHTED, i / 10_000).name
+        for i in range(10_000)  # type: ignore[union-attr]
     )
     assert counts["x"] == 7500 and counts["y"] == 2500
 

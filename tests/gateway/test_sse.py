@@ -16,14 +16,24 @@ USAGE = {"prompt_tokens": 5, "completion_tokens": 2, "total_tokens": 7}
 
 
 def chunk(content: str) -> bytes:
-    return orjson.dumps({"id": "c", "object": "chat.completion.chunk", "choices": [
-        {"index": 0, "delta": {"content": content}, "finish_reason": None}]})
+    return orjson.dumps(
+        {
+            "id": "c",
+            "object": "chat.completion.chunk",
+            "choices": [{"index": 0, "delta": {"content": content}, "finish_reason": None}],
+        }
+    )
 
 
 def stream(sep: bytes = b"\n", space: bytes = b" ") -> bytes:
     usage = orjson.dumps({"id": "c", "object": "chat.completion.chunk", "choices": [], "usage": USAGE})
-    events = [b"data:" + space + chunk("he"), b": a comment", b"data:" + space + chunk("llo"),
-              b"data:" + space + usage, b"data:" + space + b"[DONE]"]
+    events = [
+        b"data:" + space + chunk("he"),
+        b": a comment",
+        b"data:" + space + chunk("llo"),
+        b"data:" + space + usage,
+        b"data:" + space + b"[DONE]",
+    ]
     return b"".join(e + sep + sep for e in events)
 
 
@@ -63,7 +73,7 @@ def test_a_usage_chunk_with_choices_loses_the_usage_field_not_the_choice() -> No
 
 
 def test_data_lines_join_comments_and_other_fields_are_ignored() -> None:
-    assert data_of(b"event: x\nid: 3\ndata: {\"a\":\ndata:1}") == b'{"a":\n1}'
+    assert data_of(b'event: x\nid: 3\ndata: {"a":\ndata:1}') == b'{"a":\n1}'
     assert data_of(b": keep-alive") is None and data_of(b"data") is None
     assert data_of(b"event: x\ndata") == b""
     assert data_of(b"data:  two spaces") == b" two spaces"  # only one leading space is dropped

@@ -17,8 +17,18 @@ from tests.fakes.connect_proxy import ConnectProxy
 from tests.fakes.upstream import FakeUpstream
 from tests.gateway.test_proxy import MSG
 
-PROXY_VARS = ("HTTPS_PROXY", "https_proxy", "HTTP_PROXY", "http_proxy", "NO_PROXY", "no_proxy", "ALL_PROXY",
-              "all_proxy", "SSL_CERT_FILE", "SSL_CERT_DIR")
+PROXY_VARS = (
+    "HTTPS_PROXY",
+    "https_proxy",
+    "HTTP_PROXY",
+    "http_proxy",
+    "NO_PROXY",
+    "no_proxy",
+    "ALL_PROXY",
+    "all_proxy",
+    "SSL_CERT_FILE",
+    "SSL_CERT_DIR",
+)
 
 
 @pytest.fixture(scope="module")
@@ -29,12 +39,42 @@ def tls_upstream(tmp_path_factory: pytest.TempPathFactory) -> Iterator[tuple[Fak
     def openssl(*args: str) -> None:
         subprocess.run(["openssl", *args], cwd=d, check=True, capture_output=True)
 
-    openssl("req", "-x509", *ec, "-keyout", "ca.key", "-out", "ca.pem", "-days", "2", "-subj", "/CN=qlp test CA",
-            "-addext", "basicConstraints=critical,CA:TRUE", "-addext", "keyUsage=critical,keyCertSign,cRLSign")
+    openssl(
+        "req",
+        "-x509",
+        *ec,
+        "-keyout",
+        "ca.key",
+        "-out",
+        "ca.pem",
+        "-days",
+        "2",
+        "-subj",
+        "/CN=qlp test CA",
+        "-addext",
+        "basicConstraints=critical,CA:TRUE",
+        "-addext",
+        "keyUsage=critical,keyCertSign,cRLSign",
+    )
     openssl("req", *ec, "-keyout", "srv.key", "-out", "srv.csr", "-subj", "/CN=localhost")
     (d / "ext.cnf").write_text("subjectAltName=DNS:localhost,IP:127.0.0.1\nextendedKeyUsage=serverAuth\n")
-    openssl("x509", "-req", "-in", "srv.csr", "-CA", "ca.pem", "-CAkey", "ca.key", "-CAcreateserial",
-            "-out", "srv.pem", "-days", "2", "-extfile", "ext.cnf")
+    openssl(
+        "x509",
+        "-req",
+        "-in",
+        "srv.csr",
+        "-CA",
+        "ca.pem",
+        "-CAkey",
+        "ca.key",
+        "-CAcreateserial",
+        "-out",
+        "srv.pem",
+        "-days",
+        "2",
+        "-extfile",
+        "ext.cnf",
+    )
     ctx = ssl.create_default_context(ssl.Purpose.CLIENT_AUTH)
     ctx.load_cert_chain(d / "srv.pem", d / "srv.key")
     up = FakeUpstream("tls", tls=ctx).start()
@@ -50,10 +90,19 @@ def clean_env(monkeypatch: pytest.MonkeyPatch) -> pytest.MonkeyPatch:
 
 
 def fleet(tls: FakeUpstream, local: FakeUpstream) -> dict[str, Any]:
-    return {"default_tier": "T0", "health_interval": 60, "tiers": {
-        "T0": {"model": "m0", "aliases": ["qlp-t0"], "backends": [{"name": "a", "base_url": local.base_url}]},
-        "T3": {"kind": "openai", "model": "gpt-4", "aliases": ["qlp-t3"],
-               "backends": [{"name": "ext", "base_url": tls.base_url}]}}}
+    return {
+        "default_tier": "T0",
+        "health_interval": 60,
+        "tiers": {
+            "T0": {"model": "m0", "aliases": ["qlp-t0"], "backends": [{"name": "a", "base_url": local.base_url}]},
+            "T3": {
+                "kind": "openai",
+                "model": "gpt-4",
+                "aliases": ["qlp-t3"],
+                "backends": [{"name": "ext", "base_url": tls.base_url}],
+            },
+        },
+    }
 
 
 def ask(gw: Any, model: str) -> httpx.Response:
@@ -71,7 +120,9 @@ def test_https_upstream_trusted_through_ssl_cert_file(tls_upstream, upstreams, g
     assert ask(gw, "qlp-t3").status_code == 200 and len(up.requests) == 2  # the kept-alive TLS connection
 
 
-def test_untrusted_certificate_is_a_clear_502_never_retried(tls_upstream, upstreams, gateway_factory, clean_env) -> None:  # type: ignore[no-untyped-def]
+def test_untrusted_certificate_is_a_clear_502_never_retried(
+    tls_upstream, upstreams, gateway_factory, clean_env
+) -> None:  # type: ignore[no-untyped-def]
     up, _ = tls_upstream
     up.reset()
     gw = gateway_factory(fleet(up, upstreams["a"]))
@@ -89,8 +140,13 @@ def proxy() -> Iterator[ConnectProxy]:
     p.stop()
 
 
-def test_https_proxy_tunnels_t3_and_the_local_tier_goes_direct(tls_upstream, upstreams, gateway_factory,  # type: ignore[no-untyped-def]
-                                                                 clean_env, proxy) -> None:
+def test_https_proxy_tunnels_t3_and_the_local_tier_goes_direct(
+    tls_upstream,
+    upstreams,
+    gateway_factory,  # type: ignore[no-untyped-def]
+    clean_env,
+    proxy,
+) -> None:
     up, ca = tls_upstream
     up.reset()
     clean_env.setenv("SSL_CERT_FILE", str(ca))
@@ -102,8 +158,13 @@ def test_https_proxy_tunnels_t3_and_the_local_tier_goes_direct(tls_upstream, ups
     assert len(up.requests) == 1
 
 
-def test_a_proxy_that_refuses_connect_is_a_502_naming_the_proxy(tls_upstream, upstreams, gateway_factory,  # type: ignore[no-untyped-def]
-                                                                  clean_env, proxy) -> None:
+def test_a_proxy_that_refuses_connect_is_a_502_naming_the_proxy(
+    tls_upstream,
+    upstreams,
+    gateway_factory,  # type: ignore[no-untyped-def]
+    clean_env,
+    proxy,
+) -> None:
     up, ca = tls_upstream
     up.reset()
     clean_env.setenv("SSL_CERT_FILE", str(ca))
@@ -114,8 +175,13 @@ def test_a_proxy_that_refuses_connect_is_a_502_naming_the_proxy(tls_upstream, up
     assert not up.requests
 
 
-def test_no_proxy_lets_a_host_connect_directly(tls_upstream, upstreams, gateway_factory, clean_env,  # type: ignore[no-untyped-def]
-                                               proxy) -> None:
+def test_no_proxy_lets_a_host_connect_directly(
+    tls_upstream,
+    upstreams,
+    gateway_factory,
+    clean_env,  # type: ignore[no-untyped-def]
+    proxy,
+) -> None:
     up, ca = tls_upstream
     up.reset()
     clean_env.setenv("SSL_CERT_FILE", str(ca))

@@ -29,11 +29,29 @@ GPT4 = ModelPrice(30_000_000, 60_000_000, 30_000_000, 30_000_000)
 
 
 def _charge(cid: str, ts_ms: int, key_id: str, pt: int, ct: int, cost: int) -> Charge:
-    rec = {"id": cid, "ts": ts_ms, "tenant": "acme", "workflow": None, "tier": "T0", "prompt_tokens": pt,
-           "completion_tokens": ct, "cost_micros": cost, "reference_cost_micros": GPT4.cost(Tokens(pt, ct)),
-           "estimated": False}
-    return Charge(cid, ts_ms, "acme", key_id, key_state=True, cost_micros=cost, minute=ts_ms // 60_000, record=rec,
-                  group=SEP.join(["T0", "a/m0", "", ""]))
+    rec = {
+        "id": cid,
+        "ts": ts_ms,
+        "tenant": "acme",
+        "workflow": None,
+        "tier": "T0",
+        "prompt_tokens": pt,
+        "completion_tokens": ct,
+        "cost_micros": cost,
+        "reference_cost_micros": GPT4.cost(Tokens(pt, ct)),
+        "estimated": False,
+    }
+    return Charge(
+        cid,
+        ts_ms,
+        "acme",
+        key_id,
+        key_state=True,
+        cost_micros=cost,
+        minute=ts_ms // 60_000,
+        record=rec,
+        group=SEP.join(["T0", "a/m0", "", ""]),
+    )
 
 
 async def _totals(r: Redis, key_id: str, day: str) -> dict[str, int]:
@@ -78,8 +96,10 @@ def test_ten_thousand_charges_sum_exactly(redis_url) -> None:
     for t, c in zip(tokens[:500], costs[:500], strict=True):
         exact = Fraction(t.prompt * 150_000 + t.completion * 600_000, 1_000_000)
         assert exact <= c < exact + 1
-    charges = [_charge(f"c{i}", now, "k1", t.prompt, t.completion, c)
-               for i, (t, c) in enumerate(zip(tokens, costs, strict=True))]
+    charges = [
+        _charge(f"c{i}", now, "k1", t.prompt, t.completion, c)
+        for i, (t, c) in enumerate(zip(tokens, costs, strict=True))
+    ]
 
     async def go() -> dict[str, int]:
         r = Redis.from_url(redis_url)
@@ -103,8 +123,12 @@ def test_stream_and_non_stream_cost_the_same(metered, upstreams, redis_url) -> N
     upstreams["a"].default = Script(prompt_tokens=11, completion_tokens=7)
     key, _ = create_key(redis_url, "acme")
     gw = metered(fleet(upstreams, default_tier="T1"))
-    client = openai.OpenAI(base_url=gw.url + "/v1", api_key=key, max_retries=0,
-                           default_headers={"X-QLP-Workflow-Id": "parity", "X-QLP-Tier": "T0"})
+    client = openai.OpenAI(
+        base_url=gw.url + "/v1",
+        api_key=key,
+        max_retries=0,
+        default_headers={"X-QLP-Workflow-Id": "parity", "X-QLP-Tier": "T0"},
+    )
     client.chat.completions.create(model="qlp-t0", messages=MSG)  # type: ignore[arg-type]
     list(client.chat.completions.create(model="qlp-t0", messages=MSG, stream=True))  # type: ignore[arg-type]
     plain, streamed = sorted(records(gw, key, "parity", 2), key=lambda r: r["stream"])
@@ -119,8 +143,12 @@ def test_disconnect_mid_stream_is_charged(metered, upstreams, redis_url) -> None
     upstreams["a"].push(Script(n_chunks=200, chunk_delay=0.02))
     key, _ = create_key(redis_url, "acme")
     gw = metered()
-    with httpx.stream("POST", gw.url + "/v1/chat/completions", headers={**auth(key), "X-QLP-Workflow-Id": "gone"},
-                      json={"model": "qlp-t0", "messages": MSG, "stream": True}) as r:
+    with httpx.stream(
+        "POST",
+        gw.url + "/v1/chat/completions",
+        headers={**auth(key), "X-QLP-Workflow-Id": "gone"},
+        json={"model": "qlp-t0", "messages": MSG, "stream": True},
+    ) as r:
         it = r.iter_bytes()
         next(it)
         next(it)
@@ -135,8 +163,12 @@ def test_stream_without_usage_is_estimated_never_zero(metered, upstreams, redis_
     key, _ = create_key(redis_url, "acme")
     gw = metered()
     for _ in range(2):
-        with httpx.stream("POST", gw.url + "/v1/chat/completions", headers={**auth(key), "X-QLP-Workflow-Id": "est"},
-                          json={"model": "qlp-t0", "messages": MSG, "stream": True}) as r:
+        with httpx.stream(
+            "POST",
+            gw.url + "/v1/chat/completions",
+            headers={**auth(key), "X-QLP-Workflow-Id": "est"},
+            json={"model": "qlp-t0", "messages": MSG, "stream": True},
+        ) as r:
             r.read()
     no_usage, broken = sorted(records(gw, key, "est", 2), key=lambda r: r["status"])
     assert no_usage["status"] == 200 and broken["status"] == 502  # the second ended with an in-band error
@@ -162,7 +194,13 @@ def test_record_carries_the_ledger_contract(metered, upstreams, redis_url) -> No
     assert r.status_code == 200
     (rec,) = records(gw, key, "wf-1", 1)
     assert rec["request_id"] == "req-42" and rec["tenant"] == "acme" and rec["key_id"] == info.id
-    assert (rec["workflow"], rec["agent"], rec["tier"], rec["backend"], rec["model"]) == ("wf-1", "developer", "T0", "a", "m0")
+    assert (rec["workflow"], rec["agent"], rec["tier"], rec["backend"], rec["model"]) == (
+        "wf-1",
+        "developer",
+        "T0",
+        "a",
+        "m0",
+    )
     assert (rec["prompt_tokens"], rec["completion_tokens"], rec["status"], rec["estimated"]) == (5, 3, 200, False)
     assert rec["cost_micros"] == 3 and rec["reference_cost_micros"] == 5 * 30 + 3 * 60
     assert rec["reference_model"] == "gpt-4" and rec["fallback"] == ["T0"] and rec["latency_ms"] >= 0
@@ -193,8 +231,17 @@ def test_reused_request_id_is_charged_each_time(metered, upstreams, redis_url) -
 
 
 def _traffic(gw: Any, key: str) -> None:
-    for agent, wf, tier in [("developer", "w1", "T0"), ("developer", "w1", "T1"), ("test", "w2", "T0"), (None, None, "T0")]:
-        h = {"X-QLP-Tier": tier, **({"X-QLP-Agent": agent} if agent else {}), **({"X-QLP-Workflow-Id": wf} if wf else {})}
+    for agent, wf, tier in [
+        ("developer", "w1", "T0"),
+        ("developer", "w1", "T1"),
+        ("test", "w2", "T0"),
+        (None, None, "T0"),
+    ]:
+        h = {
+            "X-QLP-Tier": tier,
+            **({"X-QLP-Agent": agent} if agent else {}),
+            **({"X-QLP-Workflow-Id": wf} if wf else {}),
+        }
         assert chat(gw, key, **h).status_code == 200
 
 
@@ -204,8 +251,9 @@ def test_summary_groups_add_up_to_the_total(metered, upstreams, redis_url) -> No
     _traffic(gw, key)
 
     def summary(group_by: str) -> dict[str, Any]:
-        doc: dict[str, Any] = httpx.get(gw.url + "/v1/ledger/summary", params={"group_by": group_by},
-                                        headers=auth(key)).json()
+        doc: dict[str, Any] = httpx.get(
+            gw.url + "/v1/ledger/summary", params={"group_by": group_by}, headers=auth(key)
+        ).json()
         return doc
 
     eventually(lambda: summary("tier")["total"]["requests"] == 4, what="4 requests booked")
@@ -247,7 +295,9 @@ def test_ledger_cli_prints_tables_and_exports_csv_and_jsonl(metered, upstreams, 
     key, _ = create_key(redis_url, "acme")
     gw = metered()
     _traffic(gw, key)
-    eventually(lambda: httpx.get(gw.url + "/v1/ledger/summary", headers=auth(ADMIN_KEY)).json()["total"]["requests"] == 4)
+    eventually(
+        lambda: httpx.get(gw.url + "/v1/ledger/summary", headers=auth(ADMIN_KEY)).json()["total"]["requests"] == 4
+    )
     out = io.StringIO()
     assert ledger_cli.main(["--redis-url", redis_url, "summary", "--by", "tier"], out) == 0
     lines = out.getvalue().splitlines()
@@ -265,5 +315,9 @@ def test_ledger_cli_prints_tables_and_exports_csv_and_jsonl(metered, upstreams, 
     rows = list(csv.DictReader(path.open()))
     assert len(rows) == 4 and {r["fallback"] for r in rows} == {"T0", "T1"}
     assert sum(int(r["cost_micros"]) for r in rows) == 31
-    assert ledger_cli.main(["--redis-url", redis_url, "export", "--since", "2000-01-01", "--until", "2000-01-02"],
-                           io.StringIO()) == 0
+    assert (
+        ledger_cli.main(
+            ["--redis-url", redis_url, "export", "--since", "2000-01-01", "--until", "2000-01-02"], io.StringIO()
+        )
+        == 0
+    )

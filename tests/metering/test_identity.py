@@ -87,8 +87,9 @@ def test_tenant_cannot_read_another_tenants_ledger(metered, redis_url) -> None:
     # A's key: B's tenant is forbidden, B's workflow does not exist for A, and A's own summary is empty.
     assert_error(httpx.get(gw.url + "/v1/ledger/summary", params={"tenant": "tenant-b"}, headers=auth(key_a)), 403)
     assert_error(httpx.get(gw.url + "/v1/ledger/workflows/wf-b", headers=auth(key_a)), 404)
-    assert_error(httpx.get(gw.url + "/v1/ledger/workflows/wf-b", params={"tenant": "tenant-b"},
-                           headers=auth(key_a)), 403)
+    assert_error(
+        httpx.get(gw.url + "/v1/ledger/workflows/wf-b", params={"tenant": "tenant-b"}, headers=auth(key_a)), 403
+    )
     own = httpx.get(gw.url + "/v1/ledger/summary", headers=auth(key_a)).json()
     assert own["tenants"] == ["tenant-a"] and own["total"]["requests"] == 0
     theirs = httpx.get(gw.url + "/v1/ledger/summary", headers=auth(key_b)).json()
@@ -106,8 +107,11 @@ def test_admin_key_sees_every_tenant_and_manages_keys(metered, redis_url) -> Non
     s = httpx.get(gw.url + "/v1/ledger/summary", params={"group_by": "tenant"}, headers=auth(ADMIN_KEY)).json()
     by_tenant = {row["group"]: row["requests"] for row in s["data"]}
     assert by_tenant["tenant-a"] == 1 and by_tenant["tenant-b"] == 1
-    created = httpx.post(gw.url + "/v1/admin/keys", headers=auth(ADMIN_KEY),
-                         json={"tenant": "tenant-c", "budget_day_usd": "1.50", "requests_per_minute": 10})
+    created = httpx.post(
+        gw.url + "/v1/admin/keys",
+        headers=auth(ADMIN_KEY),
+        json={"tenant": "tenant-c", "budget_day_usd": "1.50", "requests_per_minute": 10},
+    )
     assert created.status_code == 201, created.text
     doc = created.json()
     assert doc["limits"]["budget_day_micros"] == 1_500_000 and doc["key"].startswith("qlp-")
@@ -120,8 +124,25 @@ def test_admin_key_sees_every_tenant_and_manages_keys(metered, redis_url) -> Non
 
 
 def test_keys_cli_creates_lists_and_revokes(redis_url, capsys) -> None:
-    assert keys_cli.main(["--redis-url", redis_url, "create", "--tenant", "acme", "--name", "ci",
-                          "--budget-day", "5", "--rpm", "60", "--json"]) == 0
+    assert (
+        keys_cli.main(
+            [
+                "--redis-url",
+                redis_url,
+                "create",
+                "--tenant",
+                "acme",
+                "--name",
+                "ci",
+                "--budget-day",
+                "5",
+                "--rpm",
+                "60",
+                "--json",
+            ]
+        )
+        == 0
+    )
     created = json.loads(capsys.readouterr().out)
     assert created["key"].startswith("qlp-") and created["limits"]["budget_day_micros"] == 5_000_000
     assert keys_cli.main(["--redis-url", redis_url, "list"]) == 0

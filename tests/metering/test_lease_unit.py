@@ -26,6 +26,7 @@ def _leases(seconds: float = 5.0) -> tuple[Leases, list[Charge], list[tuple[str,
 def _run(fn: Any) -> Any:
     async def go() -> Any:
         return fn()
+
     return asyncio.run(go())
 
 
@@ -46,6 +47,7 @@ def test_a_quiet_key_asks_for_one_request_a_busy_one_for_a_lease() -> None:
         assert leases.pending(SHA) is not None
         leases.answered(SHA)
         assert leases.pending(SHA) is None
+
     _run(go)
 
 
@@ -70,6 +72,7 @@ def test_a_lease_admits_while_it_covers_the_worst_case_then_gives_back_the_rest(
         assert rel.token_delta == -600 and rel.request_delta == -6  # the 6 requests it did not admit
         assert rel.minute == MINUTE
         assert not renewals
+
     _run(go)
 
 
@@ -89,6 +92,7 @@ def test_halfway_through_a_lease_the_next_one_is_asked_for() -> None:
         assert leases.take(SHA, 10, 100, MINUTE) is lease and len(renewals) == 1  # asked once
         new = leases.granted(SHA, "L2", P, 1, TS, 20, worst_micros=10, worst_tokens=100, taken=0)
         assert lease.closed and leases.take(SHA, 10, 100, MINUTE) is new
+
     _run(go)
 
 
@@ -103,6 +107,7 @@ def test_a_lease_of_one_is_closed_at_once_and_a_key_without_limits_books_no_rele
         leases.close(free)
         leases.settled(free)
         assert [c.id for c in released] == ["L1"]  # no limits: nothing was counted or reserved
+
     _run(go)
 
 
@@ -113,6 +118,7 @@ def test_revoking_through_this_process_closes_the_keys_leases() -> None:
         leases.close_key("k1")
         assert lease.closed and [c.id for c in released] == ["L1"]
         assert leases.take(SHA, 10, 100, MINUTE) is None
+
     _run(go)
 
 
@@ -122,6 +128,7 @@ def test_a_lease_ends_by_itself_when_its_time_is_up() -> None:
         lease = leases.granted(SHA, "L1", P, 1, TS, 10, worst_micros=10, worst_tokens=100, taken=0)
         await eventually_async(lambda: lease.closed, 2, "the lease's timer")
         assert [c.id for c in released] == ["L1"]
+
     asyncio.run(go())
 
 
@@ -137,4 +144,5 @@ def test_forgetting_idle_keys_keeps_those_with_a_lease_on_its_way(monkeypatch: A
         assert leases.pending(SHA) is waiting  # still known: its answer reaches those waiting on it
         leases.answered(SHA)
         assert waiting is not None and waiting.is_set()
+
     _run(go)

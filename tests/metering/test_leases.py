@@ -26,15 +26,22 @@ def _away_from_minute_end() -> None:
 
 def _burst(url: str, key: str, n: int, concurrency: int = 16, body: dict | None = None) -> list[int]:
     """`n` requests, `concurrency` at a time, as fast as they go: their status codes."""
+
     async def go() -> list[int]:
         sem = asyncio.Semaphore(concurrency)
         async with httpx.AsyncClient(timeout=30, limits=httpx.Limits(max_connections=concurrency)) as c:
+
             async def one() -> int:
                 async with sem:
-                    r = await c.post(url + "/v1/chat/completions", json=body or {"model": "qlp-t0", "messages": MSG},
-                                     headers=auth(key))
+                    r = await c.post(
+                        url + "/v1/chat/completions",
+                        json=body or {"model": "qlp-t0", "messages": MSG},
+                        headers=auth(key),
+                    )
                     return r.status_code
+
             return list(await asyncio.gather(*(one() for _ in range(n))))
+
     return asyncio.run(go())
 
 
@@ -79,6 +86,7 @@ def test_a_busy_key_books_exactly_and_gives_back_what_its_leases_did_not_use(met
     assert eventually(lambda: _window_requests(redis_url, info.id) == 300, what="unused leased requests given back")
     summary = httpx.get(gw.url + "/v1/ledger/summary?group_by=tier", headers=auth(key), timeout=10).json()
     assert summary["total"]["requests"] == 300 and summary["total"]["cost_micros"] == 3000
+
     # qlp_admissions_total: every admission once, most of them from leases (reported as leases are given back).
     def admitted(how: str) -> float:
         return metric(gw.url, "qlp_admissions_total", how=how)
@@ -93,8 +101,11 @@ def test_a_revoked_key_stops_within_the_lease(metered, upstreams, redis_url) -> 
     assert _burst(gw.url, key, 40) == [200] * 40  # busy: admitted from a lease by now
     assert keys_cli.main(["--redis-url", redis_url, "revoke", info.id]) == 0  # another process
     assert chat(gw, key).status_code == 200  # still inside this process's lease
-    r = eventually(lambda: (lambda r: r if r.status_code == 401 else None)(chat(gw, key)), timeout=5,
-                   what="the revoked key refused once its lease is over")
+    r = eventually(
+        lambda: (lambda r: r if r.status_code == 401 else None)(chat(gw, key)),
+        timeout=5,
+        what="the revoked key refused once its lease is over",
+    )
     assert r.json()["error"]["code"] == "invalid_api_key"
 
 
@@ -146,8 +157,9 @@ def test_two_processes_with_leases_share_one_budget(metered, upstreams, redis_ur
 
     async def race() -> list[int]:
         async with httpx.AsyncClient(timeout=30, limits=httpx.Limits(max_connections=64)) as c:
-            rs = await asyncio.gather(*(c.post(gws[i % 2].url + "/v1/chat/completions", json=BODY, headers=auth(key))
-                                        for i in range(100)))
+            rs = await asyncio.gather(
+                *(c.post(gws[i % 2].url + "/v1/chat/completions", json=BODY, headers=auth(key)) for i in range(100))
+            )
             return [r.status_code for r in rs]
 
     codes = asyncio.run(race())

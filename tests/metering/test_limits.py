@@ -40,8 +40,9 @@ def test_budget_race_admits_at_most_budget(metered, upstreams, redis_url) -> Non
 
     async def fire() -> list[httpx.Response]:
         async with httpx.AsyncClient(timeout=30, limits=httpx.Limits(max_connections=64)) as c:
-            return await asyncio.gather(*(c.post(gw.url + "/v1/chat/completions", json=BODY, headers=auth(key))
-                                          for _ in range(50)))
+            return await asyncio.gather(
+                *(c.post(gw.url + "/v1/chat/completions", json=BODY, headers=auth(key)) for _ in range(50))
+            )
 
     responses = asyncio.run(fire())
     ok = [r for r in responses if r.status_code == 200]
@@ -113,8 +114,9 @@ async def _admit(redis_url: str, key: str, now_ms: int, n: int, worst_tokens: in
         ledger = Ledger(pipe, LedgerPolicy())
         await ledger.load_scripts()
         cred = Credential.of(key)
-        return [await ledger.admit(cred.sha256, cred.key_id, f"c{i}", 0, worst_tokens, now_ms, 60_000)
-                for i in range(n)]
+        return [
+            await ledger.admit(cred.sha256, cred.key_id, f"c{i}", 0, worst_tokens, now_ms, 60_000) for i in range(n)
+        ]
     finally:
         pipe.close()
 

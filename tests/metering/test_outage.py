@@ -32,8 +32,13 @@ def ledger_totals(server: RedisServer, key_id: str) -> dict[str, int]:
 
 
 def stream(gw: Any, key: str) -> int:
-    with httpx.stream("POST", gw.url + "/v1/chat/completions", headers=auth(key), timeout=30,
-                      json={"model": "qlp-t0", "messages": MSG, "stream": True}) as r:
+    with httpx.stream(
+        "POST",
+        gw.url + "/v1/chat/completions",
+        headers=auth(key),
+        timeout=30,
+        json={"model": "qlp-t0", "messages": MSG, "stream": True},
+    ) as r:
         r.read()
         return r.status_code
 
@@ -65,8 +70,12 @@ def test_redis_killed_mid_run_ledger_equals_upstream_usage_after_replay(metered,
         eventually(lambda: ledger_totals(server, info.id)["req"] == 25, what="25 requests in the ledger")
         eventually(lambda: httpx.get(gw.url + "/readyz").json()["ledger"]["spool_depth"] == 0, what="an empty spool")
         totals = ledger_totals(server, info.id)
-        assert totals == {"req": 25, "pt": sum(p for p, _ in usage), "ct": sum(c for _, c in usage),
-                          "cost": sum(c for _, c in usage)}  # T0: 1 micro-USD per output token
+        assert totals == {
+            "req": 25,
+            "pt": sum(p for p, _ in usage),
+            "ct": sum(c for _, c in usage),
+            "cost": sum(c for _, c in usage),
+        }  # T0: 1 micro-USD per output token
         with server.client() as c:
             assert c.xlen(KeyKeys(info.id).stream) == 25
     finally:
@@ -178,7 +187,9 @@ def test_redis_refusing_writes_spools_charges_until_it_accepts_them(metered, ups
         with server.client() as c:
             c.config_set("maxmemory", 1)
             assert chat(gw, key).status_code == 200
-            eventually(lambda: httpx.get(gw.url + "/readyz").json()["ledger"]["spool_depth"] == 1, what="a spooled charge")
+            eventually(
+                lambda: httpx.get(gw.url + "/readyz").json()["ledger"]["spool_depth"] == 1, what="a spooled charge"
+            )
             assert ledger_totals(server, info.id)["req"] == 0
             c.config_set("maxmemory", 0)
         eventually(lambda: ledger_totals(server, info.id)["req"] == 1, what="the charge replayed")

@@ -29,11 +29,18 @@ def pricing(tmp_path: Path, doc: dict[str, Any]) -> Pricing:
 
 
 def test_local_tier_price_is_gpu_hour_over_tokens_per_hour(tmp_path) -> None:
-    p = pricing(tmp_path, {"reference_model": "gpt-4", "external": {"gpt-4": {"input": 30, "output": 60}},
-                           "local": {"T0": {"gpu_hour_usd": "1.20", "tokens_per_hour": 9_000_000},
-                                     "T1": {"gpu_hour_usd": 2, "tokens_per_hour": 4_000_000,
-                                            "input_tokens_per_hour": 40_000_000},
-                                     "T2": {"gpu_hour_usd": 2, "tokens_per_hour": 1, "input": 0.5, "output": 0.7}}})
+    p = pricing(
+        tmp_path,
+        {
+            "reference_model": "gpt-4",
+            "external": {"gpt-4": {"input": 30, "output": 60}},
+            "local": {
+                "T0": {"gpu_hour_usd": "1.20", "tokens_per_hour": 9_000_000},
+                "T1": {"gpu_hour_usd": 2, "tokens_per_hour": 4_000_000, "input_tokens_per_hour": 40_000_000},
+                "T2": {"gpu_hour_usd": 2, "tokens_per_hour": 1, "input": 0.5, "output": 0.7},
+            },
+        },
+    )
     # $1.20 / 9M tokens = $0.1333.. per 1M -> 133,334 micro-USD per 1M (rounded up)
     assert p.local["T0"] == ModelPrice(133_334, 133_334, 133_334, 133_334)
     assert (p.local["T1"].input, p.local["T1"].output) == (50_000, 500_000)
@@ -53,13 +60,17 @@ def test_cost_is_one_integer_ceiling_with_cache_prices() -> None:
 
 
 def test_usage_parsing_reads_openai_and_anthropic_cache_fields() -> None:
-    assert tokens_from_usage({"prompt_tokens": 10, "completion_tokens": 2,
-                              "prompt_tokens_details": {"cached_tokens": 4}}) == Tokens(10, 2, 4, 0)
-    assert tokens_from_usage({"prompt_tokens": 10, "completion_tokens": 2, "cache_read_input_tokens": 3,
-                              "cache_creation_input_tokens": 5}) == Tokens(10, 2, 3, 5)
+    assert tokens_from_usage(
+        {"prompt_tokens": 10, "completion_tokens": 2, "prompt_tokens_details": {"cached_tokens": 4}}
+    ) == Tokens(10, 2, 4, 0)
+    assert tokens_from_usage(
+        {"prompt_tokens": 10, "completion_tokens": 2, "cache_read_input_tokens": 3, "cache_creation_input_tokens": 5}
+    ) == Tokens(10, 2, 3, 5)
     assert tokens_from_usage({"prompt_tokens": "10", "completion_tokens": 2}) is None
     assert tokens_from_usage({"prompt_tokens": True, "completion_tokens": 2}) is None  # a bool is no count
-    assert tokens_from_usage({"prompt_tokens": 10, "completion_tokens": 2, "prompt_tokens_details": None}) == Tokens(10, 2)
+    assert tokens_from_usage({"prompt_tokens": 10, "completion_tokens": 2, "prompt_tokens_details": None}) == Tokens(
+        10, 2
+    )
     assert tokens_from_usage({"prompt_tokens": -1, "completion_tokens": 2}) == Tokens(0, 2)
     assert tokens_from_usage(None) is None
 
@@ -72,20 +83,39 @@ def test_usd_amounts_are_exact() -> None:
 
 
 def test_every_configured_tier_must_be_priced(tmp_path) -> None:
-    p = pricing(tmp_path, {"reference_model": "gpt-4", "external": {"gpt-4": {"input": 30, "output": 60}},
-                           "local": {"T0": {"input": 0, "output": 1}}})
-    cfg = FleetConfig.model_validate({"tiers": {
-        "T0": {"model": "m", "fallback": ["T1", "T3"]}, "T1": {"model": "m"},
-        "T3": {"kind": "openai", "model": "gpt-4o"}}})
+    p = pricing(
+        tmp_path,
+        {
+            "reference_model": "gpt-4",
+            "external": {"gpt-4": {"input": 30, "output": 60}},
+            "local": {"T0": {"input": 0, "output": 1}},
+        },
+    )
+    cfg = FleetConfig.model_validate(
+        {
+            "tiers": {
+                "T0": {"model": "m", "fallback": ["T1", "T3"]},
+                "T1": {"model": "m"},
+                "T3": {"kind": "openai", "model": "gpt-4o"},
+            }
+        }
+    )
     with pytest.raises(ValueError, match=r"local\.T1, external\.gpt-4o"):
         p.check(cfg)
 
 
 def test_worst_case_price_covers_the_fallback_chain(tmp_path) -> None:
-    p = pricing(tmp_path, {"reference_model": "gpt-4", "external": {"gpt-4": {"input": 30, "output": 60}},
-                           "local": {"T0": {"input": 0, "output": 1}}})
-    cfg = FleetConfig.model_validate({"tiers": {"T0": {"model": "m", "fallback": ["T3"]},
-                                                "T3": {"kind": "openai", "model": "gpt-4"}}})
+    p = pricing(
+        tmp_path,
+        {
+            "reference_model": "gpt-4",
+            "external": {"gpt-4": {"input": 30, "output": 60}},
+            "local": {"T0": {"input": 0, "output": 1}},
+        },
+    )
+    cfg = FleetConfig.model_validate(
+        {"tiers": {"T0": {"model": "m", "fallback": ["T3"]}, "T3": {"kind": "openai", "model": "gpt-4"}}}
+    )
     assert p.worst(cfg, "T0") == ModelPrice(30_000_000, 60_000_000, 30_000_000, 30_000_000)
 
 

@@ -28,7 +28,9 @@ DASHBOARD_FILES = tuple(sorted((GRAFANA_DIR / "dashboards").glob("*.json")))
 BUILTINS = {"__rate_interval": "1m", "__interval": "15s", "__range": "1h", "__range_s": "3600"}
 
 _NUMBER = r"[-+]?(?:\d+(?:\.\d*)?|\.\d+)(?:[eE][-+]?\d+)?"
-_TRAILING_THRESHOLD = re.compile(rf"^(?P<expr>.*?)\s*(?P<op>==|!=|>=|<=|>|<)\s*(?:bool\s+)?(?P<num>{_NUMBER})\s*$", re.S)
+_TRAILING_THRESHOLD = re.compile(
+    rf"^(?P<expr>.*?)\s*(?P<op>==|!=|>=|<=|>|<)\s*(?:bool\s+)?(?P<num>{_NUMBER})\s*$", re.S
+)
 _VAR = re.compile(r"\$\{(\w+)(?::\w+)?\}|\$(\w+)|\[\[(\w+)\]\]")
 _LABEL_VALUES = re.compile(r"^\s*label_values\((?P<selector>.+),\s*(?P<label>\w+)\s*\)\s*$", re.S)
 
@@ -77,8 +79,12 @@ def panels(dashboard: dict[str, Any]) -> list[dict[str, Any]]:
 
 
 def dashboard_queries() -> list[Query]:
-    return [Query(f"{name} / {p['title']} / {t['refId']}", t["expr"])
-            for name, d in dashboards().items() for p in panels(d) for t in p.get("targets", [])]
+    return [
+        Query(f"{name} / {p['title']} / {t['refId']}", t["expr"])
+        for name, d in dashboards().items()
+        for p in panels(d)
+        for t in p.get("targets", [])
+    ]
 
 
 def variables(dashboard_name: str, dashboard: dict[str, Any]) -> list[Variable]:

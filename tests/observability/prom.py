@@ -26,15 +26,16 @@ from tests.wait import eventually
 __all__ = ["Prometheus", "loopback_config", "require_binary", "running"]
 
 
-
 def require_binary(name: str, package: str = "prometheus") -> str:
     """The binary's path. Missing: fail under CI (the Makefile's sysdeps installs it there), else skip
     with a reason that says what is not being tested."""
     path = shutil.which(name)
     if path:
         return path
-    msg = (f"`{name}` is not installed: the Prometheus config, alert rules and dashboard queries are NOT "
-           f"tested. Install Debian's `{package}` package (`make sysdeps`).")
+    msg = (
+        f"`{name}` is not installed: the Prometheus config, alert rules and dashboard queries are NOT "
+        f"tested. Install Debian's `{package}` package (`make sysdeps`)."
+    )
     if os.environ.get("CI"):
         pytest.fail(msg + " CI must run these tests.", pytrace=False)
     pytest.skip(msg)
@@ -63,8 +64,13 @@ class Prometheus:
         self.config_path = workdir / "prometheus.yml"
         self.config_path.write_text(yaml.safe_dump(config, sort_keys=False))
         self.log = workdir / "prometheus.log"
-        self._args = [binary, f"--config.file={self.config_path}", f"--storage.tsdb.path={workdir / 'data'}",
-                      f"--web.listen-address=127.0.0.1:{self.port}", "--log.level=warn"]
+        self._args = [
+            binary,
+            f"--config.file={self.config_path}",
+            f"--storage.tsdb.path={workdir / 'data'}",
+            f"--web.listen-address=127.0.0.1:{self.port}",
+            "--log.level=warn",
+        ]
         self.proc: subprocess.Popen[bytes] | None = None
         self.http = httpx.Client(base_url=self.url, timeout=10)
 

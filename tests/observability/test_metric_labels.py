@@ -36,8 +36,13 @@ def gateway_process(config: dict[str, Any], tmp: Path) -> Iterator[str]:
     port = free_port()
     env = {**os.environ, "QLP_METERING": "false", "QLP_SECRETS_DIR": str(tmp), "QLP_SPOOL_PATH": str(tmp / "spool")}
     with (tmp / "gateway.log").open("wb") as log:
-        proc = subprocess.Popen([str(QLP), "gateway", "--port", str(port), "--config", str(cfg), "--log-level", "warning"],
-                                env=env, stdout=log, stderr=subprocess.STDOUT, start_new_session=True)
+        proc = subprocess.Popen(
+            [str(QLP), "gateway", "--port", str(port), "--config", str(cfg), "--log-level", "warning"],
+            env=env,
+            stdout=log,
+            stderr=subprocess.STDOUT,
+            start_new_session=True,
+        )
     url = f"http://127.0.0.1:{port}"
 
     def up() -> bool:
@@ -80,14 +85,21 @@ def _request(client: httpx.Client, url: str, i: int) -> int:
     return client.post(url, json=body, headers=headers).status_code
 
 
-def test_metrics_series_do_not_grow_with_caller_supplied_values(upstreams: dict[str, FakeUpstream],
-                                                                 tmp_path: Path) -> None:
+def test_metrics_series_do_not_grow_with_caller_supplied_values(
+    upstreams: dict[str, FakeUpstream], tmp_path: Path
+) -> None:
     up = upstreams["a"]
-    config = {"default_tier": "T0", "catch_all": True, "health_interval": 60,
-              "tiers": {"T0": {"model": "m0", "aliases": ["qlp-t0"],
-                               "backends": [{"name": "a", "base_url": up.base_url}]}}}
-    with (gateway_process(config, tmp_path) as gw, httpx.Client(timeout=30, limits=httpx.Limits(max_connections=8))
-          as client, ThreadPoolExecutor(4) as pool):
+    config = {
+        "default_tier": "T0",
+        "catch_all": True,
+        "health_interval": 60,
+        "tiers": {"T0": {"model": "m0", "aliases": ["qlp-t0"], "backends": [{"name": "a", "base_url": up.base_url}]}},
+    }
+    with (
+        gateway_process(config, tmp_path) as gw,
+        httpx.Client(timeout=30, limits=httpx.Limits(max_connections=8)) as client,
+        ThreadPoolExecutor(4) as pool,
+    ):
         url = gw + "/v1/chat/completions"
         statuses = list(pool.map(lambda i: _request(client, url, i), range(FIRST)))
         after_first, _ = _series(gw, client)

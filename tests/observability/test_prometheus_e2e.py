@@ -53,11 +53,15 @@ MODEL_REQUESTS_PER_ROUND = 3
 
 # -- processes ---------------------------------------------------------------------------------------------
 
+
 def _vllm_requests(url: str) -> int:
     """Requests vLLM has finished so far (the session's engine also serves other suites)."""
     text = httpx.get(url + "/metrics", timeout=10).text
-    return sum(int(float(line.rsplit(" ", 1)[1])) for line in text.splitlines()
-               if line.startswith("vllm:e2e_request_latency_seconds_count"))
+    return sum(
+        int(float(line.rsplit(" ", 1)[1]))
+        for line in text.splitlines()
+        if line.startswith("vllm:e2e_request_latency_seconds_count")
+    )
 
 
 def _create_keys(redis_url: str) -> dict[str, str]:
@@ -83,16 +87,33 @@ def fleet_config(model_server_url: str, t3_url: str) -> dict[str, Any]:
         "retry": {"max_attempts": 3, "backoff_base": 0.001, "backoff_max": 0.01},
         "breaker": {"failures": 100, "cooldown": 300},  # only the prober ejects (T1) in this test
         "tiers": {
-            "T0": {**local, "aliases": ["qlp-t0"], "fallback": ["T1"],
-                   "backends": [{"name": "t0-local", "base_url": f"{model_server_url}/v1", "health_path": "/health"}]},
+            "T0": {
+                **local,
+                "aliases": ["qlp-t0"],
+                "fallback": ["T1"],
+                "backends": [{"name": "t0-local", "base_url": f"{model_server_url}/v1", "health_path": "/health"}],
+            },
             # T1's model server is down (nothing listens there): its requests fall back to T2.
-            "T1": {**local, "aliases": ["qlp-t1"], "fallback": ["T2"],
-                   "backends": [{"name": "t1-local", "base_url": f"http://127.0.0.1:{free_port()}/v1",
-                                 "health_path": "/health"}]},
-            "T2": {**local, "aliases": ["qlp-t2"], "fallback": ["T3"],
-                   "backends": [{"name": "t2-local", "base_url": f"{model_server_url}/v1", "health_path": "/health"}]},
-            "T3": {"kind": "openai", "model": "gpt-4", "aliases": ["qlp-t3"],
-                   "backends": [{"name": "openai", "base_url": t3_url}]},
+            "T1": {
+                **local,
+                "aliases": ["qlp-t1"],
+                "fallback": ["T2"],
+                "backends": [
+                    {"name": "t1-local", "base_url": f"http://127.0.0.1:{free_port()}/v1", "health_path": "/health"}
+                ],
+            },
+            "T2": {
+                **local,
+                "aliases": ["qlp-t2"],
+                "fallback": ["T3"],
+                "backends": [{"name": "t2-local", "base_url": f"{model_server_url}/v1", "health_path": "/health"}],
+            },
+            "T3": {
+                "kind": "openai",
+                "model": "gpt-4",
+                "aliases": ["qlp-t3"],
+                "backends": [{"name": "openai", "base_url": t3_url}],
+            },
         },
         "capture": {"targets": {"T0": ["developer"]}},
         # Every request for T1 (served by T2 after the fallback) is mirrored to T0: one shadow call per round.
@@ -101,6 +122,7 @@ def fleet_config(model_server_url: str, t3_url: str) -> dict[str, Any]:
 
 
 # -- traffic -----------------------------------------------------------------------------------------------
+
 
 def _client(gw: RunningGateway, key: str) -> openai.OpenAI:
     return openai.OpenAI(base_url=gw.url + "/v1", api_key=key, max_retries=0, timeout=180)
@@ -145,8 +167,12 @@ def _round(gw: RunningGateway, t3: FakeUpstream, keys: dict[str, str]) -> None:
         _ask(user, "T9", False)
 
     def feedback() -> bool:  # the workflow's records are booked just after their responses
-        r = httpx.post(gw.url + "/v1/feedback", json={"workflow_id": "wf-observability", "outcome": "success"},
-                       headers={"Authorization": f"Bearer {keys['user']}"}, timeout=10)
+        r = httpx.post(
+            gw.url + "/v1/feedback",
+            json={"workflow_id": "wf-observability", "outcome": "success"},
+            headers={"Authorization": f"Bearer {keys['user']}"},
+            timeout=10,
+        )
         assert r.status_code in (200, 404), r.text
         return r.status_code == 200
 
@@ -165,6 +191,7 @@ def _scraped(prom: Prometheus, expr: str) -> float:
 
 
 # -- the fleet under observation ---------------------------------------------------------------------------
+
 
 @dataclass
 class Observed:
@@ -189,8 +216,13 @@ def observed(tmp_path_factory: pytest.TempPathFactory, vllm_server: RunningVllm)
         stack.callback(t3.stop)
         keys = _create_keys(redis.url)
         (tmp / "secrets").mkdir()
-        gw = start_gateway(fleet_config(ms_url, t3.base_url), tmp, metering=True, redis_url=redis.url,
-                           pricing=ROOT / "config" / "pricing.yaml")
+        gw = start_gateway(
+            fleet_config(ms_url, t3.base_url),
+            tmp,
+            metering=True,
+            redis_url=redis.url,
+            pricing=ROOT / "config" / "pricing.yaml",
+        )
         stack.callback(gw.stop)
 
         ms_addr, gw_addr = ms_url.removeprefix("http://"), f"127.0.0.1:{gw.port}"
@@ -212,10 +244,16 @@ def _wait_scraped(gw: RunningGateway, prom: Prometheus, rounds: int, served_befo
     expected, served = rounds * REQUESTS_PER_ROUND, served_before + rounds * MODEL_REQUESTS_PER_ROUND
     eventually(lambda: _gateway_count(gw) == expected, 10, f"the gateway to count {expected} requests")
     eventually(lambda: _all_up(prom), 30, "every scrape target up")
-    eventually(lambda: _scraped(prom, 'sum(qlp_requests_total{job="qlp-gateway"})') == expected, 15,
-               f"prometheus to scrape {expected} gateway requests")
-    eventually(lambda: _scraped(prom, "min(vllm:e2e_request_latency_seconds_count)") == served, 15,
-               f"prometheus to scrape {served} model server requests from every model-server target")
+    eventually(
+        lambda: _scraped(prom, 'sum(qlp_requests_total{job="qlp-gateway"})') == expected,
+        15,
+        f"prometheus to scrape {expected} gateway requests",
+    )
+    eventually(
+        lambda: _scraped(prom, "min(vllm:e2e_request_latency_seconds_count)") == served,
+        15,
+        f"prometheus to scrape {served} model server requests from every model-server target",
+    )
 
 
 def _rules_evaluated_since(prom: Prometheus, t: float) -> bool:
@@ -229,6 +267,7 @@ def _all_up(prom: Prometheus) -> bool:
 
 
 # -- checking expressions ----------------------------------------------------------------------------------
+
 
 def _problem(prom: Prometheus, q: exprs.Query) -> str | None:
     """None when the query parses and returns at least one sample that is a number (not NaN)."""
@@ -276,6 +315,7 @@ def _variable_values(prom: Prometheus) -> tuple[dict[str, dict[str, str]], list[
 
 # -- the guarantees ----------------------------------------------------------------------------------------
 
+
 def test_every_scrape_job_of_the_config_is_up(observed: Observed) -> None:
     jobs = {t["labels"]["job"] for t in observed.prom.targets() if t["health"] == "up"}
     assert jobs == {"qlp-gateway", "vllm"}
@@ -290,8 +330,10 @@ def test_every_dashboard_variable_has_values(observed: Observed) -> None:
 
 def test_every_dashboard_query_returns_data(observed: Observed) -> None:
     values, _ = _variable_values(observed.prom)
-    queries = [exprs.Query(q.where, exprs.substitute(q.expr, values[q.where.split(" / ")[0]]))
-               for q in exprs.dashboard_queries()]
+    queries = [
+        exprs.Query(q.where, exprs.substitute(q.expr, values[q.where.split(" / ")[0]]))
+        for q in exprs.dashboard_queries()
+    ]
     assert_all_return_data(observed.prom, queries)
 
 
@@ -303,8 +345,10 @@ def test_every_recording_rule_returns_data(observed: Observed) -> None:
 
 
 def test_every_alert_watches_series_that_have_data(observed: Observed) -> None:
-    queries = [exprs.Query(f"alert {a['alert']} without its threshold", exprs.strip_threshold(a["expr"]))
-               for a in exprs.alerts()]
+    queries = [
+        exprs.Query(f"alert {a['alert']} without its threshold", exprs.strip_threshold(a["expr"]))
+        for a in exprs.alerts()
+    ]
     assert_all_return_data(observed.prom, queries)
 
 
@@ -314,7 +358,8 @@ def test_alerts_for_what_is_broken_are_pending_or_firing(observed: Observed) -> 
     expected = {"QLPBackendDown", "QLPBackendEjected", "QLPNoTrafficOnTier"}
 
     def t1_alerts() -> set[str]:
-        return {a["labels"]["alertname"] for a in observed.prom.api("alerts")["alerts"]
-                if a["labels"].get("tier") == "T1"}
+        return {
+            a["labels"]["alertname"] for a in observed.prom.api("alerts")["alerts"] if a["labels"].get("tier") == "T1"
+        }
 
     eventually(lambda: expected <= t1_alerts(), 15, f"{sorted(expected)} for T1")

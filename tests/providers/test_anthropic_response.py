@@ -30,7 +30,7 @@ def events_of(out: bytes) -> list[Any]:
 def run(stream: list[bytes], split: int | None = None) -> list[Any]:
     t = AnthropicStream()
     raw = b"".join(stream)
-    pieces = [raw[i:i + split] for i in range(0, len(raw), split)] if split else stream
+    pieces = [raw[i : i + split] for i in range(0, len(raw), split)] if split else stream
     return events_of(b"".join(t.feed(p) for p in pieces))
 
 
@@ -39,6 +39,7 @@ def sse(obj: dict[str, Any]) -> bytes:
 
 
 # -- non-streamed ----------------------------------------------------------------------------------------
+
 
 def test_text_response_becomes_a_chat_completion() -> None:
     raw, usage = P.response_body(orjson.dumps(anthropic_message(AnthropicScript(text="Hi there"), "claude-x")))
@@ -58,9 +59,18 @@ def test_tool_use_response_becomes_tool_calls_with_json_arguments() -> None:
     assert json.loads(call.function.arguments) == WEATHER[1]
 
 
-@pytest.mark.parametrize(("stop", "finish"), [("end_turn", "stop"), ("stop_sequence", "stop"), ("max_tokens", "length"),
-                                              ("tool_use", "tool_calls"), ("refusal", "content_filter"),
-                                              ("pause_turn", "stop"), ("something_new", "stop")])
+@pytest.mark.parametrize(
+    ("stop", "finish"),
+    [
+        ("end_turn", "stop"),
+        ("stop_sequence", "stop"),
+        ("max_tokens", "length"),
+        ("tool_use", "tool_calls"),
+        ("refusal", "content_filter"),
+        ("pause_turn", "stop"),
+        ("something_new", "stop"),
+    ],
+)
 def test_stop_reason_maps_to_finish_reason_streamed_and_not(stop, finish) -> None:
     s = AnthropicScript(stop_reason=stop)
     c = ChatCompletion.model_validate_json(P.response_body(orjson.dumps(anthropic_message(s, "m")))[0])
@@ -72,8 +82,12 @@ def test_stop_reason_maps_to_finish_reason_streamed_and_not(stop, finish) -> Non
 def test_cache_reads_and_writes_are_part_of_prompt_tokens_and_itemised() -> None:
     s = AnthropicScript(input_tokens=10, output_tokens=4, cache_read=1000, cache_write=200)
     _, usage = P.response_body(orjson.dumps(anthropic_message(s, "m")))
-    assert usage == {"prompt_tokens": 1210, "completion_tokens": 4, "total_tokens": 1214,
-                     "prompt_tokens_details": {"cached_tokens": 1000, "cache_creation_tokens": 200}}
+    assert usage == {
+        "prompt_tokens": 1210,
+        "completion_tokens": 4,
+        "total_tokens": 1214,
+        "prompt_tokens_details": {"cached_tokens": 1000, "cache_creation_tokens": 200},
+    }
 
 
 @pytest.mark.parametrize("raw", [b"not json", b'{"type": "error"}', b"[]"])
@@ -84,6 +98,7 @@ def test_an_unreadable_response_is_a_protocol_error(raw) -> None:
 
 
 # -- streamed --------------------------------------------------------------------------------------------
+
 
 def test_stream_translates_every_event_and_ends_with_usage_then_done() -> None:
     out = run(anthropic_events(AnthropicScript(text="Hello there, friend."), "claude-x"))
@@ -122,11 +137,29 @@ def test_two_tool_blocks_get_consecutive_tool_call_indexes() -> None:
         sse({"type": "content_block_start", "index": 0, "content_block": {"type": "text", "text": ""}}),
         sse({"type": "content_block_delta", "index": 0, "delta": {"type": "text_delta", "text": "ok"}}),
         sse({"type": "content_block_stop", "index": 0}),
-        sse({"type": "content_block_start", "index": 1, "content_block": {"type": "tool_use", "id": "t1", "name": "a", "input": {}}}),
+        sse(
+            {
+                "type": "content_block_start",
+                "index": 1,
+                "content_block": {"type": "tool_use", "id": "t1", "name": "a", "input": {}},
+            }
+        ),
         sse({"type": "content_block_delta", "index": 1, "delta": {"type": "input_json_delta", "partial_json": "{}"}}),
         sse({"type": "content_block_stop", "index": 1}),
-        sse({"type": "content_block_start", "index": 2, "content_block": {"type": "tool_use", "id": "t2", "name": "b", "input": {}}}),
-        sse({"type": "content_block_delta", "index": 2, "delta": {"type": "input_json_delta", "partial_json": '{"x":1}'}}),
+        sse(
+            {
+                "type": "content_block_start",
+                "index": 2,
+                "content_block": {"type": "tool_use", "id": "t2", "name": "b", "input": {}},
+            }
+        ),
+        sse(
+            {
+                "type": "content_block_delta",
+                "index": 2,
+                "delta": {"type": "input_json_delta", "partial_json": '{"x":1}'},
+            }
+        ),
         sse({"type": "content_block_stop", "index": 2}),
         sse({"type": "message_delta", "delta": {"stop_reason": "tool_use"}, "usage": {"output_tokens": 9}}),
         sse({"type": "message_stop"}),
@@ -139,8 +172,14 @@ def test_ping_thinking_and_unknown_events_produce_nothing() -> None:
     t = AnthropicStream()
     t.feed(sse({"type": "message_start", "message": {"id": "msg_1", "model": "m", "usage": {"input_tokens": 3}}}))
     assert t.feed(sse({"type": "ping"})) == b""
-    assert t.feed(sse({"type": "content_block_start", "index": 0, "content_block": {"type": "thinking", "thinking": ""}})) == b""
-    assert t.feed(sse({"type": "content_block_delta", "index": 0, "delta": {"type": "thinking_delta", "thinking": "hm"}})) == b""
+    assert (
+        t.feed(sse({"type": "content_block_start", "index": 0, "content_block": {"type": "thinking", "thinking": ""}}))
+        == b""
+    )
+    assert (
+        t.feed(sse({"type": "content_block_delta", "index": 0, "delta": {"type": "thinking_delta", "thinking": "hm"}}))
+        == b""
+    )
     assert t.feed(sse({"type": "some_future_event", "x": 1})) == b""
     assert t.feed(b": a comment line\n\n") == b""
 
@@ -182,23 +221,54 @@ def test_a_malformed_event_is_a_protocol_error() -> None:
 
 def test_message_delta_usage_is_cumulative_and_may_restate_input() -> None:
     stream = [
-        sse({"type": "message_start", "message": {"id": "m1", "model": "m", "usage": {
-            "input_tokens": 5, "output_tokens": 1, "cache_read_input_tokens": 2, "cache_creation_input_tokens": 0}}}),
-        sse({"type": "message_delta", "delta": {"stop_reason": "end_turn"}, "usage": {
-            "output_tokens": 12, "input_tokens": 5, "cache_read_input_tokens": 2, "cache_creation_input_tokens": 0}}),
+        sse(
+            {
+                "type": "message_start",
+                "message": {
+                    "id": "m1",
+                    "model": "m",
+                    "usage": {
+                        "input_tokens": 5,
+                        "output_tokens": 1,
+                        "cache_read_input_tokens": 2,
+                        "cache_creation_input_tokens": 0,
+                    },
+                },
+            }
+        ),
+        sse(
+            {
+                "type": "message_delta",
+                "delta": {"stop_reason": "end_turn"},
+                "usage": {
+                    "output_tokens": 12,
+                    "input_tokens": 5,
+                    "cache_read_input_tokens": 2,
+                    "cache_creation_input_tokens": 0,
+                },
+            }
+        ),
         sse({"type": "message_stop"}),
     ]
-    assert run(stream)[-2]["usage"] == {"prompt_tokens": 7, "completion_tokens": 12, "total_tokens": 19,
-                                        "prompt_tokens_details": {"cached_tokens": 2, "cache_creation_tokens": 0}}
+    assert run(stream)[-2]["usage"] == {
+        "prompt_tokens": 7,
+        "completion_tokens": 12,
+        "total_tokens": 19,
+        "prompt_tokens_details": {"cached_tokens": 2, "cache_creation_tokens": 0},
+    }
 
 
 # -- cost parity -----------------------------------------------------------------------------------------
 
-@pytest.mark.parametrize("s", [
-    AnthropicScript(),
-    AnthropicScript(input_tokens=900, output_tokens=321, cache_read=4096, cache_write=1024),
-    AnthropicScript(text="", tool=WEATHER, input_tokens=40, output_tokens=55, cache_write=7),
-])
+
+@pytest.mark.parametrize(
+    "s",
+    [
+        AnthropicScript(),
+        AnthropicScript(input_tokens=900, output_tokens=321, cache_read=4096, cache_write=1024),
+        AnthropicScript(text="", tool=WEATHER, input_tokens=40, output_tokens=55, cache_write=7),
+    ],
+)
 def test_the_same_exchange_has_the_same_usage_streamed_and_not(s) -> None:
     _, plain = P.response_body(orjson.dumps(anthropic_message(s, "m")))
     streamed = run(anthropic_events(s, "m"))[-2]["usage"]

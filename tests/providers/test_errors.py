@@ -31,7 +31,13 @@ RA = {"retry-after": "2"}
 TABLE = [
     ("openai", 429, RA, openai_err("rate_limit_exceeded"), ("status_429", True, 429, 2.0)),
     ("openai", 429, {}, openai_err("rate_limit_exceeded"), ("status_429", False, 429, None)),
-    ("openai", 429, RA, openai_err("insufficient_quota", type_="insufficient_quota"), ("quota_exceeded", False, 503, None)),
+    (
+        "openai",
+        429,
+        RA,
+        openai_err("insufficient_quota", type_="insufficient_quota"),
+        ("quota_exceeded", False, 503, None),
+    ),
     ("openai", 400, {}, openai_err("invalid_value"), ("rejected", False, 400, None)),
     ("openai", 401, {}, openai_err("invalid_api_key"), ("upstream_auth", False, 502, None)),
     ("openai", 403, {}, openai_err(), ("upstream_auth", False, 502, None)),
@@ -46,13 +52,28 @@ TABLE = [
     ("anthropic", 529, RA, anthropic_err("overloaded_error"), ("overloaded", True, 503, 2.0)),
     ("anthropic", 429, RA, anthropic_err("rate_limit_error"), ("status_429", True, 429, 2.0)),
     ("anthropic", 429, {}, anthropic_err("rate_limit_error"), ("status_429", False, 429, None)),
-    ("anthropic", 429, RA, anthropic_err("rate_limit_error", details={"error_code": "enforced_spend_limit_reached"}),
-     ("quota_exceeded", False, 503, None)),
+    (
+        "anthropic",
+        429,
+        RA,
+        anthropic_err("rate_limit_error", details={"error_code": "enforced_spend_limit_reached"}),
+        ("quota_exceeded", False, 503, None),
+    ),
     ("anthropic", 402, {}, anthropic_err("billing_error"), ("quota_exceeded", False, 503, None)),
-    ("anthropic", 400, {}, anthropic_err("invalid_request_error", "Your credit balance is too low to access the API"),
-     ("quota_exceeded", False, 503, None)),
-    ("anthropic", 400, {}, anthropic_err("invalid_request_error", "messages: roles must alternate"),
-     ("rejected", False, 400, None)),
+    (
+        "anthropic",
+        400,
+        {},
+        anthropic_err("invalid_request_error", "Your credit balance is too low to access the API"),
+        ("quota_exceeded", False, 503, None),
+    ),
+    (
+        "anthropic",
+        400,
+        {},
+        anthropic_err("invalid_request_error", "messages: roles must alternate"),
+        ("rejected", False, 400, None),
+    ),
     ("anthropic", 401, {}, anthropic_err("authentication_error"), ("upstream_auth", False, 502, None)),
     ("anthropic", 403, {}, anthropic_err("permission_error"), ("upstream_auth", False, 502, None)),
     ("anthropic", 413, {}, anthropic_err("request_too_large"), ("rejected", False, 413, None)),
@@ -82,22 +103,30 @@ def test_the_callers_message_for_a_rejected_request_is_the_providers() -> None:
 
 def test_a_rejected_request_reaches_the_caller_as_openais_client_error() -> None:
     """vLLM's 400 names the field; its `code` is the HTTP status as an int, which is no error code."""
-    body = orjson.dumps({"error": {"message": "max_tokens is too large", "type": "BadRequestError",
-                                   "param": "max_tokens", "code": 400}})
+    body = orjson.dumps(
+        {"error": {"message": "max_tokens is too large", "type": "BadRequestError", "param": "max_tokens", "code": 400}}
+    )
     err = provider_for("openai").classify_error(400, {}, body).to_error(lambda m: m)
     assert (err.status, err.kind) == (400, "rejected")
-    assert orjson.loads(err.body())["error"] == {"message": "max_tokens is too large", "type": "invalid_request_error",
-                                                 "param": "max_tokens", "code": None}
+    assert orjson.loads(err.body())["error"] == {
+        "message": "max_tokens is too large",
+        "type": "invalid_request_error",
+        "param": "max_tokens",
+        "code": None,
+    }
     missing = provider_for("openai").classify_error(404, {}, orjson.dumps({"error": {"message": "no", "code": 404}}))
     assert orjson.loads(missing.to_error(lambda m: m).body())["error"]["code"] == "model_not_found"
 
 
-@pytest.mark.parametrize(("message", "param"), [
-    ('"auto" tool choice requires --enable-auto-tool-choice and --tool-call-parser to be set', "tool_choice"),
-    ("This model does not support tools", "tools"),
-    ("Invalid json_schema: unknown type", "response_format"),
-    ("prompt is too long", None),
-])
+@pytest.mark.parametrize(
+    ("message", "param"),
+    [
+        ('"auto" tool choice requires --enable-auto-tool-choice and --tool-call-parser to be set', "tool_choice"),
+        ("This model does not support tools", "tools"),
+        ("Invalid json_schema: unknown type", "response_format"),
+        ("prompt is too long", None),
+    ],
+)
 def test_a_rejection_without_param_names_the_field_its_message_is_about(message: str, param: str | None) -> None:
     """vLLM's 400 for `tool_choice: auto` without a tool parser has `param: null` (seen from vLLM 0.32)."""
     body = orjson.dumps({"error": {"message": message, "type": "BadRequestError", "param": None, "code": 400}})
@@ -129,11 +158,16 @@ def test_retry_after_reads_ms_seconds_and_http_dates() -> None:
     assert retry_after({"retry-after": "soon"}) is None and retry_after({}) is None
 
 
-@pytest.mark.parametrize(("type_", "kind", "retryable"), [
-    ("overloaded_error", "overloaded", True), ("api_error", "status_5xx", False),
-    ("rate_limit_error", "status_429", False), ("invalid_request_error", "rejected", False),
-    ("something_new", "status_5xx", False),
-])
+@pytest.mark.parametrize(
+    ("type_", "kind", "retryable"),
+    [
+        ("overloaded_error", "overloaded", True),
+        ("api_error", "status_5xx", False),
+        ("rate_limit_error", "status_429", False),
+        ("invalid_request_error", "rejected", False),
+        ("something_new", "status_5xx", False),
+    ],
+)
 def test_stream_error_events_are_classified_like_their_status(type_, kind, retryable) -> None:
     c = anthropic_event_error({"type": type_, "message": "x"})
     assert (c.kind, c.retryable) == (kind, retryable)

@@ -44,7 +44,10 @@ def test_streams_always_ask_for_usage_keeping_other_stream_options(kind) -> None
 
 def test_identity_response_reports_usage() -> None:
     raw = orjson.dumps({"choices": [], "usage": {"prompt_tokens": 1, "completion_tokens": 2, "total_tokens": 3}})
-    assert provider_for("openai").response_body(raw) == (raw, {"prompt_tokens": 1, "completion_tokens": 2, "total_tokens": 3})
+    assert provider_for("openai").response_body(raw) == (
+        raw,
+        {"prompt_tokens": 1, "completion_tokens": 2, "total_tokens": 3},
+    )
     assert provider_for("openai").response_body(b"not json") == (b"not json", None)
 
 

@@ -36,9 +36,15 @@ class Result:
 
 def exchange(p: Provider, base_url: str, key: str, body: dict[str, Any], stream: bool = False) -> Result:
     r = Result()
-    with httpx.Client(timeout=10) as c, c.stream("POST", base_url + p.path("chat", "cfg-model"),
-                                                 headers=p.headers(key, "rid-1"),
-                                                 content=p.request_body(body, "cfg-model", stream)) as resp:
+    with (
+        httpx.Client(timeout=10) as c,
+        c.stream(
+            "POST",
+            base_url + p.path("chat", "cfg-model"),
+            headers=p.headers(key, "rid-1"),
+            content=p.request_body(body, "cfg-model", stream),
+        ) as resp,
+    ):
         r.status = resp.status_code
         if resp.status_code >= 300:
             r.error = p.classify_error(resp.status_code, dict(resp.headers), resp.read())
@@ -66,10 +72,13 @@ def exchange(p: Provider, base_url: str, key: str, body: dict[str, Any], stream:
 
 
 def text_of(events: list[Any]) -> str:
-    return "".join(e["choices"][0]["delta"].get("content") or "" for e in events if isinstance(e, dict) and e.get("choices"))
+    return "".join(
+        e["choices"][0]["delta"].get("content") or "" for e in events if isinstance(e, dict) and e.get("choices")
+    )
 
 
 # -- Anthropic -------------------------------------------------------------------------------------------
+
 
 def ap(**opts: Any) -> Provider:
     return provider_for("anthropic", opts)
@@ -97,15 +106,26 @@ def test_anthropic_stream_split_into_tiny_writes_round_trip(anthropic: FakeAnthr
 def test_anthropic_tool_conversation_round_trip(anthropic: FakeAnthropic) -> None:
     tools = [{"type": "function", "function": {"name": "get_weather", "parameters": {"type": "object"}}}]
     anthropic.push(AnthropicScript(text="", tool=("get_weather", {"city": "Oslo"})))
-    first = exchange(ap(), anthropic.base_url, anthropic.api_key,
-                     {"messages": MSG, "tools": tools, "tool_choice": "required"}, stream=True)
+    first = exchange(
+        ap(),
+        anthropic.base_url,
+        anthropic.api_key,
+        {"messages": MSG, "tools": tools, "tool_choice": "required"},
+        stream=True,
+    )
     calls = [tc for e in first.events[:-1] if e["choices"] for tc in e["choices"][0]["delta"].get("tool_calls", [])]
     call_id, args = calls[0]["id"], "".join(tc["function"].get("arguments", "") for tc in calls)
     assert json.loads(args) == {"city": "Oslo"}
     # The caller answers the tool call; the fake checks the tool_result refers to the tool_use.
-    follow = [*MSG, {"role": "assistant", "content": None, "tool_calls": [
-        {"id": call_id, "type": "function", "function": {"name": "get_weather", "arguments": args}}]},
-        {"role": "tool", "tool_call_id": call_id, "content": "5C"}]
+    follow = [
+        *MSG,
+        {
+            "role": "assistant",
+            "content": None,
+            "tool_calls": [{"id": call_id, "type": "function", "function": {"name": "get_weather", "arguments": args}}],
+        },
+        {"role": "tool", "tool_call_id": call_id, "content": "5C"},
+    ]
     r = exchange(ap(), anthropic.base_url, anthropic.api_key, {"messages": follow, "tools": tools})
     assert r.status == 200 and anthropic.requests[1]["body"]["messages"][2]["content"][0]["type"] == "tool_result"
 
@@ -118,13 +138,26 @@ def test_anthropic_usage_is_identical_streamed_and_not(anthropic: FakeAnthropic)
     assert plain.usage == streamed.usage and plain.usage is not None and plain.usage["total_tokens"] == 838
 
 
-@pytest.mark.parametrize(("script", "expected"), [
-    (AnthropicScript(status=529, error_type="overloaded_error"), ("overloaded", True, 503)),
-    (AnthropicScript(status=429, error_type="rate_limit_error", headers={"retry-after": "1"}), ("status_429", True, 429)),
-    (AnthropicScript(status=429, error_type="rate_limit_error", headers={"retry-after": "60"},
-                     error_details={"error_code": "enforced_spend_limit_reached"}), ("quota_exceeded", False, 503)),
-    (AnthropicScript(status=400, error_type="invalid_request_error"), ("rejected", False, 400)),
-])
+@pytest.mark.parametrize(
+    ("script", "expected"),
+    [
+        (AnthropicScript(status=529, error_type="overloaded_error"), ("overloaded", True, 503)),
+        (
+            AnthropicScript(status=429, error_type="rate_limit_error", headers={"retry-after": "1"}),
+            ("status_429", True, 429),
+        ),
+        (
+            AnthropicScript(
+                status=429,
+                error_type="rate_limit_error",
+                headers={"retry-after": "60"},
+                error_details={"error_code": "enforced_spend_limit_reached"},
+            ),
+            ("quota_exceeded", False, 503),
+        ),
+        (AnthropicScript(status=400, error_type="invalid_request_error"), ("rejected", False, 400)),
+    ],
+)
 def test_anthropic_error_answers_are_classified(anthropic: FakeAnthropic, script, expected) -> None:
     anthropic.push(script)
     r = exchange(ap(), anthropic.base_url, anthropic.api_key, {"messages": MSG})
@@ -150,16 +183,27 @@ def test_anthropic_connection_cut_mid_stream_leaves_no_done(anthropic: FakeAnthr
 
 
 def test_anthropic_long_conversation_is_valid_for_the_api(anthropic: FakeAnthropic) -> None:
-    messages = [{"role": "system", "content": "s1"}, {"role": "user", "content": "a"}, {"role": "user", "content": "b"},
-                {"role": "developer", "content": "s2"}, {"role": "assistant", "content": "c"},
-                {"role": "assistant", "content": ""}, {"role": "user", "content": [{"type": "text", "text": "d"}]}]
-    r = exchange(ap(), anthropic.base_url, anthropic.api_key,
-                 {"messages": messages, "seed": 7, "frequency_penalty": 0.5, "response_format": {"type": "text"}})
+    messages = [
+        {"role": "system", "content": "s1"},
+        {"role": "user", "content": "a"},
+        {"role": "user", "content": "b"},
+        {"role": "developer", "content": "s2"},
+        {"role": "assistant", "content": "c"},
+        {"role": "assistant", "content": ""},
+        {"role": "user", "content": [{"type": "text", "text": "d"}]},
+    ]
+    r = exchange(
+        ap(),
+        anthropic.base_url,
+        anthropic.api_key,
+        {"messages": messages, "seed": 7, "frequency_penalty": 0.5, "response_format": {"type": "text"}},
+    )
     assert r.status == 200, anthropic.requests[-1]
     assert anthropic.requests[0]["body"]["system"] == "s1\n\ns2"
 
 
 # -- Azure -----------------------------------------------------------------------------------------------
+
 
 def az(**opts: Any) -> Provider:
     return provider_for("azure", {"deployment": "gpt4o-prod", **opts})
@@ -179,18 +223,26 @@ def test_azure_stream_round_trip_has_usage_and_done(azure: FakeAzure) -> None:
     assert text_of(r.events) == "hello0 hello1 hello2 "
 
 
-@pytest.mark.parametrize(("provider_opts", "key", "status", "kind"), [
-    ({}, "wrong-key", 401, "upstream_auth"),
-    ({"deployment": "not-deployed"}, None, 404, "rejected"),
-    ({"api_version": "2023-01-01"}, None, 404, "rejected"),
-])
+@pytest.mark.parametrize(
+    ("provider_opts", "key", "status", "kind"),
+    [
+        ({}, "wrong-key", 401, "upstream_auth"),
+        ({"deployment": "not-deployed"}, None, 404, "rejected"),
+        ({"api_version": "2023-01-01"}, None, 404, "rejected"),
+    ],
+)
 def test_azure_misconfiguration_is_classified(azure: FakeAzure, provider_opts, key, status, kind) -> None:
     r = exchange(az(**provider_opts), azure.base_url, key or azure.api_key, {"messages": MSG})
     assert r.status == status and r.error is not None and r.error.kind == kind
 
 
 def test_azure_429_honours_retry_after_ms(azure: FakeAzure) -> None:
-    azure.push(Script(status=429, headers={"retry-after-ms": "800", "retry-after": "1"},
-                      body=orjson.dumps({"error": {"code": "429", "message": "Rate limit is exceeded."}})))
+    azure.push(
+        Script(
+            status=429,
+            headers={"retry-after-ms": "800", "retry-after": "1"},
+            body=orjson.dumps({"error": {"code": "429", "message": "Rate limit is exceeded."}}),
+        )
+    )
     r = exchange(az(), azure.base_url, azure.api_key, {"messages": MSG})
     assert r.error is not None and (r.error.kind, r.error.retryable, r.error.retry_after) == ("status_429", True, 0.8)

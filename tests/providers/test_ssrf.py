@@ -17,11 +17,20 @@ from gateway.providers.base import STEERING_FIELDS
 OPTS = {"deployment": "gpt4o-prod", "api_version": "2024-10-21"}
 KINDS = ["local", "openai", "azure", "anthropic"]
 TRICKS: dict[str, Any] = {
-    "api_base": "http://169.254.169.254/latest", "base_url": "http://evil.example/v1", "api_key": "sk-attacker",
-    "api_version": "1999-01-01", "api_type": "azure", "azure_endpoint": "http://evil.example",
-    "azure_deployment": "../../evil", "deployment_id": "evil", "engine": "evil", "organization": "org-evil",
+    "api_base": "http://169.254.169.254/latest",
+    "base_url": "http://evil.example/v1",
+    "api_key": "sk-attacker",
+    "api_version": "1999-01-01",
+    "api_type": "azure",
+    "azure_endpoint": "http://evil.example",
+    "azure_deployment": "../../evil",
+    "deployment_id": "evil",
+    "engine": "evil",
+    "organization": "org-evil",
     "extra_headers": {"Host": "evil.example", "Authorization": "Bearer sk-attacker", "x-api-key": "sk-attacker"},
-    "extra_query": {"api-version": "evil"}, "host": "evil.example", "url": "http://evil.example/#",
+    "extra_query": {"api-version": "evil"},
+    "host": "evil.example",
+    "url": "http://evil.example/#",
     "custom_llm_provider": "openai",
 }
 MODELS = ["gpt-4", "evil.example/v1#", "../../../admin?x=1", "@evil.example:80", "m\r\nHost: evil.example", "#frag"]
@@ -62,10 +71,19 @@ def test_azure_url_is_the_configured_deployment_and_api_version() -> None:
     assert p.path("chat", "evil") == "/openai/deployments/gpt4o-prod/chat/completions?api-version=2024-10-21"
 
 
-@pytest.mark.parametrize("opts", [
-    {}, {"deployment": ""}, {"deployment": "../evil"}, {"deployment": "a/b"}, {"deployment": "a?x=1"},
-    {"deployment": "a#b"}, {"deployment": "ok", "api_version": "2024-10-21&x=1"}, {"deployment": "ok", "api_version": "latest"},
-])
+@pytest.mark.parametrize(
+    "opts",
+    [
+        {},
+        {"deployment": ""},
+        {"deployment": "../evil"},
+        {"deployment": "a/b"},
+        {"deployment": "a?x=1"},
+        {"deployment": "a#b"},
+        {"deployment": "ok", "api_version": "2024-10-21&x=1"},
+        {"deployment": "ok", "api_version": "latest"},
+    ],
+)
 def test_azure_config_that_could_bend_the_url_is_refused_at_load(opts) -> None:
     with pytest.raises(ValueError):
         provider_for("azure", opts)

@@ -33,14 +33,24 @@ CANARY_T3 = "CANARY-t3-upstream-key-5f0c1e9a7b2d4c6e8f00"
 CANARY_ADMIN = "qlp-CANARY-admin-key-0c4f6a8e2b1d3f5a7c9e"
 
 
-def fleet(ups: dict[str, FakeUpstream], *, t0_url: str | None = None, max_attempts: int = 2,
-          timeouts: dict[str, float] | None = None, breaker: dict[str, float] | None = None,
-          t3: bool = False) -> dict[str, Any]:
+def fleet(
+    ups: dict[str, FakeUpstream],
+    *,
+    t0_url: str | None = None,
+    max_attempts: int = 2,
+    timeouts: dict[str, float] | None = None,
+    breaker: dict[str, float] | None = None,
+    t3: bool = False,
+) -> dict[str, Any]:
     """T0 (local, -> `t0_url` or upstream a, no fallback), T1 (local, upstream b); T3 (OpenAI kind with an
     API key from the secret `t3_api_key`, upstream c) when asked."""
-    t0: dict[str, Any] = {"model": "m0", "aliases": ["qlp-t0"], "adapters": ["dev-v1"],
-                          "agents": {"developer": "dev-v1"},
-                          "backends": [{"name": "a", "base_url": t0_url or ups["a"].base_url}]}
+    t0: dict[str, Any] = {
+        "model": "m0",
+        "aliases": ["qlp-t0"],
+        "adapters": ["dev-v1"],
+        "agents": {"developer": "dev-v1"},
+        "backends": [{"name": "a", "base_url": t0_url or ups["a"].base_url}],
+    }
     if timeouts:
         t0["timeouts"] = timeouts
     cfg: dict[str, Any] = {
@@ -48,14 +58,18 @@ def fleet(ups: dict[str, FakeUpstream], *, t0_url: str | None = None, max_attemp
         "health_interval": 60,
         "retry": {"max_attempts": max_attempts, "backoff_base": 0.001, "backoff_max": 0.01},
         "breaker": breaker or {"failures": 50, "cooldown": 60},
-        "tiers": {"T0": t0,
-                  "T1": {"model": "m1", "aliases": ["qlp-t1"],
-                         "backends": [{"name": "b", "base_url": ups["b"].base_url}]}},
+        "tiers": {
+            "T0": t0,
+            "T1": {"model": "m1", "aliases": ["qlp-t1"], "backends": [{"name": "b", "base_url": ups["b"].base_url}]},
+        },
     }
     if t3:
-        cfg["tiers"]["T3"] = {"kind": "openai", "model": "gpt-4", "aliases": ["qlp-t3"],
-                              "backends": [{"name": "openai", "base_url": ups["c"].base_url,
-                                            "api_key_secret": "t3_api_key"}]}
+        cfg["tiers"]["T3"] = {
+            "kind": "openai",
+            "model": "gpt-4",
+            "aliases": ["qlp-t3"],
+            "backends": [{"name": "openai", "base_url": ups["c"].base_url, "api_key_secret": "t3_api_key"}],
+        }
     return cfg
 
 
@@ -68,8 +82,13 @@ def secrets_dir(tmp_path: Path) -> Path:
 
 
 @pytest.fixture
-def metered(upstreams: dict[str, FakeUpstream], gateway_factory: Callable[..., RunningGateway], redis_url: str,
-            pricing_file: Path, secrets_dir: Path) -> Callable[..., RunningGateway]:
+def metered(
+    upstreams: dict[str, FakeUpstream],
+    gateway_factory: Callable[..., RunningGateway],
+    redis_url: str,
+    pricing_file: Path,
+    secrets_dir: Path,
+) -> Callable[..., RunningGateway]:
     """An in-process gateway with metering on against the test Redis; `fleet(...)` config by default."""
 
     def make(config: dict[str, Any] | None = None, **settings: Any) -> RunningGateway:
@@ -104,6 +123,7 @@ def tenants(redis_url: str) -> Tenants:
 
 # -- a `qlp gateway` subprocess ------------------------------------------------------------------------
 
+
 @dataclass
 class GatewayProcess:
     proc: subprocess.Popen[bytes]
@@ -134,21 +154,43 @@ class GatewayProcess:
                 self.proc.wait(5)
 
 
-def start_gateway_process(config: dict[str, Any], directory: Path, env: dict[str, str],
-                          log_level: str = "info") -> GatewayProcess:
+def start_gateway_process(
+    config: dict[str, Any], directory: Path, env: dict[str, str], log_level: str = "info"
+) -> GatewayProcess:
     """`qlp gateway` (uvicorn, uvloop, httptools: what production runs) with stdout+stderr to a file."""
     directory.mkdir(parents=True, exist_ok=True)
     cfg = directory / "tiers.yaml"
     cfg.write_text(yaml.safe_dump(config))
     port = free_port()
     log = directory / "gateway.log"
-    full_env = {**os.environ, "QLP_METERING": "false", "QLP_SECRETS_DIR": str(directory / "secrets"),
-                "QLP_SPOOL_PATH": str(directory / "spool" / "ledger.jsonl"), **env}
+    full_env = {
+        **os.environ,
+        "QLP_METERING": "false",
+        "QLP_SECRETS_DIR": str(directory / "secrets"),
+        "QLP_SPOOL_PATH": str(directory / "spool" / "ledger.jsonl"),
+        **env,
+    }
     with log.open("wb") as out:
         proc = subprocess.Popen(
-            [sys.executable, "-m", "gateway.cli", "gateway", "--port", str(port), "--config", str(cfg),
-             "--log-level", log_level, "--access-log"],
-            cwd=ROOT, env=full_env, stdout=out, stderr=subprocess.STDOUT, start_new_session=True)
+            [
+                sys.executable,
+                "-m",
+                "gateway.cli",
+                "gateway",
+                "--port",
+                str(port),
+                "--config",
+                str(cfg),
+                "--log-level",
+                log_level,
+                "--access-log",
+            ],
+            cwd=ROOT,
+            env=full_env,
+            stdout=out,
+            stderr=subprocess.STDOUT,
+            start_new_session=True,
+        )
     gp = GatewayProcess(proc, port, log)
     deadline = time.monotonic() + 30
     while True:

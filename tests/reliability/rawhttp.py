@@ -24,8 +24,9 @@ class RawResponse:
         return orjson.loads(self.body)
 
 
-def exchange(port: int, head: bytes, body: bytes = b"", *, chunks: list[bytes] | None = None,
-             timeout: float = 10.0) -> RawResponse:
+def exchange(
+    port: int, head: bytes, body: bytes = b"", *, chunks: list[bytes] | None = None, timeout: float = 10.0
+) -> RawResponse:
     """Send `head` (request line and headers, without the blank line) and a body, as is; read one response.
     `chunks`: send the body with Transfer-Encoding: chunked, stopping early if the server answers."""
     with socket.create_connection(("127.0.0.1", port), timeout=timeout) as s:

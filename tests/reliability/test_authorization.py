@@ -21,10 +21,14 @@ WF = "wf-of-tenant-a"
 # (method, path) -> expected status per caller, in CALLERS order. Public: probes, scrapes and the API's own
 # description (no tenant data in any of them; tests/reliability/test_secrets.py checks they hold no secret).
 MATRIX: dict[tuple[str, str], tuple[int, ...]] = {
-    ("GET", "/openapi.json"): PUBLIC, ("HEAD", "/openapi.json"): PUBLIC,
-    ("GET", "/docs"): PUBLIC, ("HEAD", "/docs"): PUBLIC,
-    ("GET", "/docs/oauth2-redirect"): PUBLIC, ("HEAD", "/docs/oauth2-redirect"): PUBLIC,
-    ("GET", "/redoc"): PUBLIC, ("HEAD", "/redoc"): PUBLIC,
+    ("GET", "/openapi.json"): PUBLIC,
+    ("HEAD", "/openapi.json"): PUBLIC,
+    ("GET", "/docs"): PUBLIC,
+    ("HEAD", "/docs"): PUBLIC,
+    ("GET", "/docs/oauth2-redirect"): PUBLIC,
+    ("HEAD", "/docs/oauth2-redirect"): PUBLIC,
+    ("GET", "/redoc"): PUBLIC,
+    ("HEAD", "/redoc"): PUBLIC,
     ("GET", "/healthz"): PUBLIC,
     ("GET", "/readyz"): PUBLIC,
     ("GET", "/metrics"): PUBLIC,
@@ -65,18 +69,24 @@ def app_routes(gw: RunningGateway) -> set[tuple[str, str]]:
 
 
 @pytest.fixture
-def setup(metered: Callable[..., RunningGateway], tenants: Tenants, redis_url: str) -> Iterator[tuple[RunningGateway, dict[str, str | None]]]:
+def setup(
+    metered: Callable[..., RunningGateway], tenants: Tenants, redis_url: str
+) -> Iterator[tuple[RunningGateway, dict[str, str | None]]]:
     gw = metered()
     revoked, revoked_info = create_key(redis_url, "tenant-a")
     assert httpx.delete(f"{gw.url}/v1/admin/keys/{revoked_info.id}", headers=auth(tenants.admin)).status_code == 200
     # Tenant A has a workflow in the ledger.
-    r = httpx.post(gw.url + "/v1/chat/completions", json={"model": "qlp-t0", "messages": MSG},
-                   headers={**auth(tenants.a), "X-QLP-Workflow-Id": WF})
+    r = httpx.post(
+        gw.url + "/v1/chat/completions",
+        json={"model": "qlp-t0", "messages": MSG},
+        headers={**auth(tenants.a), "X-QLP-Workflow-Id": WF},
+    )
     assert r.status_code == 200
-    eventually(lambda: httpx.get(f"{gw.url}/v1/ledger/workflows/{WF}", headers=auth(tenants.a)).status_code == 200,
-               what="tenant A's workflow in the ledger")
-    keys = {"anonymous": None, "tenant_a": tenants.a, "tenant_b": tenants.b, "admin": tenants.admin,
-            "revoked": revoked}
+    eventually(
+        lambda: httpx.get(f"{gw.url}/v1/ledger/workflows/{WF}", headers=auth(tenants.a)).status_code == 200,
+        what="tenant A's workflow in the ledger",
+    )
+    keys = {"anonymous": None, "tenant_a": tenants.a, "tenant_b": tenants.b, "admin": tenants.admin, "revoked": revoked}
     yield gw, keys
 
 
@@ -111,7 +121,8 @@ def test_every_route_has_a_row_in_the_matrix(setup) -> None:
     routes = app_routes(gw)
     assert routes == set(MATRIX), (
         f"routes without a row (add one, with the intended answer per caller): {sorted(routes - set(MATRIX))}; "
-        f"rows without a route: {sorted(set(MATRIX) - routes)}")
+        f"rows without a route: {sorted(set(MATRIX) - routes)}"
+    )
 
 
 def test_every_route_answers_every_caller_as_intended(setup, redis_url) -> None:

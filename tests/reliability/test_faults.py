@@ -26,23 +26,38 @@ TOLERANCE = 1.0
 FAULTS_SURVIVED: dict[str, int] = {}
 
 
-def config(base_url: str, *, timeouts: dict[str, float] | None = None, attempts: int = 3,
-           breaker: dict[str, float] | None = None, t1_url: str | None = None) -> dict[str, Any]:
-    t0: dict[str, Any] = {"model": "m0", "aliases": ["qlp-t0"], "backends": [{"name": "a", "base_url": base_url}],
-                          "timeouts": {"connect": 2, "first_byte": 5, "idle": 5, "total": 30, **(timeouts or {})}}
+def config(
+    base_url: str,
+    *,
+    timeouts: dict[str, float] | None = None,
+    attempts: int = 3,
+    breaker: dict[str, float] | None = None,
+    t1_url: str | None = None,
+) -> dict[str, Any]:
+    t0: dict[str, Any] = {
+        "model": "m0",
+        "aliases": ["qlp-t0"],
+        "backends": [{"name": "a", "base_url": base_url}],
+        "timeouts": {"connect": 2, "first_byte": 5, "idle": 5, "total": 30, **(timeouts or {})},
+    }
     tiers: dict[str, Any] = {"T0": t0}
     if t1_url is not None:
         t0["fallback"] = ["T1"]
         tiers["T1"] = {"model": "m1", "aliases": ["qlp-t1"], "backends": [{"name": "b", "base_url": t1_url}]}
-    return {"default_tier": "T0", "health_interval": 60,
-            "retry": {"max_attempts": attempts, "backoff_base": 0.001, "backoff_max": 0.01},
-            "breaker": breaker or {"failures": 50, "cooldown": 60}, "tiers": tiers}
+    return {
+        "default_tier": "T0",
+        "health_interval": 60,
+        "retry": {"max_attempts": attempts, "backoff_base": 0.001, "backoff_max": 0.01},
+        "breaker": breaker or {"failures": 50, "cooldown": 60},
+        "tiers": tiers,
+    }
 
 
 def chat(gw: RunningGateway, stream: bool = False) -> tuple[httpx.Response, bytes, float]:
     t0 = time.monotonic()
-    with httpx.stream("POST", gw.url + "/v1/chat/completions", json={"model": "qlp-t0", "messages": MSG,
-                                                                    "stream": stream}, timeout=30) as r:
+    with httpx.stream(
+        "POST", gw.url + "/v1/chat/completions", json={"model": "qlp-t0", "messages": MSG, "stream": stream}, timeout=30
+    ) as r:
         body = r.read()
     return r, body, time.monotonic() - t0
 
@@ -75,6 +90,7 @@ def full_listener() -> Iterator[str]:
 
 
 # -- timeouts ---------------------------------------------------------------------------------------------
+
 
 def test_connect_timeout_trips_on_time_on_every_attempt(full_listener, gateway_factory) -> None:
     gw = gateway_factory(config(full_listener, timeouts={"connect": 0.3}, attempts=3))
@@ -129,6 +145,7 @@ def test_total_timeout_ends_a_long_stream_in_band_on_time(proxy, gw_via, upstrea
 
 # -- broken connections -------------------------------------------------------------------------------------
 
+
 def test_reset_before_the_first_byte_is_retried_exactly_max_attempts_times(proxy, gw_via, upstreams) -> None:
     proxy.set("reset")
     gw = gw_via(attempts=3)
@@ -175,6 +192,7 @@ def test_cut_mid_response_is_a_502_or_an_in_band_error(proxy, gw_via, upstreams,
 
 
 # -- the breaker ----------------------------------------------------------------------------------------------
+
 
 def test_breaker_opens_after_n_failures_and_recovers_through_one_half_open_probe(proxy, gw_via) -> None:
     proxy.set("reset")

@@ -52,13 +52,27 @@ def target(redis_server: RedisServer, tmp_path_factory: pytest.TempPathFactory) 
         c.flushall()
     up = FakeUpstream("fuzz").start()
     cfg: dict[str, Any] = {
-        "default_tier": "T0", "health_interval": 60,
+        "default_tier": "T0",
+        "health_interval": 60,
         "retry": {"max_attempts": 1},
         # The fleet's four tiers (the description names T0..T3), all served by the loopback upstream.
-        "tiers": {"T0": {"model": "m0", "aliases": ["qlp-t0"], "adapters": ["dev-v1"], "agents": {"developer": "dev-v1"},
-                         "backends": [{"name": "a", "base_url": up.base_url}]},
-                  **{f"T{i}": {"model": f"m{i}", "aliases": [f"qlp-t{i}"],
-                               "backends": [{"name": "b", "base_url": up.base_url}]} for i in (1, 2, 3)}},
+        "tiers": {
+            "T0": {
+                "model": "m0",
+                "aliases": ["qlp-t0"],
+                "adapters": ["dev-v1"],
+                "agents": {"developer": "dev-v1"},
+                "backends": [{"name": "a", "base_url": up.base_url}],
+            },
+            **{
+                f"T{i}": {
+                    "model": f"m{i}",
+                    "aliases": [f"qlp-t{i}"],
+                    "backends": [{"name": "b", "base_url": up.base_url}],
+                }
+                for i in (1, 2, 3)
+            },
+        },
     }
     gw = start_gateway(cfg, d, metering=True, redis_url=redis_server.url, pricing=pricing, max_body_bytes=65536)
     key, _ = create_key(redis_server.url, "fuzz-tenant")
@@ -83,8 +97,9 @@ DESCRIPTION = _description()
 schema = schemathesis.openapi.from_dict(DESCRIPTION)
 # Unknown headers and query parameters are not generated as "invalid" input: HTTP requires a server to ignore
 # header fields it does not know, and OpenAI-compatible clients add query parameters of their own.
-schema.config.generation.update(modes=[GenerationMode.POSITIVE, GenerationMode.NEGATIVE], max_examples=MAX_EXAMPLES,
-                                allow_extra_parameters=False)
+schema.config.generation.update(
+    modes=[GenerationMode.POSITIVE, GenerationMode.NEGATIVE], max_examples=MAX_EXAMPLES, allow_extra_parameters=False
+)
 schema.config.seed = SEED
 
 
@@ -93,8 +108,7 @@ def test_served_description_is_the_one_fuzzed(target: tuple[RunningGateway, str]
 
 
 @schema.parametrize()
-@hypothesis.settings(deadline=None, derandomize=True, database=None,
-                     suppress_health_check=list(hypothesis.HealthCheck))
+@hypothesis.settings(deadline=None, derandomize=True, database=None, suppress_health_check=list(hypothesis.HealthCheck))
 def test_no_input_gets_a_server_error_or_an_undocumented_answer(case: Any, target: tuple[RunningGateway, str]) -> None:
     _, key = target
     # The proxy routes with a tenant's key (admission, limits and the ledger in the path); the ledger and

@@ -39,15 +39,16 @@ def ledger_totals(server: RedisServer, key_id: str) -> dict[str, int]:
     return totals
 
 
-def test_redis_killed_under_load_loses_nothing_and_counts_nothing_twice(metered, upstreams, private_redis: RedisServer,
-                                                                          tmp_path: Path) -> None:
+def test_redis_killed_under_load_loses_nothing_and_counts_nothing_twice(
+    metered, upstreams, private_redis: RedisServer, tmp_path: Path
+) -> None:
     server = private_redis
     key, info = create_key(server.url, "load")
-    gw = metered(redis_url=server.url, admission_when_redis_down="open", spool_replay_interval=0.05,
-                 fail_open_cap=100_000)
+    gw = metered(
+        redis_url=server.url, admission_when_redis_down="open", spool_replay_interval=0.05, fail_open_cap=100_000
+    )
     usage = [(7 + i % 13, 1 + i % 9) for i in range(REQUESTS)]  # (prompt, completion) the upstream reports
-    upstreams["a"].push(*(Script(prompt_tokens=p, completion_tokens=c, n_chunks=4, chunk_delay=0.01)
-                          for p, c in usage))
+    upstreams["a"].push(*(Script(prompt_tokens=p, completion_tokens=c, n_chunks=4, chunk_delay=0.01) for p, c in usage))
     done = 0
     lock = threading.Lock()
 
@@ -73,10 +74,17 @@ def test_redis_killed_under_load_loses_nothing_and_counts_nothing_twice(metered,
         statuses = [f.result() for f in results]
     assert statuses == [200] * REQUESTS
     assert not upstreams["a"].scripts  # each request reached the upstream exactly once
-    expected = {"req": REQUESTS, "pt": sum(p for p, _ in usage), "ct": sum(c for _, c in usage),
-                "cost": sum(c for _, c in usage)}  # T0: 1 micro-USD per output token
-    eventually(lambda: ledger_totals(server, info.id) == expected, timeout=30,
-               what=f"the ledger to equal the upstream's usage {expected}")
+    expected = {
+        "req": REQUESTS,
+        "pt": sum(p for p, _ in usage),
+        "ct": sum(c for _, c in usage),
+        "cost": sum(c for _, c in usage),
+    }  # T0: 1 micro-USD per output token
+    eventually(
+        lambda: ledger_totals(server, info.id) == expected,
+        timeout=30,
+        what=f"the ledger to equal the upstream's usage {expected}",
+    )
     eventually(lambda: httpx.get(gw.url + "/readyz").json()["ledger"]["spool_depth"] == 0, what="an empty spool")
     assert spooled, "nothing was spooled during the outage: the test did not test the outage"
     # Replay the outage's charges again (a replay interrupted after Redis applied them, say): no change.
@@ -87,5 +95,7 @@ def test_redis_killed_under_load_loses_nothing_and_counts_nothing_twice(metered,
     with server.client() as c:
         records = [orjson.loads(fields[b"r"]) for _, fields in c.xrange(KeyKeys(info.id).stream)]
     assert len(records) == REQUESTS and len({r["id"] for r in records}) == REQUESTS
-    print(f"redis kill under load: {REQUESTS} requests held, {len(spooled)} charges spooled and replayed twice, "
-          f"ledger == upstream usage {expected}")
+    print(
+        f"redis kill under load: {REQUESTS} requests held, {len(spooled)} charges spooled and replayed twice, "
+        f"ledger == upstream usage {expected}"
+    )

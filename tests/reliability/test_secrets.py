@@ -32,8 +32,15 @@ CANARY_CALLER_KEY = "qlp-CANARY-unknown-caller-key-4d2b9e0f1a3c5e7d"
 CANARY_BODY_KEY = "sk-CANARY-body-field-key-8e6c4a2f0d1b3e5f"
 CANARY_HEADER_KEY = "sk-CANARY-x-api-key-header-2c4e6a8b0d1f3a5c"
 CANARY_IN_MESSAGE = "sk-CANARY-inside-a-message-9b7d5f3a1c2e4f6b"
-CANARIES = [CANARY_T3, CANARY_ADMIN, CANARY_REDIS, CANARY_CALLER_KEY, CANARY_BODY_KEY, CANARY_HEADER_KEY,
-            CANARY_IN_MESSAGE]
+CANARIES = [
+    CANARY_T3,
+    CANARY_ADMIN,
+    CANARY_REDIS,
+    CANARY_CALLER_KEY,
+    CANARY_BODY_KEY,
+    CANARY_HEADER_KEY,
+    CANARY_IN_MESSAGE,
+]
 
 
 def leaked(text: str) -> list[str]:
@@ -59,22 +66,27 @@ def redis_contents(port: int) -> str:
     with redis.Redis(port=port, password=CANARY_REDIS) as c:
         for key in c.scan_iter(count=1000):
             kind = c.type(key).decode()
-            value = {"string": lambda k: c.get(k), "hash": c.hgetall, "set": c.smembers,
-                     "zset": lambda k: c.zrange(k, 0, -1, withscores=True), "list": lambda k: c.lrange(k, 0, -1),
-                     "stream": lambda k: c.xrange(k)}[kind](key)
+            value = {
+                "string": lambda k: c.get(k),
+                "hash": c.hgetall,
+                "set": c.smembers,
+                "zset": lambda k: c.zrange(k, 0, -1, withscores=True),
+                "list": lambda k: c.lrange(k, 0, -1),
+                "stream": lambda k: c.xrange(k),
+            }[kind](key)
             out.append(f"{key!r} {value!r}")
     return "\n".join(out)
 
 
-def test_canaries_never_reach_logs_errors_metrics_health_or_the_ledger(metered, upstreams, secrets_dir, tmp_path,
-                                                                     locked_redis, caplog) -> None:
+def test_canaries_never_reach_logs_errors_metrics_health_or_the_ledger(
+    metered, upstreams, secrets_dir, tmp_path, locked_redis, caplog
+) -> None:
     server, url = locked_redis
     (secrets_dir / "admin_key").write_text(CANARY_ADMIN)
     (secrets_dir / "t3_api_key").write_text(CANARY_T3)
     key, _ = create_key(url, "tenant-a")
     caplog.set_level(logging.DEBUG)
-    gw = metered(fleet(upstreams, t3=True), redis_url=url, admission_when_redis_down="open",
-                 spool_replay_interval=0.05)
+    gw = metered(fleet(upstreams, t3=True), redis_url=url, admission_when_redis_down="open", spool_replay_interval=0.05)
     seen_by_callers: list[str] = []
 
     def post(body: dict[str, object], caller_key: str = key, **headers: str) -> httpx.Response:
@@ -90,43 +102,74 @@ def test_canaries_never_reach_logs_errors_metrics_health_or_the_ledger(metered, 
     secret_message = [{"role": "user", "content": f"my key: Authorization: Bearer {CANARY_IN_MESSAGE}"}]
     wf = {"X-QLP-Workflow-Id": "wf-canary"}
     # Served requests carrying keys in the body, in headers and in the message.
-    assert post({"model": "qlp-t0", "messages": secret_message, "api_key": CANARY_BODY_KEY},
-                **{"X-Api-Key": CANARY_HEADER_KEY, **wf}).status_code == 200
-    assert post({"model": "qlp-t0", "messages": secret_message, "stream": True, "api_key": CANARY_BODY_KEY},
-                **wf).status_code == 200
+    assert (
+        post(
+            {"model": "qlp-t0", "messages": secret_message, "api_key": CANARY_BODY_KEY},
+            **{"X-Api-Key": CANARY_HEADER_KEY, **wf},
+        ).status_code
+        == 200
+    )
+    assert (
+        post(
+            {"model": "qlp-t0", "messages": secret_message, "stream": True, "api_key": CANARY_BODY_KEY}, **wf
+        ).status_code
+        == 200
+    )
     assert CANARY_BODY_KEY not in str(upstreams["a"].requests) and CANARY_HEADER_KEY not in str(upstreams["a"].requests)
     # Refused requests carrying them.
     assert post({"messages": [], "api_key": CANARY_BODY_KEY}).status_code == 400
     assert post({"messages": secret_message, "n": "many", "api_key": CANARY_BODY_KEY}).status_code == 400
     assert post({"model": "qlp-t0", "messages": MSG}, caller_key=CANARY_CALLER_KEY).status_code == 401
-    r = httpx.post(gw.url + "/v1/chat/completions", json={"messages": MSG},
-                   headers={"Authorization": f"Basic {CANARY_CALLER_KEY}"}, timeout=20)
+    r = httpx.post(
+        gw.url + "/v1/chat/completions",
+        json={"messages": MSG},
+        headers={"Authorization": f"Basic {CANARY_CALLER_KEY}"},
+        timeout=20,
+    )
     seen_by_callers.append(seen(r))
     assert r.status_code == 401
     assert get("/v1/ledger/summary", CANARY_CALLER_KEY).status_code == 401
     # The T3 upstream echoes its own key in every kind of error answer.
-    echo = {"error": {"message": f"Incorrect API key provided: {CANARY_T3}. Bearer {CANARY_T3}", "type": "x",
-                      "code": "invalid_api_key"}}
+    echo = {
+        "error": {
+            "message": f"Incorrect API key provided: {CANARY_T3}. Bearer {CANARY_T3}",
+            "type": "x",
+            "code": "invalid_api_key",
+        }
+    }
     for status in (401, 403, 400, 404, 422, 429, 500, 503):
         upstreams["c"].default = Script(status=status, body=echo)
         r = post({"model": "qlp-t3", "messages": MSG})
         assert r.status_code >= 400
     upstreams["c"].default = Script()
-    assert all(f"Bearer {CANARY_T3}" == {k.lower(): v for k, v in q["headers"].items()}["authorization"]
-               for q in upstreams["c"].requests)  # it was sent, to the right place only
+    assert all(
+        f"Bearer {CANARY_T3}" == {k.lower(): v for k, v in q["headers"].items()}["authorization"]
+        for q in upstreams["c"].requests
+    )  # it was sent, to the right place only
     # The admin's own calls.
     assert httpx.post(gw.url + "/v1/admin/keys", json={"tenant": "t2"}, headers=auth(CANARY_ADMIN)).status_code == 201
-    for path in ("/v1/admin/keys", "/metrics", "/healthz", "/readyz", "/openapi.json", "/v1/models",
-                 "/v1/ledger/workflows/wf-canary", *(f"/v1/ledger/summary?group_by={g}" for g in
-                                                     ("tier", "model", "agent", "workflow", "day", "tenant", "key"))):
+    for path in (
+        "/v1/admin/keys",
+        "/metrics",
+        "/healthz",
+        "/readyz",
+        "/openapi.json",
+        "/v1/models",
+        "/v1/ledger/workflows/wf-canary",
+        *(f"/v1/ledger/summary?group_by={g}" for g in ("tier", "model", "agent", "workflow", "day", "tenant", "key")),
+    ):
         assert get(path).status_code in (200, 503), path
     eventually(lambda: get("/v1/ledger/summary").json()["total"]["requests"] >= 2, what="the charges booked")
     # `qlp ledger`: summary, workflow and export, as an operator runs them.
     cli_out = io.StringIO()
     cli_err = io.StringIO()
     with redirect_stderr(cli_err):
-        for args in (["summary", "--by", "workflow", "--json"], ["workflow", "wf-canary", "--json"],
-                     ["export", "--format", "jsonl"], ["export", "--format", "csv"]):
+        for args in (
+            ["summary", "--by", "workflow", "--json"],
+            ["workflow", "wf-canary", "--json"],
+            ["export", "--format", "jsonl"],
+            ["export", "--format", "csv"],
+        ):
             assert ledger_cli.main(["--redis-url", url, *args], cli_out) == 0
     assert "wf-canary" in cli_out.getvalue()
     stored = redis_contents(server.port)
@@ -142,20 +185,36 @@ def test_canaries_never_reach_logs_errors_metrics_health_or_the_ledger(metered, 
     spool = "".join(p.read_text() for p in (tmp_path / "spool").glob("*"))
     assert spool
 
-    places = {"responses": "\n".join(seen_by_callers), "logs": caplog.text, "qlp ledger": cli_out.getvalue(),
-              "qlp ledger stderr": cli_err.getvalue(), "redis": stored, "spool": spool}
+    places = {
+        "responses": "\n".join(seen_by_callers),
+        "logs": caplog.text,
+        "qlp ledger": cli_out.getvalue(),
+        "qlp ledger stderr": cli_err.getvalue(),
+        "redis": stored,
+        "spool": spool,
+    }
     found = {where: leaked(text) for where, text in places.items() if leaked(text)}
     assert not found, f"canaries leaked: {found}"
     assert caplog.records, "nothing was logged: the log check would prove nothing"
 
 
-def test_canaries_never_reach_a_gateway_process_output(gateway_process, upstreams, redis_url, pricing_file,
-                                                       tmp_path) -> None:
+def test_canaries_never_reach_a_gateway_process_output(
+    gateway_process, upstreams, redis_url, pricing_file, tmp_path
+) -> None:
     """The same for `qlp gateway` at debug level with access logs: its stdout and stderr."""
     key, _ = create_key(redis_url, "tenant-a")
     cfg = fleet(upstreams, t3=True)
-    gp = gateway_process(cfg, env={"QLP_METERING": "true", "QLP_REDIS_URL": redis_url, "QLP_PRICING": str(pricing_file),
-                                   "QLP_ADMIN_KEY": CANARY_ADMIN, "QLP_T3_API_KEY": CANARY_T3}, log_level="debug")
+    gp = gateway_process(
+        cfg,
+        env={
+            "QLP_METERING": "true",
+            "QLP_REDIS_URL": redis_url,
+            "QLP_PRICING": str(pricing_file),
+            "QLP_ADMIN_KEY": CANARY_ADMIN,
+            "QLP_T3_API_KEY": CANARY_T3,
+        },
+        log_level="debug",
+    )
     echo = {"error": {"message": f"Incorrect API key provided: {CANARY_T3}", "type": "x"}}
     upstreams["c"].push(Script(status=401, body=echo), Script(status=500, body=echo))
     with httpx.Client(base_url=gp.url, timeout=20) as c:
@@ -163,11 +222,14 @@ def test_canaries_never_reach_a_gateway_process_output(gateway_process, upstream
             c.post("/v1/chat/completions", json={"model": "qlp-t3", "messages": MSG}, headers=auth(key)),
             c.post("/v1/chat/completions", json={"model": "qlp-t3", "messages": MSG}, headers=auth(key)),
             c.post("/v1/chat/completions", json={"messages": MSG}, headers=auth(CANARY_CALLER_KEY)),
-            c.post("/v1/chat/completions", json={"messages": [{"role": "user", "content": CANARY_IN_MESSAGE}],
-                                                 "api_key": CANARY_BODY_KEY},
-                   headers={**auth(key), "X-Api-Key": CANARY_HEADER_KEY}),
+            c.post(
+                "/v1/chat/completions",
+                json={"messages": [{"role": "user", "content": CANARY_IN_MESSAGE}], "api_key": CANARY_BODY_KEY},
+                headers={**auth(key), "X-Api-Key": CANARY_HEADER_KEY},
+            ),
             c.get("/v1/admin/keys", headers=auth(CANARY_ADMIN)),
-            c.get("/metrics"), c.get("/readyz"),
+            c.get("/metrics"),
+            c.get("/readyz"),
         ]
     assert [r.status_code for r in bodies[:4]] == [502, 502, 401, 200]
     texts = "\n".join(seen(r) for r in bodies)

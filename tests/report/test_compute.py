@@ -10,19 +10,37 @@ from gateway.report import compute
 
 
 def rec(i: int, **over: Any) -> dict[str, Any]:
-    r = {"id": f"c{i}", "request_id": f"r{i}", "ts": 1_750_000_000_000 + i, "tenant": "acme", "workflow": None,
-         "agent": "developer", "arm": None, "tier": "T0", "requested_tier": "T0", "backend": "a", "model": "m0",
-         "prompt_tokens": 10, "completion_tokens": 5, "cost_micros": 5, "reference_cost_micros": 600,
-         "latency_ms": 100 + i, "status": 200}
+    r = {
+        "id": f"c{i}",
+        "request_id": f"r{i}",
+        "ts": 1_750_000_000_000 + i,
+        "tenant": "acme",
+        "workflow": None,
+        "agent": "developer",
+        "arm": None,
+        "tier": "T0",
+        "requested_tier": "T0",
+        "backend": "a",
+        "model": "m0",
+        "prompt_tokens": 10,
+        "completion_tokens": 5,
+        "cost_micros": 5,
+        "reference_cost_micros": 600,
+        "latency_ms": 100 + i,
+        "status": 200,
+    }
     return {**r, **over}
 
 
-@pytest.mark.parametrize(("k", "n", "lo", "hi"), [
-    (8, 10, 0.4902, 0.9433),   # the textbook example (Newcombe 1998, z = 1.96)
-    (0, 10, 0.0, 0.2775),      # 0/n: the interval still has width (unlike the Wald interval)
-    (10, 10, 0.7225, 1.0),
-    (81, 263, 0.2553, 0.3662),  # Wikipedia's "Binomial proportion confidence interval" worked example
-])
+@pytest.mark.parametrize(
+    ("k", "n", "lo", "hi"),
+    [
+        (8, 10, 0.4902, 0.9433),  # the textbook example (Newcombe 1998, z = 1.96)
+        (0, 10, 0.0, 0.2775),  # 0/n: the interval still has width (unlike the Wald interval)
+        (10, 10, 0.7225, 1.0),
+        (81, 263, 0.2553, 0.3662),  # Wikipedia's "Binomial proportion confidence interval" worked example
+    ],
+)
 def test_wilson_interval_matches_published_values(k: int, n: int, lo: float, hi: float) -> None:
     got = compute.wilson(k, n)
     assert got is not None
@@ -95,16 +113,39 @@ def test_empty_and_zero_counterfactual_give_nulls_not_errors() -> None:
 
 def test_shadow_section_is_per_source_agent_and_target_and_not_in_the_totals() -> None:
     shadow = [
-        {"source_tier": "T3", "agent": "developer", "tier": "T0", "model": "dev-v2", "latency_ms": 40,
-         "cost_micros": 3, "status": 200},
-        {"source_tier": "T3", "agent": "developer", "tier": "T0", "model": "dev-v2", "latency_ms": 60,
-         "cost_micros": 4, "status": 502},
-        {"source_tier": "T3", "agent": None, "tier": "T1", "model": "m1", "latency_ms": 9, "cost_micros": 1,
-         "status": 200},
+        {
+            "source_tier": "T3",
+            "agent": "developer",
+            "tier": "T0",
+            "model": "dev-v2",
+            "latency_ms": 40,
+            "cost_micros": 3,
+            "status": 200,
+        },
+        {
+            "source_tier": "T3",
+            "agent": "developer",
+            "tier": "T0",
+            "model": "dev-v2",
+            "latency_ms": 60,
+            "cost_micros": 4,
+            "status": 502,
+        },
+        {
+            "source_tier": "T3",
+            "agent": None,
+            "tier": "T1",
+            "model": "m1",
+            "latency_ms": 9,
+            "cost_micros": 1,
+            "status": 200,
+        },
     ]
     rep = compute.build([rec(1)], {}, {}, shadow)
     assert [(s["source_tier"], s["agent"], s["tier"], s["model"]) for s in rep["shadow"]] == [
-        ("T3", "(none)", "T1", "m1"), ("T3", "developer", "T0", "dev-v2")]
+        ("T3", "(none)", "T1", "m1"),
+        ("T3", "developer", "T0", "dev-v2"),
+    ]
     dev = rep["shadow"][1]
     assert (dev["requests"], dev["errors"], dev["latency_p50_ms"], dev["latency_p95_ms"]) == (2, 1, 40, 60)
     assert dev["cost_micros"] == 7 and dev["cost_usd"] == "0.000007"

@@ -31,8 +31,12 @@ N_REQUESTS = 7
 def _traffic(gw: RunningGateway, key: str) -> None:
     """Seven requests: a three-request workflow of the developer on T0, two T1 requests of the tester,
     two T0 requests without an agent; every request id is ours."""
-    dev = openai.OpenAI(base_url=gw.url + "/v1", api_key=key, max_retries=0,
-                        default_headers={"X-QLP-Agent": "developer", "X-QLP-Workflow-Id": "wf-1"})
+    dev = openai.OpenAI(
+        base_url=gw.url + "/v1",
+        api_key=key,
+        max_retries=0,
+        default_headers={"X-QLP-Agent": "developer", "X-QLP-Workflow-Id": "wf-1"},
+    )
     for i in range(3):
         dev.chat.completions.create(model="qlp-t0", messages=MSG, extra_headers={"X-Request-Id": f"dev-{i}"})  # type: ignore[arg-type]
     tester = openai.OpenAI(base_url=gw.url + "/v1", api_key=key, max_retries=0, default_headers={"X-QLP-Agent": "test"})
@@ -40,8 +44,14 @@ def _traffic(gw: RunningGateway, key: str) -> None:
         tester.chat.completions.create(model="qlp-t1", messages=MSG, extra_headers={"X-Request-Id": f"test-{i}"})  # type: ignore[arg-type]
     plain = openai.OpenAI(base_url=gw.url + "/v1", api_key=key, max_retries=0)
     for i in range(2):
-        list(plain.chat.completions.create(model="qlp-t0", messages=MSG, stream=True,  # type: ignore[arg-type]
-                                           extra_headers={"X-Request-Id": f"plain-{i}"}))
+        list(
+            plain.chat.completions.create(
+                model="qlp-t0",
+                messages=MSG,
+                stream=True,  # type: ignore[arg-type]
+                extra_headers={"X-Request-Id": f"plain-{i}"},
+            )
+        )
 
 
 def _export(redis_url: str, tenant: str) -> list[dict[str, Any]]:
@@ -51,8 +61,9 @@ def _export(redis_url: str, tenant: str) -> list[dict[str, Any]]:
 
 
 def _ledger(redis_url: str, tenant: str, n: int) -> list[dict[str, Any]]:
-    recs: list[dict[str, Any]] = eventually(lambda: (r := _export(redis_url, tenant)) and len(r) >= n and r,
-                                            what=f"{n} ledger records")
+    recs: list[dict[str, Any]] = eventually(
+        lambda: (r := _export(redis_url, tenant)) and len(r) >= n and r, what=f"{n} ledger records"
+    )
     return recs
 
 
@@ -60,8 +71,9 @@ def feedback(gw: RunningGateway, key: str, **body: Any) -> httpx.Response:
     return httpx.post(gw.url + "/v1/feedback", json=body, headers=auth(key), timeout=10)
 
 
-def _expected(records: list[dict[str, Any]], by_request: dict[str, str], by_workflow: dict[str, str]
-              ) -> dict[tuple[str, str, str], dict[str, Any]]:
+def _expected(
+    records: list[dict[str, Any]], by_request: dict[str, str], by_workflow: dict[str, str]
+) -> dict[tuple[str, str, str], dict[str, Any]]:
     """The report's figures, from first principles."""
     groups: dict[tuple[str, str, str], list[dict[str, Any]]] = defaultdict(list)
     for r in records:
@@ -77,10 +89,15 @@ def _expected(records: list[dict[str, Any]], by_request: dict[str, str], by_work
         wfs = {r["workflow"] for r in recs if r["workflow"]}
         wf_cost = sum(r["cost_micros"] for r in recs if r["workflow"])
         out[k] = {
-            "requests": len(recs), "workflows": len(wfs), "feedback": len(known), "successes": wins,
+            "requests": len(recs),
+            "workflows": len(wfs),
+            "feedback": len(known),
+            "successes": wins,
             "success_rate": wins / len(known) if known else None,
-            "latency_p50_ms": lat[math.ceil(0.5 * len(lat)) - 1], "latency_p95_ms": lat[math.ceil(0.95 * len(lat)) - 1],
-            "cost_micros": cost, "counterfactual_micros": ref,
+            "latency_p50_ms": lat[math.ceil(0.5 * len(lat)) - 1],
+            "latency_p95_ms": lat[math.ceil(0.95 * len(lat)) - 1],
+            "cost_micros": cost,
+            "counterfactual_micros": ref,
             "cost_per_request_micros": round(cost / len(recs) + 1e-9),
             "cost_per_workflow_micros": round(wf_cost / len(wfs) + 1e-9) if wfs else None,
             "saved_share": 1 - cost / ref if ref else None,
@@ -96,10 +113,13 @@ def test_report_figures_equal_those_computed_from_the_ledger_export_and_feedback
     assert len(records) == N_REQUESTS
     # The workflow succeeded, but one of its requests is marked failed on its own (request feedback wins);
     # one tester request failed, one succeeded; the plain requests got no feedback.
-    posted = [({"workflow_id": "wf-1", "outcome": "success"}, 3), ({"request_id": "dev-2", "outcome": "failure"}, 1),
-              ({"request_id": "test-0", "outcome": "failure", "score": 0.2, "note": "tests fail"}, 1),
-              ({"request_id": "test-1", "outcome": "failure"}, 1),
-              ({"request_id": "test-1", "outcome": "success", "score": 1}, 1)]  # re-posted: the latest wins
+    posted = [
+        ({"workflow_id": "wf-1", "outcome": "success"}, 3),
+        ({"request_id": "dev-2", "outcome": "failure"}, 1),
+        ({"request_id": "test-0", "outcome": "failure", "score": 0.2, "note": "tests fail"}, 1),
+        ({"request_id": "test-1", "outcome": "failure"}, 1),
+        ({"request_id": "test-1", "outcome": "success", "score": 1}, 1),
+    ]  # re-posted: the latest wins
     for body, n in posted:
         r = feedback(gw, key, **body)
         assert r.status_code == 200, r.text
@@ -110,13 +130,17 @@ def test_report_figures_equal_those_computed_from_the_ledger_export_and_feedback
     rep = httpx.get(gw.url + "/v1/report", headers=auth(key), timeout=10).json()
     expected = _expected(records, by_request, by_workflow)
     got = {(r["tier"], r["agent"], r["arm"]): r for r in rep["data"]}
-    assert set(got) == set(expected) == {("T0", "developer", "default"), ("T1", "test", "default"),
-                                         ("T0", "(none)", "default")}
+    assert (
+        set(got)
+        == set(expected)
+        == {("T0", "developer", "default"), ("T1", "test", "default"), ("T0", "(none)", "default")}
+    )
     for k, figures in expected.items():
         assert {f: got[k][f] for f in figures} == figures, k
         rate = figures["success_rate"]
-        assert got[k]["success_ci95"] == (None if rate is None else
-                                          list(compute.wilson(figures["successes"], figures["feedback"]) or ()))
+        assert got[k]["success_ci95"] == (
+            None if rate is None else list(compute.wilson(figures["successes"], figures["feedback"]) or ())
+        )
     assert got[("T0", "developer", "default")]["success_rate"] == 2 / 3
     assert rep["total"]["requests"] == N_REQUESTS
     assert rep["total"]["cost_micros"] == sum(r["cost_micros"] for r in records)
@@ -129,8 +153,11 @@ def test_report_figures_equal_those_computed_from_the_ledger_export_and_feedback
     text = out.getvalue()
     assert "SUCCESS [95% CI]" in text and "66.7% [" in text and "TOTAL" in text
     html = page.read_text()
-    assert html.count("<svg") == 3 and "<script" not in html and "http://" not in html.replace(
-        'xmlns="http://www.w3.org/2000/svg"', "")
+    assert (
+        html.count("<svg") == 3
+        and "<script" not in html
+        and "http://" not in html.replace('xmlns="http://www.w3.org/2000/svg"', "")
+    )
     out = io.StringIO()
     assert report_cli.main(["--redis-url", redis_url, "--tenant", "acme", "--json"], out) == 0
     assert json.loads(out.getvalue())["data"] == rep["data"]
@@ -147,11 +174,15 @@ def test_feedback_is_counted_per_tier_backend_and_model_on_metrics(metered, redi
     assert (r.json()["tier"], r.json()["backend"], r.json()["model"]) == (t1["tier"], t1["backend"], t1["model"])
     dev = next(x for x in records if x["request_id"] == "dev-0")
     text = httpx.get(gw.url + "/metrics", timeout=10).text
-    line = (f'qlp_feedback_total{{backend="{dev["backend"]}",model="{dev["model"]}",outcome="success",'
-            f'tier="{dev["tier"]}"}} 3.0')
+    line = (
+        f'qlp_feedback_total{{backend="{dev["backend"]}",model="{dev["model"]}",outcome="success",'
+        f'tier="{dev["tier"]}"}} 3.0'
+    )
     assert line in text
-    assert (f'qlp_feedback_total{{backend="{t1["backend"]}",model="{t1["model"]}",outcome="failure",'
-            f'tier="{t1["tier"]}"}} 1.0') in text
+    assert (
+        f'qlp_feedback_total{{backend="{t1["backend"]}",model="{t1["model"]}",outcome="failure",'
+        f'tier="{t1["tier"]}"}} 1.0'
+    ) in text
 
 
 def test_unknown_ids_and_other_tenants_requests_are_not_found(metered, redis_url) -> None:
@@ -160,8 +191,10 @@ def test_unknown_ids_and_other_tenants_requests_are_not_found(metered, redis_url
     gw = metered()
     _traffic(gw, key)
     _ledger(redis_url, "acme", N_REQUESTS)
-    for body, code in (({"request_id": "nope", "outcome": "success"}, "request_not_found"),
-                       ({"workflow_id": "nope", "outcome": "success"}, "workflow_not_found")):
+    for body, code in (
+        ({"request_id": "nope", "outcome": "success"}, "request_not_found"),
+        ({"workflow_id": "nope", "outcome": "success"}, "workflow_not_found"),
+    ):
         r = feedback(gw, key, **body)
         assert r.status_code == 404 and r.json()["error"]["code"] == code
         assert set(r.json()["error"]) == {"message", "type", "param", "code"}
@@ -177,13 +210,15 @@ def test_unknown_ids_and_other_tenants_requests_are_not_found(metered, redis_url
 def test_malformed_feedback_is_refused_with_the_openai_envelope(metered, redis_url) -> None:
     key, _ = create_key(redis_url, "acme")
     gw = metered()
-    for body in ({"outcome": "success"},  # no id
-                 {"request_id": "a", "workflow_id": "b", "outcome": "success"},  # both
-                 {"request_id": "a", "outcome": "maybe"},
-                 {"request_id": "a", "outcome": "success", "score": 1.5},
-                 {"request_id": "a", "outcome": "success", "score": "0.5"},
-                 {"request_id": "a", "outcome": "success", "note": "x" * 2001},
-                 {"request_id": "a", "outcome": "success", "extra": 1}):
+    for body in (
+        {"outcome": "success"},  # no id
+        {"request_id": "a", "workflow_id": "b", "outcome": "success"},  # both
+        {"request_id": "a", "outcome": "maybe"},
+        {"request_id": "a", "outcome": "success", "score": 1.5},
+        {"request_id": "a", "outcome": "success", "score": "0.5"},
+        {"request_id": "a", "outcome": "success", "note": "x" * 2001},
+        {"request_id": "a", "outcome": "success", "extra": 1},
+    ):
         r = feedback(gw, key, **body)
         assert r.status_code == 400, body
         assert r.json()["error"]["type"] == "invalid_request_error"

@@ -24,22 +24,62 @@ T = int(dt.datetime.combine(DAY, dt.time(12), dt.UTC).timestamp() * 1000)
 
 
 def rec(i: int, key_id: str, tenant: str, **over: Any) -> dict[str, Any]:
-    return {"id": f"c{i}", "request_id": f"r{i}", "ts": T + i, "tenant": tenant, "key_id": key_id, "workflow": None,
-            "agent": "developer", "arm": "stable", "tier": "T0", "requested_tier": "T0", "backend": "a",
-            "model": "dev-v1", "endpoint": "chat", "stream": False, "prompt_tokens": 10, "completion_tokens": 5,
-            "cost_micros": 5 + i, "reference_cost_micros": 600, "latency_ms": 10 * i, "status": 200,
-            "estimated": False, "attempts": 1, "fallback": ["T0"], **over}
+    return {
+        "id": f"c{i}",
+        "request_id": f"r{i}",
+        "ts": T + i,
+        "tenant": tenant,
+        "key_id": key_id,
+        "workflow": None,
+        "agent": "developer",
+        "arm": "stable",
+        "tier": "T0",
+        "requested_tier": "T0",
+        "backend": "a",
+        "model": "dev-v1",
+        "endpoint": "chat",
+        "stream": False,
+        "prompt_tokens": 10,
+        "completion_tokens": 5,
+        "cost_micros": 5 + i,
+        "reference_cost_micros": 600,
+        "latency_ms": 10 * i,
+        "status": 200,
+        "estimated": False,
+        "attempts": 1,
+        "fallback": ["T0"],
+        **over,
+    }
 
 
 def shadow(i: int, tenant: str, **over: Any) -> dict[str, Any]:
-    return {"id": f"s{i}", "request_id": f"r{i}", "ts": T + i, "tenant": tenant, "workflow": None, "agent": "developer",
-            "source_tier": "T0", "tier": "T0", "backend": "a", "model": "dev-v2", "prompt_tokens": 10,
-            "completion_tokens": 5, "cost_micros": 2, "reference_cost_micros": 600, "latency_ms": 30 + i,
-            "status": 200, **over}
+    return {
+        "id": f"s{i}",
+        "request_id": f"r{i}",
+        "ts": T + i,
+        "tenant": tenant,
+        "workflow": None,
+        "agent": "developer",
+        "source_tier": "T0",
+        "tier": "T0",
+        "backend": "a",
+        "model": "dev-v2",
+        "prompt_tokens": 10,
+        "completion_tokens": 5,
+        "cost_micros": 2,
+        "reference_cost_micros": 600,
+        "latency_ms": 30 + i,
+        "status": 200,
+        **over,
+    }
 
 
-async def _write(url: str, ledger: dict[str, list[dict[str, Any]]], shadows: list[dict[str, Any]],
-                 outcomes: dict[str, dict[str, Any]]) -> None:
+async def _write(
+    url: str,
+    ledger: dict[str, list[dict[str, Any]]],
+    shadows: list[dict[str, Any]],
+    outcomes: dict[str, dict[str, Any]],
+) -> None:
     r = aredis.Redis.from_url(url)
     try:
         for key_id, recs in ledger.items():
@@ -64,26 +104,50 @@ async def _load(url: str, sel: reader.Selection) -> dict[str, Any]:
 def test_report_from_redis_has_arms_tenant_scoped_outcomes_and_the_shadow_section(redis_url) -> None:
     _, acme = create_key(redis_url, "acme")
     _, globex = create_key(redis_url, "globex")
-    ours = [rec(1, acme.id, "acme"), rec(2, acme.id, "acme", arm="canary", model="dev-v2", workflow="w"),
-            rec(3, acme.id, "acme", arm="canary", model="dev-v2", workflow="w"),
-            rec(4, acme.id, "acme", ts=T - 86_400_000)]  # the day before: outside the range
+    ours = [
+        rec(1, acme.id, "acme"),
+        rec(2, acme.id, "acme", arm="canary", model="dev-v2", workflow="w"),
+        rec(3, acme.id, "acme", arm="canary", model="dev-v2", workflow="w"),
+        rec(4, acme.id, "acme", ts=T - 86_400_000),
+    ]  # the day before: outside the range
     theirs = [rec(1, globex.id, "globex")]  # same request id "r1", another tenant
-    outcomes = {fb.request_key("acme", "r1"): {"outcome": "success", "score": None, "note": None, "ts": T},
-                fb.workflow_key("acme", "w"): {"outcome": "failure", "score": None, "note": None, "ts": T},
-                fb.request_key("globex", "r1"): {"outcome": "failure", "score": None, "note": None, "ts": T}}
-    shadows = [shadow(1, "acme"), shadow(2, "acme", status=502), shadow(3, "globex"),
-               shadow(4, "acme", ts=T + 86_400_000)]  # the day after
+    outcomes = {
+        fb.request_key("acme", "r1"): {"outcome": "success", "score": None, "note": None, "ts": T},
+        fb.workflow_key("acme", "w"): {"outcome": "failure", "score": None, "note": None, "ts": T},
+        fb.request_key("globex", "r1"): {"outcome": "failure", "score": None, "note": None, "ts": T},
+    }
+    shadows = [
+        shadow(1, "acme"),
+        shadow(2, "acme", status=502),
+        shadow(3, "globex"),
+        shadow(4, "acme", ts=T + 86_400_000),
+    ]  # the day after
     asyncio.run(_write(redis_url, {acme.id: ours, globex.id: theirs}, shadows, outcomes))
 
     rep = asyncio.run(_load(redis_url, reader.Selection(["acme"], DAY, DAY)))
-    assert rep["data"] == compute.build(ours[:3], {("acme", "r1"): {"outcome": "success"}},
-                                        {("acme", "w"): {"outcome": "failure"}}, shadows[:2])["data"]
+    assert (
+        rep["data"]
+        == compute.build(
+            ours[:3], {("acme", "r1"): {"outcome": "success"}}, {("acme", "w"): {"outcome": "failure"}}, shadows[:2]
+        )["data"]
+    )
     by_arm = {r["arm"]: r for r in rep["data"]}
     assert (by_arm["stable"]["successes"], by_arm["stable"]["feedback"]) == (1, 1)
     assert (by_arm["canary"]["successes"], by_arm["canary"]["feedback"], by_arm["canary"]["workflows"]) == (0, 2, 1)
-    assert rep["shadow"] == [{"source_tier": "T0", "agent": "developer", "tier": "T0", "model": "dev-v2",
-                              "requests": 2, "errors": 1, "latency_p50_ms": 31, "latency_p95_ms": 32,
-                              "cost_micros": 4, "cost_usd": "0.000004"}]
+    assert rep["shadow"] == [
+        {
+            "source_tier": "T0",
+            "agent": "developer",
+            "tier": "T0",
+            "model": "dev-v2",
+            "requests": 2,
+            "errors": 1,
+            "latency_p50_ms": 31,
+            "latency_p95_ms": 32,
+            "cost_micros": 4,
+            "cost_usd": "0.000004",
+        }
+    ]
     assert rep["total"]["cost_micros"] == 6 + 7 + 8  # shadow calls are not billed
 
     both = asyncio.run(_load(redis_url, reader.Selection(["acme", "globex"], DAY - dt.timedelta(days=1), DAY)))

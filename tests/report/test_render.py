@@ -24,12 +24,31 @@ def test_table_columns_are_aligned_and_end_with_the_total() -> None:
 
 
 def test_html_page_is_self_contained_with_labelled_charts() -> None:
-    rep = compute.build([rec(1, arm="canary"), rec(2)], {("acme", "r1"): {"outcome": "success"}}, {},
-                        [{"source_tier": "T3", "agent": "developer", "tier": "T0", "model": "m", "latency_ms": 1,
-                          "cost_micros": 1, "status": 200}])
+    rep = compute.build(
+        [rec(1, arm="canary"), rec(2)],
+        {("acme", "r1"): {"outcome": "success"}},
+        {},
+        [
+            {
+                "source_tier": "T3",
+                "agent": "developer",
+                "tier": "T0",
+                "model": "m",
+                "latency_ms": 1,
+                "cost_micros": 1,
+                "status": 200,
+            }
+        ],
+    )
     page = render.html_page(rep)
     assert page.count("<svg") == 3 and "<script" not in page and "<link" not in page
-    for label in ("USD per request", "same tokens on GPT-4", "success rate (95% Wilson interval)", "p95",
-                  "T0 · developer · canary", "Shadow calls"):
+    for label in (
+        "USD per request",
+        "same tokens on GPT-4",
+        "success rate (95% Wilson interval)",
+        "p95",
+        "T0 · developer · canary",
+        "Shadow calls",
+    ):
         assert label in page
     assert "No requests in this range" in render.html_page(compute.build([], {}, {}))

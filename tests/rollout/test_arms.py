@@ -51,8 +51,9 @@ def test_an_arm_of_weight_zero_receives_nothing() -> None:
 
 def test_the_hash_separates_tiers_and_agents() -> None:
     # The same workflow in two rollouts is two independent draws, not the same slice twice.
-    same = sum((point("T0", "developer", f"wf-{i}") < 0.5) == (point("T1", "developer", f"wf-{i}") < 0.5)
-               for i in range(4_000))
+    same = sum(
+        (point("T0", "developer", f"wf-{i}") < 0.5) == (point("T1", "developer", f"wf-{i}") < 0.5) for i in range(4_000)
+    )
     assert 1_700 < same < 2_300
 
 

@@ -14,8 +14,9 @@ from tests.metered import ADMIN_KEY, MSG, auth, create_key, records
 from tests.rollout.conftest import fleet3
 from tests.wait import eventually
 
-ROLLOUT = {"arms": [{"name": "v1", "adapter": "dev-v1", "weight": 50},
-                    {"name": "v2", "adapter": "dev-v2", "weight": 50}]}
+ROLLOUT = {
+    "arms": [{"name": "v1", "adapter": "dev-v1", "weight": 50}, {"name": "v2", "adapter": "dev-v2", "weight": 50}]
+}
 
 
 def _client(gw: Any, key: str) -> openai.OpenAI:
@@ -24,8 +25,10 @@ def _client(gw: Any, key: str) -> openai.OpenAI:
 
 def _ask(client: openai.OpenAI, workflow: str, agent: str = "developer", tier: str = "T0") -> tuple[str, str]:
     raw = client.chat.completions.with_raw_response.create(
-        model="qlp-t0", messages=MSG, extra_headers={"X-QLP-Agent": agent, "X-QLP-Workflow-Id": workflow,
-                                                     "X-QLP-Tier": tier})
+        model="qlp-t0",
+        messages=MSG,
+        extra_headers={"X-QLP-Agent": agent, "X-QLP-Workflow-Id": workflow, "X-QLP-Tier": tier},
+    )
     return raw.headers["x-qlp-backend"], raw.parse().model
 
 
@@ -67,8 +70,9 @@ def test_a_weight_change_takes_effect_without_a_restart_in_every_process(upstrea
     workflows = [f"wf-{i}" for i in range(20)]
     assert {_ask(_client(gw, key), wf)[0] for wf in workflows} == {"a/m0"}
 
-    r = _admin(gw, "PUT", "/v1/admin/rollouts/T0/developer", {"arms": [{"name": "v2", "adapter": "dev-v2",
-                                                                        "weight": 1}]})
+    r = _admin(
+        gw, "PUT", "/v1/admin/rollouts/T0/developer", {"arms": [{"name": "v2", "adapter": "dev-v2", "weight": 1}]}
+    )
     assert r.status_code == 200, r.text
     assert r.json()["source"] == "runtime"
     assert {_ask(_client(gw, key), wf)[0] for wf in workflows} == {"a/dev-v2"}  # this process: at once
@@ -83,8 +87,7 @@ def test_a_weight_change_takes_effect_without_a_restart_in_every_process(upstrea
 def test_publishing_a_canary_sends_its_share_of_workflows_to_the_new_adapter(upstreams, metered, redis_url) -> None:
     gw = metered(fleet3(upstreams))
     key, _ = create_key(redis_url, "acme")
-    r = _admin(gw, "POST", "/v1/admin/routes", {"tier": "T0", "agent": "developer", "adapter": "dev-v9",
-                                                "weight": 25})
+    r = _admin(gw, "POST", "/v1/admin/routes", {"tier": "T0", "agent": "developer", "adapter": "dev-v9", "weight": 25})
     assert r.status_code == 200, r.text
     assert [(a["name"], a["weight"]) for a in r.json()["arms"]] == [("baseline", 75.0), ("dev-v9", 25.0)]
     counts = Counter(_ask(_client(gw, key), f"wf-{i}")[0] for i in range(200))
@@ -104,14 +107,17 @@ def test_an_arm_may_send_workflows_to_t3(upstreams, metered, redis_url) -> None:
     assert (rec["tier"], rec["requested_tier"], rec["arm"]) == ("T3", "T0", "gpt4")
 
 
-@pytest.mark.parametrize(("body", "fragment"), [
-    ({"arms": [{"name": "x", "weight": 1, "tier": "T7"}]}, "unknown tier"),
-    ({"arms": [{"name": "x", "weight": 0}]}, "add up to 0"),
-    ({"arms": [{"name": "x", "weight": 1}, {"name": "x", "weight": 1}]}, "twice"),
-    ({"shadow": {"tier": "T0", "share": 0.5}}, "must differ"),
-    ({"arms": [{"name": "x", "weight": -1}]}, "weight"),
-    ({"arms": [], "extra": 1}, "extra"),
-])
+@pytest.mark.parametrize(
+    ("body", "fragment"),
+    [
+        ({"arms": [{"name": "x", "weight": 1, "tier": "T7"}]}, "unknown tier"),
+        ({"arms": [{"name": "x", "weight": 0}]}, "add up to 0"),
+        ({"arms": [{"name": "x", "weight": 1}, {"name": "x", "weight": 1}]}, "twice"),
+        ({"shadow": {"tier": "T0", "share": 0.5}}, "must differ"),
+        ({"arms": [{"name": "x", "weight": -1}]}, "weight"),
+        ({"arms": [], "extra": 1}, "extra"),
+    ],
+)
 def test_an_invalid_rollout_is_refused_and_changes_nothing(upstreams, metered, body, fragment) -> None:
     gw = metered(fleet3(upstreams))
     r = _admin(gw, "PUT", "/v1/admin/rollouts/T0/developer", body)
@@ -124,4 +130,7 @@ def test_only_an_admin_key_changes_rollouts(upstreams, metered, redis_url) -> No
     key, _ = create_key(redis_url, "acme")
     r = _admin(gw, "PUT", "/v1/admin/rollouts/T0/developer", ROLLOUT, key=key)
     assert r.status_code == 403 and r.json()["error"]["code"] == "admin_only"
-    assert _admin(gw, "POST", "/v1/admin/routes", {"tier": "T0", "agent": "d", "adapter": "x"}, key="nope").status_code == 401
+    assert (
+        _admin(gw, "POST", "/v1/admin/routes", {"tier": "T0", "agent": "d", "adapter": "x"}, key="nope").status_code
+        == 401
+    )

@@ -36,13 +36,17 @@ def test_shadow_answers_never_reach_the_caller_nor_the_tenants_bill(upstreams, m
     client = openai.OpenAI(base_url=gw.url + "/v1", api_key=key, max_retries=0)
     headers = {"X-QLP-Tier": "T3", "X-QLP-Agent": "developer", "X-QLP-Workflow-Id": "wf-s"}
     answer = client.chat.completions.create(model="gpt-4", messages=MSG, extra_headers=headers)
-    streamed = "".join(c.choices[0].delta.content or "" for c in client.chat.completions.create(
-        model="gpt-4", messages=MSG, stream=True, extra_headers=headers) if c.choices)
+    streamed = "".join(
+        c.choices[0].delta.content or ""
+        for c in client.chat.completions.create(model="gpt-4", messages=MSG, stream=True, extra_headers=headers)
+        if c.choices
+    )
     assert answer.choices[0].message.content == "from-gpt4"
     assert streamed.startswith("from-gpt4") and "from-local" not in streamed
 
-    shadows = eventually(lambda: len(_shadow_records(redis_url)) == 2 and _shadow_records(redis_url),
-                         what="two shadow records")
+    shadows = eventually(
+        lambda: len(_shadow_records(redis_url)) == 2 and _shadow_records(redis_url), what="two shadow records"
+    )
     sent = [r["body"] for r in upstreams["a"].requests]
     assert [b["model"] for b in sent] == ["dev-v2", "dev-v2"]
     assert not any(b.get("stream") for b in sent)  # mirrored without streaming, even a streamed request
@@ -66,12 +70,19 @@ def test_only_the_configured_share_is_mirrored(upstreams, metered, redis_url) ->
 
     async def burst() -> None:
         async with httpx.AsyncClient(timeout=20) as c:
-            await asyncio.gather(*(c.post(gw.url + "/v1/chat/completions", json={"model": "qlp-t3", "messages": MSG},
-                                          headers=auth(key)) for _ in range(200)))
+            await asyncio.gather(
+                *(
+                    c.post(
+                        gw.url + "/v1/chat/completions", json={"model": "qlp-t3", "messages": MSG}, headers=auth(key)
+                    )
+                    for _ in range(200)
+                )
+            )
 
     asyncio.run(burst())
-    n = eventually(lambda: len(_shadow_records(redis_url)) > 20 and len(_shadow_records(redis_url)),
-                   what="shadow records")
+    n = eventually(
+        lambda: len(_shadow_records(redis_url)) > 20 and len(_shadow_records(redis_url)), what="shadow records"
+    )
     assert len(upstreams["c"].requests) == 200
     assert 20 <= n <= 80, n  # 25% of 200, give or take, and never more than the mirror bound allows
 
@@ -80,8 +91,11 @@ def test_a_failing_shadow_changes_nothing_for_the_caller(upstreams, metered, red
     upstreams["a"].default = Script(status=500)
     gw = metered(fleet3(upstreams, rollouts=SHADOW))
     key, _ = create_key(redis_url, "acme")
-    r = httpx.post(gw.url + "/v1/chat/completions", json={"model": "gpt-4", "messages": MSG},
-                   headers={**auth(key), "X-QLP-Tier": "T3", "X-QLP-Agent": "developer"})
+    r = httpx.post(
+        gw.url + "/v1/chat/completions",
+        json={"model": "gpt-4", "messages": MSG},
+        headers={**auth(key), "X-QLP-Tier": "T3", "X-QLP-Agent": "developer"},
+    )
     assert r.status_code == 200
     rec = eventually(lambda: _shadow_records(redis_url), what="the shadow record")[0]
     assert rec["status"] >= 500 and rec["cost_micros"] == 0

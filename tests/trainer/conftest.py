@@ -25,13 +25,23 @@ QLP = Path(sys.executable).with_name("qlp")
 BASE_NAME = "SmolLM2-135M-Instruct"
 
 
-def capture_record(i: int, user: str, response: str, *, agent: str = "developer",
-                   outcome: str | None = "success") -> dict[str, Any]:
+def capture_record(
+    i: int, user: str, response: str, *, agent: str = "developer", outcome: str | None = "success"
+) -> dict[str, Any]:
     """A record in the gateway's capture format (docs/trainer.md)."""
-    return {"request_id": f"req-{i}", "time": "2025-01-01T00:00:00Z", "tier": "T0", "agent": agent,
-            "workflow": None, "backend": "t0-local", "model": BASE_NAME,
-            "messages": [{"role": "user", "content": user}], "response": response, "outcome": outcome,
-            "usage": {"prompt_tokens": 10, "completion_tokens": 20}}
+    return {
+        "request_id": f"req-{i}",
+        "time": "2025-01-01T00:00:00Z",
+        "tier": "T0",
+        "agent": agent,
+        "workflow": None,
+        "backend": "t0-local",
+        "model": BASE_NAME,
+        "messages": [{"role": "user", "content": user}],
+        "response": response,
+        "outcome": outcome,
+        "usage": {"prompt_tokens": 10, "completion_tokens": 20},
+    }
 
 
 def developer_records() -> list[dict[str, Any]]:
@@ -39,9 +49,13 @@ def developer_records() -> list[dict[str, Any]]:
     recs = []
     for name, op in (("add", "+"), ("sub", "-"), ("mul", "*")):
         for k in range(2, 7):
-            recs.append(capture_record(
-                len(recs), f"Write a Python function {name}_{k}(x) that returns x {op} {k}.",
-                f"QLP: here it is.\n```python\ndef {name}_{k}(x):\n    return x {op} {k}\n```"))
+            recs.append(
+                capture_record(
+                    len(recs),
+                    f"Write a Python function {name}_{k}(x) that returns x {op} {k}.",
+                    f"QLP: here it is.\n```python\ndef {name}_{k}(x):\n    return x {op} {k}\n```",
+                )
+            )
     recs.append({**recs[0], "request_id": "dup"})  # the same exchange captured twice
     recs.append({**recs[1], "request_id": "arch", "agent": "architect"})
     recs.append({**recs[2], "request_id": "fail", "outcome": "failure", "response": "oops"})
@@ -55,11 +69,29 @@ def write_jsonl(path: Path, records: list[Any]) -> Path:
 
 def tiny_overrides(capture: Path, output_dir: Path) -> dict[str, Any]:
     return dict(
-        data=[str(capture)], human_eval_seed=False, base_model=str(MODEL_DIR), max_seq_len=128,
-        eval_fraction=0.2, init_r=4, target_r=2, lora_alpha=32, lora_dropout=0.05,
-        target_modules=["q_proj", "v_proj"], tinit=1, tfinal=1, batch_size=2, grad_accum=1, epochs=1,
-        learning_rate=1e-2, warmup_ratio=0.0, save_steps=3, save_total_limit=3, output_dir=str(output_dir),
-        name="dev-test", version="v1", eval_batch_size=4,
+        data=[str(capture)],
+        human_eval_seed=False,
+        base_model=str(MODEL_DIR),
+        max_seq_len=128,
+        eval_fraction=0.2,
+        init_r=4,
+        target_r=2,
+        lora_alpha=32,
+        lora_dropout=0.05,
+        target_modules=["q_proj", "v_proj"],
+        tinit=1,
+        tfinal=1,
+        batch_size=2,
+        grad_accum=1,
+        epochs=1,
+        learning_rate=1e-2,
+        warmup_ratio=0.0,
+        save_steps=3,
+        save_total_limit=3,
+        output_dir=str(output_dir),
+        name="dev-test",
+        version="v1",
+        eval_batch_size=4,
         # One thread: on a shared 2-core machine two OpenMP threads that keep getting preempted wait for
         # each other at every barrier (measured: 9 s per step with 2 threads under load, 1.5 s with 1).
         num_threads=1,

@@ -22,8 +22,9 @@ def _args(argv: list[str]) -> argparse.Namespace:
 def test_flags_override_yaml_and_yaml_overrides_defaults(tmp_path: Path) -> None:
     f = tmp_path / "c.yaml"
     f.write_text("init_r: 6\ntarget_r: 3\ntarget_modules: [q_proj]\nlearning_rate: 1.0e-3\n")
-    cfg = config_from_args(_args(["--config", str(f), "--target-r", "2", "--target-modules", "q_proj,v_proj",
-                                  "--no-human-eval-seed"]))
+    cfg = config_from_args(
+        _args(["--config", str(f), "--target-r", "2", "--target-modules", "q_proj,v_proj", "--no-human-eval-seed"])
+    )
     assert (cfg.init_r, cfg.target_r, cfg.target_modules) == (6, 2, ["q_proj", "v_proj"])
     assert cfg.learning_rate == 1e-3 and cfg.human_eval_seed is False
     assert cfg.batch_size == TrainConfig().batch_size
@@ -35,14 +36,17 @@ def test_example_config_is_valid() -> None:
     assert cfg.schedule(147).total_step == 30  # ceil(147 / (4 * 4)) * 3
 
 
-@pytest.mark.parametrize("yaml_text, message", [
-    ("init_r: 4\ntarget_r: 4\n", "init_r: must be greater than target_r"),
-    ("lora_rank: 8\n", "unknown field 'lora_rank'"),
-    ("batch_size: two\n", "batch_size"),
-    ("- a list\n", "mapping"),
-    ("precision: fp8\n", "precision"),
-    ("name: ../etc\n", "name"),
-])
+@pytest.mark.parametrize(
+    "yaml_text, message",
+    [
+        ("init_r: 4\ntarget_r: 4\n", "init_r: must be greater than target_r"),
+        ("lora_rank: 8\n", "unknown field 'lora_rank'"),
+        ("batch_size: two\n", "batch_size"),
+        ("- a list\n", "mapping"),
+        ("precision: fp8\n", "precision"),
+        ("name: ../etc\n", "name"),
+    ],
+)
 def test_invalid_config_names_the_field(tmp_path: Path, yaml_text: str, message: str) -> None:
     f = tmp_path / "c.yaml"
     f.write_text(yaml_text)

@@ -22,8 +22,17 @@ def tokenizer():
 
 
 def _cfg(*files: Path, **kw):
-    return load_config(None, {"data": [str(f) for f in files], "human_eval_seed": False,
-                              "base_model": str(MODEL_DIR), "max_seq_len": 128, "eval_fraction": 0.2, **kw})
+    return load_config(
+        None,
+        {
+            "data": [str(f) for f in files],
+            "human_eval_seed": False,
+            "base_model": str(MODEL_DIR),
+            "max_seq_len": 128,
+            "eval_fraction": 0.2,
+            **kw,
+        },
+    )
 
 
 def test_keeps_only_successful_exchanges_of_the_chosen_agent_once(tmp_path: Path, tokenizer) -> None:
@@ -53,8 +62,9 @@ def test_split_depends_on_content_not_on_file_order(tmp_path: Path, tokenizer) -
 
 
 def test_loss_is_on_the_assistant_reply_and_end_of_turn_only(tokenizer) -> None:
-    ex = Example((("system", "Be brief."), ("user", "Say hi."), ("assistant", "Hi."), ("user", "Again.")),
-                 "Hi again!", "t:1")
+    ex = Example(
+        (("system", "Be brief."), ("user", "Say hi."), ("assistant", "Hi."), ("user", "Again.")), "Hi again!", "t:1"
+    )
     enc = encode(tokenizer, ex)
     assert enc is not None
     learned = [t for t, label in zip(enc.input_ids, enc.labels, strict=True) if label != IGNORE_INDEX]
@@ -83,16 +93,40 @@ BAD_FILES = {
     "empty file": ("", None, "empty file"),
     "blank lines only": ("\n  \n", None, "empty file"),
     "malformed line": ('{"messages": [\n', 1, "malformed JSON"),
-    "missing response": (json.dumps({"messages": [{"role": "user", "content": "x"}], "agent": "developer",
-                                     "outcome": "success"}), 1, "missing field 'response'"),
-    "missing messages": (json.dumps({"response": "y", "agent": "developer", "outcome": "success"}), 1,
-                         "missing field 'messages'"),
-    "empty messages": (json.dumps({"messages": [], "response": "y", "agent": "developer", "outcome": "success"}), 1,
-                       "non-empty list"),
-    "bad role": (json.dumps({"messages": [{"role": "robot", "content": "x"}], "response": "y",
-                             "agent": "developer", "outcome": "success"}), 1, "role 'robot'"),
-    "bad outcome": (json.dumps({"messages": [{"role": "user", "content": "x"}], "response": "y",
-                                "agent": "developer", "outcome": "great"}), 1, "'outcome'"),
+    "missing response": (
+        json.dumps({"messages": [{"role": "user", "content": "x"}], "agent": "developer", "outcome": "success"}),
+        1,
+        "missing field 'response'",
+    ),
+    "missing messages": (
+        json.dumps({"response": "y", "agent": "developer", "outcome": "success"}),
+        1,
+        "missing field 'messages'",
+    ),
+    "empty messages": (
+        json.dumps({"messages": [], "response": "y", "agent": "developer", "outcome": "success"}),
+        1,
+        "non-empty list",
+    ),
+    "bad role": (
+        json.dumps(
+            {
+                "messages": [{"role": "robot", "content": "x"}],
+                "response": "y",
+                "agent": "developer",
+                "outcome": "success",
+            }
+        ),
+        1,
+        "role 'robot'",
+    ),
+    "bad outcome": (
+        json.dumps(
+            {"messages": [{"role": "user", "content": "x"}], "response": "y", "agent": "developer", "outcome": "great"}
+        ),
+        1,
+        "'outcome'",
+    ),
     "not an object": ("[1, 2]\n", 1, "expected a JSON object"),
 }
 
@@ -123,8 +157,18 @@ def test_missing_capture_file_is_a_data_error(tmp_path: Path, tokenizer) -> None
 def test_cli_reports_bad_data_in_one_line_with_exit_status_2(tmp_path: Path, capsys) -> None:
     bad = tmp_path / "bad.jsonl"
     bad.write_text(json.dumps(developer_records()[0]) + "\nnot json\n")
-    rc = main(["dataset", "--data", str(bad), "--no-human-eval-seed", "--base-model", str(MODEL_DIR),
-               "--out", str(tmp_path / "ds")])
+    rc = main(
+        [
+            "dataset",
+            "--data",
+            str(bad),
+            "--no-human-eval-seed",
+            "--base-model",
+            str(MODEL_DIR),
+            "--out",
+            str(tmp_path / "ds"),
+        ]
+    )
     assert rc == 2
     err = capsys.readouterr().err.strip().splitlines()
     assert err[-1].startswith(f"qlp train: error: {bad}:2: malformed JSON")
@@ -143,8 +187,16 @@ def test_existing_dataset_is_replaced_only_when_the_new_one_is_complete(tmp_path
 
 
 def test_human_eval_seed_covers_every_task_and_a_cap_keeps_the_split_ratio(tmp_path: Path, tokenizer) -> None:
-    cfg = load_config(None, {"human_eval_seed": True, "base_model": str(MODEL_DIR), "max_seq_len": 1024,
-                             "eval_fraction": 0.25, "max_examples": 60})
+    cfg = load_config(
+        None,
+        {
+            "human_eval_seed": True,
+            "base_model": str(MODEL_DIR),
+            "max_seq_len": 1024,
+            "eval_fraction": 0.25,
+            "max_examples": 60,
+        },
+    )
     ds = build_dataset(cfg, tmp_path / "ds", tokenizer)
     assert ds.card["human_eval_seed"]["tasks"] == 164 and ds.card["counts"]["candidates"] == 164
     assert len(ds.train) + len(ds.eval) == 60

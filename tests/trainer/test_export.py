@@ -52,11 +52,21 @@ def _tiny_adalora(tmp_path: Path) -> tuple[Path, Path]:
     from transformers import LlamaConfig, LlamaForCausalLM
 
     torch.manual_seed(0)
-    base = LlamaForCausalLM(LlamaConfig(vocab_size=64, hidden_size=32, intermediate_size=64, num_hidden_layers=2,
-                                        num_attention_heads=4, num_key_value_heads=2, max_position_embeddings=64))
+    base = LlamaForCausalLM(
+        LlamaConfig(
+            vocab_size=64,
+            hidden_size=32,
+            intermediate_size=64,
+            num_hidden_layers=2,
+            num_attention_heads=4,
+            num_key_value_heads=2,
+            max_position_embeddings=64,
+        )
+    )
     base.save_pretrained(tmp_path / "base")
-    model = get_peft_model(base, AdaLoraConfig(init_r=4, target_r=2, lora_alpha=16, total_step=10,
-                                               target_modules=["q_proj", "v_proj"]))
+    model = get_peft_model(
+        base, AdaLoraConfig(init_r=4, target_r=2, lora_alpha=16, total_step=10, target_modules=["q_proj", "v_proj"])
+    )
     keep = iter([[1, 1, 1, 0], [0, 1, 0, 0], [0, 0, 0, 0], [1, 0, 1, 0]])
     pattern = {}
     with torch.no_grad():
@@ -89,8 +99,9 @@ def test_a_plain_lora_fit_exports_with_alpha_over_r_folded_in(tmp_path: Path) ->
     from transformers import LlamaForCausalLM
 
     base_dir, _ = _tiny_adalora(tmp_path / "ada")
-    model = get_peft_model(LlamaForCausalLM.from_pretrained(base_dir),
-                           LoraConfig(r=4, lora_alpha=16, target_modules=["q_proj", "v_proj"]))
+    model = get_peft_model(
+        LlamaForCausalLM.from_pretrained(base_dir), LoraConfig(r=4, lora_alpha=16, target_modules=["q_proj", "v_proj"])
+    )
     with torch.no_grad():
         for n, p in model.named_parameters():
             if "lora_" in n:

@@ -26,8 +26,11 @@ from tests.trainer.conftest import BASE_NAME, MODEL_DIR, ModelServer, tiny_overr
 from trainer.loop import Refused, current_arm, gate, main, next_version
 
 AGENT, WEIGHT = "developer", 30
-PROMPTS = [f"Write a Python function {name}_{k}(x) that returns x {op} {k}."
-           for name, op in (("add", "+"), ("sub", "-")) for k in range(2, 9)]  # 14 distinct tasks
+PROMPTS = [
+    f"Write a Python function {name}_{k}(x) that returns x {op} {k}."
+    for name, op in (("add", "+"), ("sub", "-"))
+    for k in range(2, 9)
+]  # 14 distinct tasks
 
 
 def _loop_config(tmp_path: Path) -> Path:
@@ -43,14 +46,24 @@ def _loop_config(tmp_path: Path) -> Path:
 
 
 @pytest.fixture
-def fleet_gateway(model_server: ModelServer, redis_url: str, pricing_file: Path,
-                  tmp_path: Path) -> Iterator[RunningGateway]:
+def fleet_gateway(
+    model_server: ModelServer, redis_url: str, pricing_file: Path, tmp_path: Path
+) -> Iterator[RunningGateway]:
     """A metered gateway whose T0 is the real model server, capturing T0 developer traffic."""
     (tmp_path / "secrets").mkdir()
     (tmp_path / "secrets" / "admin_key").write_text(ADMIN_KEY)
-    config = {"default_tier": "T0", "health_interval": 60, "capture": {"targets": {"T0": [AGENT]}},
-              "tiers": {"T0": {"model": BASE_NAME, "aliases": ["qlp-t0"],
-                               "backends": [{"name": "t0-local", "base_url": f"{model_server.url}/v1"}]}}}
+    config = {
+        "default_tier": "T0",
+        "health_interval": 60,
+        "capture": {"targets": {"T0": [AGENT]}},
+        "tiers": {
+            "T0": {
+                "model": BASE_NAME,
+                "aliases": ["qlp-t0"],
+                "backends": [{"name": "t0-local", "base_url": f"{model_server.url}/v1"}],
+            }
+        },
+    }
     gw = start_gateway(config, tmp_path, metering=True, redis_url=redis_url, pricing=pricing_file)
     yield gw
     gw.stop()
@@ -58,8 +71,12 @@ def fleet_gateway(model_server: ModelServer, redis_url: str, pricing_file: Path,
 
 def _ask(client: openai.OpenAI, prompt: str, workflow: str, max_tokens: int) -> str:
     raw = client.chat.completions.with_raw_response.create(
-        model="qlp-t0", messages=[{"role": "user", "content": prompt}], max_tokens=max_tokens, temperature=0,
-        extra_headers={"X-QLP-Agent": AGENT, "X-QLP-Workflow-Id": workflow})
+        model="qlp-t0",
+        messages=[{"role": "user", "content": prompt}],
+        max_tokens=max_tokens,
+        temperature=0,
+        extra_headers={"X-QLP-Agent": AGENT, "X-QLP-Workflow-Id": workflow},
+    )
     raw.parse()
     return raw.headers["x-qlp-backend"]
 
@@ -80,8 +97,12 @@ def _xlen(url: str) -> int:
 
 
 def test_loop_turns_captured_successes_into_a_canary_that_serves_its_share_of_new_workflows(
-    fleet_gateway: RunningGateway, model_server: ModelServer, adapters_root: Path, redis_url: str,
-    tmp_path: Path, capsys: pytest.CaptureFixture[str],
+    fleet_gateway: RunningGateway,
+    model_server: ModelServer,
+    adapters_root: Path,
+    redis_url: str,
+    tmp_path: Path,
+    capsys: pytest.CaptureFixture[str],
 ) -> None:
     gw = fleet_gateway
     key, _ = create_key(redis_url, "acme")
@@ -94,8 +115,12 @@ def test_loop_turns_captured_successes_into_a_canary_that_serves_its_share_of_ne
     assert set(backends) == {f"t0-local/{BASE_NAME}"}
 
     def feedback(wf: str) -> bool:  # 404 until the gateway has booked the workflow's charge
-        r = httpx.post(f"{gw.url}/v1/feedback", json={"workflow_id": wf, "outcome": "success"},
-                       headers={"Authorization": f"Bearer {key}"}, timeout=10)
+        r = httpx.post(
+            f"{gw.url}/v1/feedback",
+            json={"workflow_id": wf, "outcome": "success"},
+            headers={"Authorization": f"Bearer {key}"},
+            timeout=10,
+        )
         assert r.status_code in (200, 404), r.text
         return r.status_code == 200
 
@@ -103,10 +128,32 @@ def test_loop_turns_captured_successes_into_a_canary_that_serves_its_share_of_ne
         eventually(lambda wf=wf: feedback(wf), what=f"feedback on {wf} to be accepted")
     eventually(lambda: _xlen(redis_url) == len(PROMPTS), what="every exchange to be captured")
 
-    common = ["--agent", AGENT, "--config", str(_loop_config(tmp_path)), "--output-dir", str(tmp_path / "run"),
-              "--base-model", str(MODEL_DIR), "--adapters-root", str(adapters_root), "--servers", model_server.url,
-              "--gateway", gw.url, "--tier", "T0", "--admin-key-file", str(tmp_path / "secrets" / "admin_key"),
-              "--redis-url", redis_url, "--weight", str(WEIGHT), "--min-examples", "10"]
+    common = [
+        "--agent",
+        AGENT,
+        "--config",
+        str(_loop_config(tmp_path)),
+        "--output-dir",
+        str(tmp_path / "run"),
+        "--base-model",
+        str(MODEL_DIR),
+        "--adapters-root",
+        str(adapters_root),
+        "--servers",
+        model_server.url,
+        "--gateway",
+        gw.url,
+        "--tier",
+        "T0",
+        "--admin-key-file",
+        str(tmp_path / "secrets" / "admin_key"),
+        "--redis-url",
+        redis_url,
+        "--weight",
+        str(WEIGHT),
+        "--min-examples",
+        "10",
+    ]
     # Whatever six steps on the model's own greedy answers do to the held-out loss, the gate must not block
     # the demonstration here (it is checked on its own below).
     argv = [*common, "--max-regression", "10"]
@@ -144,7 +191,9 @@ def test_loop_turns_captured_successes_into_a_canary_that_serves_its_share_of_ne
     [rollout] = _admin(gw, "/v1/admin/rollouts")["data"]
     assert (rollout["tier"], rollout["agent"]) == ("T0", AGENT)
     assert [(a["name"], a["weight"], a["adapter"]) for a in rollout["arms"]] == [
-        ("baseline", 100 - WEIGHT, None), (f"{AGENT}-v1", WEIGHT, f"{AGENT}-v1")]
+        ("baseline", 100 - WEIGHT, None),
+        (f"{AGENT}-v1", WEIGHT, f"{AGENT}-v1"),
+    ]
 
     # The report was printed at the end (rendered from the gateway's /v1/report).
     assert steps["report"] == {"tier": "T0", "agent": AGENT, "from": gw.url}
@@ -159,32 +208,55 @@ def test_loop_turns_captured_successes_into_a_canary_that_serves_its_share_of_ne
 
     # Promote v1 to all the traffic; the next loop compares against v1 itself (its published folder, on the
     # same held-out split), takes v2, serves it beside v1 and splits v1's share with it.
-    r = httpx.post(f"{gw.url}/v1/admin/routes", json={"tier": "T0", "agent": AGENT, "adapter": f"{AGENT}-v1"},
-                   headers={"Authorization": f"Bearer {ADMIN_KEY}"}, timeout=10)
+    r = httpx.post(
+        f"{gw.url}/v1/admin/routes",
+        json={"tier": "T0", "agent": AGENT, "adapter": f"{AGENT}-v1"},
+        headers={"Authorization": f"Bearer {ADMIN_KEY}"},
+        timeout=10,
+    )
     assert r.status_code == 200, r.text
-    assert main([*common, "--max-regression", "0.01"]) == 0  # same data: the same weights as v1, so no regression at all
-    steps = {k: v for line in capsys.readouterr().out.splitlines() if line.startswith("{")
-             for k, v in json.loads(line).items()}
+    assert (
+        main([*common, "--max-regression", "0.01"]) == 0
+    )  # same data: the same weights as v1, so no regression at all
+    steps = {
+        k: v
+        for line in capsys.readouterr().out.splitlines()
+        if line.startswith("{")
+        for k, v in json.loads(line).items()
+    }
     assert steps["gate"]["current_arm"] == f"{AGENT}-v1" and steps["gate"]["passed"] is True
     assert steps["gate"]["current_loss"] == steps["gate"]["new_loss"]
     assert (adapters_root / AGENT / "v2" / "card.json").is_file()
     assert {f"{AGENT}-v1", f"{AGENT}-v2"} <= _served(model_server)
     [rollout] = _admin(gw, "/v1/admin/rollouts")["data"]
-    assert [(a["name"], a["weight"]) for a in rollout["arms"]] == [(f"{AGENT}-v1", 100 - WEIGHT),
-                                                                   (f"{AGENT}-v2", WEIGHT)]
+    assert [(a["name"], a["weight"]) for a in rollout["arms"]] == [
+        (f"{AGENT}-v1", 100 - WEIGHT),
+        (f"{AGENT}-v2", WEIGHT),
+    ]
     with capsys.disabled():  # the figures, for whoever runs this with -s
-        print(f"\nqlp loop wall time: dry run (trains) {dry_seconds:.1f} s, publishing run (resumes) "
-              f"{seconds:.1f} s; new workflows per backend: {dict(landed)}")
+        print(
+            f"\nqlp loop wall time: dry run (trains) {dry_seconds:.1f} s, publishing run (resumes) "
+            f"{seconds:.1f} s; new workflows per backend: {dict(landed)}"
+        )
 
 
 # ---- refusals and decisions, no training ----
 
+
 def _capture(url: str, outcomes: list[str | None]) -> None:
     """Captured developer exchanges as the gateway writes them, with their feedback."""
+
     async def write(r: Any) -> None:
         for i, outcome in enumerate(outcomes):
-            rec = {"request_id": f"req-{i}", "tenant": "acme", "tier": "T0", "agent": AGENT, "workflow": None,
-                   "messages": [{"role": "user", "content": f"task {i}"}], "response": f"answer {i}"}
+            rec = {
+                "request_id": f"req-{i}",
+                "tenant": "acme",
+                "tier": "T0",
+                "agent": AGENT,
+                "workflow": None,
+                "messages": [{"role": "user", "content": f"task {i}"}],
+                "response": f"answer {i}",
+            }
             await r.xadd(stream_key(AGENT), {"r": json.dumps(rec)})
             if outcome:
                 await r.set(request_key("acme", f"req-{i}"), json.dumps({"outcome": outcome}))
@@ -192,33 +264,60 @@ def _capture(url: str, outcomes: list[str | None]) -> None:
     run(write, url)
 
 
-def test_too_few_captured_successes_refuse_to_train(redis_url: str, tmp_path: Path,
-                                                     capsys: pytest.CaptureFixture[str]) -> None:
+def test_too_few_captured_successes_refuse_to_train(
+    redis_url: str, tmp_path: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
     _capture(redis_url, ["success", "success", "failure", None])
-    rc = main(["--agent", AGENT, "--config", str(_loop_config(tmp_path)), "--output-dir", str(tmp_path / "run"),
-               "--redis-url", redis_url, "--min-examples", "3"])
+    rc = main(
+        [
+            "--agent",
+            AGENT,
+            "--config",
+            str(_loop_config(tmp_path)),
+            "--output-dir",
+            str(tmp_path / "run"),
+            "--redis-url",
+            redis_url,
+            "--min-examples",
+            "3",
+        ]
+    )
     assert rc == 2
     err = capsys.readouterr().err
     assert "only 2 captured successes of agent 'developer'; --min-examples is 3: not training" in err
     assert not (tmp_path / "run" / "dataset").exists()
 
 
-@pytest.mark.parametrize(("flags", "fragment"), [
-    (["--weight", "0"], "--weight must be in (0, 100]"),
-    (["--weight", "150"], "--weight must be in (0, 100]"),
-    (["--max-regression", "-0.1"], "--max-regression must be >= 0"),
-    (["--gateway", "http://127.0.0.1:9"], "needs the admin key"),
-    (["--gateway", "http://127.0.0.1:9", "--admin-key-file", "KEY"], "without --servers"),
-])
-def test_bad_flags_are_refused_before_any_work(flags: list[str], fragment: str, tmp_path: Path,
-                                               capsys: pytest.CaptureFixture[str],
-                                               monkeypatch: pytest.MonkeyPatch) -> None:
+@pytest.mark.parametrize(
+    ("flags", "fragment"),
+    [
+        (["--weight", "0"], "--weight must be in (0, 100]"),
+        (["--weight", "150"], "--weight must be in (0, 100]"),
+        (["--max-regression", "-0.1"], "--max-regression must be >= 0"),
+        (["--gateway", "http://127.0.0.1:9"], "needs the admin key"),
+        (["--gateway", "http://127.0.0.1:9", "--admin-key-file", "KEY"], "without --servers"),
+    ],
+)
+def test_bad_flags_are_refused_before_any_work(
+    flags: list[str], fragment: str, tmp_path: Path, capsys: pytest.CaptureFixture[str], monkeypatch: pytest.MonkeyPatch
+) -> None:
     monkeypatch.delenv("QLP_ADMIN_KEY", raising=False)
     (tmp_path / "KEY").write_text(ADMIN_KEY)
     flags = [str(tmp_path / f) if f == "KEY" else f for f in flags]
     # Redis on a closed port: a refusal that came after the export would fail differently.
-    rc = main(["--agent", AGENT, "--config", str(_loop_config(tmp_path)), "--output-dir", str(tmp_path / "run"),
-               "--redis-url", "redis://127.0.0.1:9/0", *flags])
+    rc = main(
+        [
+            "--agent",
+            AGENT,
+            "--config",
+            str(_loop_config(tmp_path)),
+            "--output-dir",
+            str(tmp_path / "run"),
+            "--redis-url",
+            "redis://127.0.0.1:9/0",
+            *flags,
+        ]
+    )
     assert rc == 2
     assert fragment in capsys.readouterr().err
     assert not (tmp_path / "run" / "capture.jsonl").exists()
@@ -240,9 +339,17 @@ def _published(root: Path, name: str, version: str) -> Path:
 
 def test_the_current_arm_is_the_heaviest_and_its_published_adapter_is_what_is_compared(tmp_path: Path) -> None:
     folder = _published(tmp_path, AGENT, "v3")
-    rollouts = [{"tier": "T0", "agent": AGENT, "arms": [
-        {"name": "baseline", "weight": 20, "adapter": None}, {"name": "v3", "weight": 70, "adapter": "developer-v3"},
-        {"name": "v4", "weight": 10, "adapter": "developer-v4"}]}]
+    rollouts = [
+        {
+            "tier": "T0",
+            "agent": AGENT,
+            "arms": [
+                {"name": "baseline", "weight": 20, "adapter": None},
+                {"name": "v3", "weight": 70, "adapter": "developer-v3"},
+                {"name": "v4", "weight": 10, "adapter": "developer-v4"},
+            ],
+        }
+    ]
     arm = current_arm(rollouts, "T0", AGENT, tmp_path, AGENT)
     assert (arm.name, arm.adapter, arm.folder) == ("v3", "developer-v3", folder)
     # No rollout for the agent: the tier's "*" rollout, else the base model.
@@ -263,4 +370,3 @@ def test_versions_count_up_from_the_highest_published(tmp_path: Path) -> None:
     for v in ("v1", "v2", "v10", "2025-01-01"):
         _published(tmp_path, AGENT, v)
     assert next_version(tmp_path / AGENT) == "v11"
-

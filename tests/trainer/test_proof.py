@@ -20,8 +20,7 @@ def test_the_proof_pipeline_runs_end_to_end_on_a_few_tasks(vllm_server: RunningV
     assert loop["training"]["steps"] == scale.max_steps
     canary = loop["steps"]["canary"]["adapter"]
 
-    assert {k: v["model"] for k, v in res["held_out"].items()} == {"base": "SmolLM2-135M-Instruct",
-                                                                   "adalora": canary}
+    assert {k: v["model"] for k, v in res["held_out"].items()} == {"base": "SmolLM2-135M-Instruct", "adalora": canary}
     for h in res["held_out"].values():
         assert h["tasks"] == scale.heldout and 0 <= h["ci95"][0] <= h["rate"] <= h["ci95"][1] <= 1
 

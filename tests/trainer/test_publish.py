@@ -30,24 +30,44 @@ MAX_TOKENS = 16
 
 
 def _publish(trained: TrainedRun, exported: Exported, root: Path, version: str, *extra: str) -> int:
-    return main(["publish", "--output-dir", str(trained.cfg.output_path), "--base-model", trained.cfg.base_model,
-                 "--name", NAME, "--version", version, "--adapters-root", str(root),
-                 "--lora", str(exported.path), "--adalora", str(trained.result.adapter_dir), *extra])
+    return main(
+        [
+            "publish",
+            "--output-dir",
+            str(trained.cfg.output_path),
+            "--base-model",
+            trained.cfg.base_model,
+            "--name",
+            NAME,
+            "--version",
+            version,
+            "--adapters-root",
+            str(root),
+            "--lora",
+            str(exported.path),
+            "--adalora",
+            str(trained.result.adapter_dir),
+            *extra,
+        ]
+    )
 
 
 @pytest.fixture(scope="module")
 def adalora_answers(trained: TrainedRun) -> list[str]:
     """Greedy replies of base + AdaLoRA (PEFT, in this process): what the served LoRA must reproduce."""
-    model = load_adapter_model(trained.cfg.base_model, trained.result.adapter_dir, torch.device("cpu"),
-                               torch.float32)
+    model = load_adapter_model(trained.cfg.base_model, trained.result.adapter_dir, torch.device("cpu"), torch.float32)
     tok = load_tokenizer(trained.cfg.base_model)
-    return generate(model, tok, [[{"role": "user", "content": p}] for p in PROMPTS], MAX_TOKENS, 1,
-                    torch.device("cpu"))
+    return generate(model, tok, [[{"role": "user", "content": p}] for p in PROMPTS], MAX_TOKENS, 1, torch.device("cpu"))
 
 
 def test_publish_writes_the_folder_and_loads_it_into_the_model_server(
-    trained: TrainedRun, exported: Exported, model_server: ModelServer, adapters_root: Path,
-    adalora_answers: list[str], gateway_factory: Callable[..., RunningGateway], capsys: pytest.CaptureFixture[str],
+    trained: TrainedRun,
+    exported: Exported,
+    model_server: ModelServer,
+    adapters_root: Path,
+    adalora_answers: list[str],
+    gateway_factory: Callable[..., RunningGateway],
+    capsys: pytest.CaptureFixture[str],
 ) -> None:
     assert _publish(trained, exported, adapters_root, "v1", "--servers", model_server.url) == 0
     out = [json.loads(line) for line in capsys.readouterr().out.splitlines()]
@@ -65,16 +85,28 @@ def test_publish_writes_the_folder_and_loads_it_into_the_model_server(
     assert card["export"]["equivalence"]["max_abs_diff"] <= 1e-4
     assert len(card["base_model"]["weights_sha256"]) == 64
 
-    config = {"default_tier": "T0", "tiers": {"T0": {
-        "model": BASE_NAME, "adapters": [NAME], "agents": {"developer": NAME},
-        "backends": [{"name": "t0-local", "base_url": f"{model_server.url}/v1"}]}}}
+    config = {
+        "default_tier": "T0",
+        "tiers": {
+            "T0": {
+                "model": BASE_NAME,
+                "adapters": [NAME],
+                "agents": {"developer": NAME},
+                "backends": [{"name": "t0-local", "base_url": f"{model_server.url}/v1"}],
+            }
+        },
+    }
     gw = gateway_factory(config)
     client = openai.OpenAI(base_url=f"{gw.url}/v1", api_key="unused", max_retries=0, timeout=120)
 
     def ask(prompt: str, agent: str | None) -> tuple[str, Any]:
         raw = client.chat.completions.with_raw_response.create(
-            model=BASE_NAME, messages=[{"role": "user", "content": prompt}], max_tokens=MAX_TOKENS,
-            temperature=0, extra_headers={"X-QLP-Agent": agent} if agent else None)
+            model=BASE_NAME,
+            messages=[{"role": "user", "content": prompt}],
+            max_tokens=MAX_TOKENS,
+            temperature=0,
+            extra_headers={"X-QLP-Agent": agent} if agent else None,
+        )
         return raw.parse().choices[0].message.content or "", raw.headers
 
     answers = []
@@ -90,7 +122,10 @@ def test_publish_writes_the_folder_and_loads_it_into_the_model_server(
 
 
 def test_republishing_replaces_the_loaded_adapter_and_versions_are_immutable(
-    trained: TrainedRun, exported: Exported, model_server: ModelServer, adapters_root: Path,
+    trained: TrainedRun,
+    exported: Exported,
+    model_server: ModelServer,
+    adapters_root: Path,
     capsys: pytest.CaptureFixture[str],
 ) -> None:
     if not (adapters_root / NAME / "v1").exists():
@@ -98,13 +133,17 @@ def test_republishing_replaces_the_loaded_adapter_and_versions_are_immutable(
     capsys.readouterr()
     assert _publish(trained, exported, adapters_root, "v2", "--servers", model_server.url) == 0
     assert {"server": model_server.url, "loaded": NAME, "replaced": True} in [
-        json.loads(line) for line in capsys.readouterr().out.splitlines()]
+        json.loads(line) for line in capsys.readouterr().out.splitlines()
+    ]
     assert _publish(trained, exported, adapters_root, "v1") == 2
     assert "already exists; versions are immutable" in capsys.readouterr().err
 
 
 def test_server_that_refuses_the_adapter_fails_the_publish(
-    trained: TrainedRun, exported: Exported, model_server: ModelServer, tmp_path: Path,
+    trained: TrainedRun,
+    exported: Exported,
+    model_server: ModelServer,
+    tmp_path: Path,
     capsys: pytest.CaptureFixture[str],
 ) -> None:
     # An adapter whose rank exceeds vLLM's --max-lora-rank (64): vLLM 0.32 refuses it (with a 500, as its worker
@@ -113,15 +152,35 @@ def test_server_that_refuses_the_adapter_fails_the_publish(
     shutil.copytree(exported.path, too_wide)
     cfg = json.loads((too_wide / "adapter_config.json").read_text())
     (too_wide / "adapter_config.json").write_text(json.dumps({**cfg, "r": 128, "rank_pattern": {}}))
-    assert main(["publish", "--output-dir", str(trained.cfg.output_path), "--base-model", trained.cfg.base_model,
-                 "--name", NAME, "--version", "v9", "--adapters-root", str(tmp_path / "root"),
-                 "--lora", str(too_wide), "--servers", model_server.url]) == 2
+    assert (
+        main(
+            [
+                "publish",
+                "--output-dir",
+                str(trained.cfg.output_path),
+                "--base-model",
+                trained.cfg.base_model,
+                "--name",
+                NAME,
+                "--version",
+                "v9",
+                "--adapters-root",
+                str(tmp_path / "root"),
+                "--lora",
+                str(too_wide),
+                "--servers",
+                model_server.url,
+            ]
+        )
+        == 2
+    )
     err = capsys.readouterr().err
     assert "loading 'dev-test'" in err and "LoRA rank 128 is greater than max_lora_rank 64" in err, err
     assert httpx.get(f"{model_server.url}/health", timeout=10).status_code == 200
 
 
 # ---- the gateway's admin route, on a loopback stand-in (the real route: tests/rollout, tests/trainer/test_loop.py) ----
+
 
 class _Admin(http.server.BaseHTTPRequestHandler):
     status = 200
@@ -155,8 +214,9 @@ def admin_stub() -> Iterator[tuple[str, type[_Admin]]]:
 def test_gateway_route_update_sends_tier_agent_and_adapter_with_the_admin_key(admin_stub) -> None:
     url, handler = admin_stub
     assert route_gateway(url, "adm-key", "T0", "developer", NAME) is True
-    assert handler.seen == [("/v1/admin/routes", "Bearer adm-key",
-                             {"tier": "T0", "agent": "developer", "adapter": NAME})]
+    assert handler.seen == [
+        ("/v1/admin/routes", "Bearer adm-key", {"tier": "T0", "agent": "developer", "adapter": NAME})
+    ]
 
 
 def test_gateway_without_admin_routes_is_a_warning_not_a_failure(admin_stub, caplog) -> None:
@@ -174,12 +234,33 @@ def test_refused_admin_key_fails_the_publish(admin_stub) -> None:
 
 
 def test_publishing_with_a_weight_adds_a_canary_under_a_name_of_its_own(
-        trained: TrainedRun, exported: Exported, tmp_path: Path, admin_stub) -> None:
+    trained: TrainedRun, exported: Exported, tmp_path: Path, admin_stub
+) -> None:
     url, handler = admin_stub
     key_file = tmp_path / "admin_key"
     key_file.write_text("adm-key\n")
-    assert _publish(trained, exported, tmp_path / "adapters", "v7", "--gateway", url, "--tier", "T0",
-                    "--admin-key-file", str(key_file), "--weight", "20") == 0
+    assert (
+        _publish(
+            trained,
+            exported,
+            tmp_path / "adapters",
+            "v7",
+            "--gateway",
+            url,
+            "--tier",
+            "T0",
+            "--admin-key-file",
+            str(key_file),
+            "--weight",
+            "20",
+        )
+        == 0
+    )
     assert (tmp_path / "adapters" / NAME / "v7" / "adapter_model.safetensors").is_file()
-    assert handler.seen == [("/v1/admin/routes", "Bearer adm-key",
-                             {"tier": "T0", "agent": "developer", "adapter": f"{NAME}-v7", "weight": 20.0})]
+    assert handler.seen == [
+        (
+            "/v1/admin/routes",
+            "Bearer adm-key",
+            {"tier": "T0", "agent": "developer", "adapter": f"{NAME}-v7", "weight": 20.0},
+        )
+    ]

@@ -38,8 +38,7 @@ def test_endless_loop_is_stopped_at_the_timeout() -> None:
 
 
 def test_network_is_unreachable() -> None:
-    code = ("import socket\n"
-            "socket.create_connection(('1.1.1.1', 53), timeout=3)\n")
+    code = "import socket\nsocket.create_connection(('1.1.1.1', 53), timeout=3)\n"
     result = run_program(code)
     assert result.status == "failed"
     assert "unreachable" in result.detail.lower() or "disabled" in result.detail.lower()
@@ -54,19 +53,19 @@ def test_fork_bomb_hits_the_process_cap() -> None:
     iso = detect_isolation()
     if iso.uid is None and os.geteuid() == 0:
         pytest.skip("running as root with no usable unprivileged interpreter: RLIMIT_NPROC does not bind root")
-    code = ("import os, time\n"
-            "for i in range(200):\n"
-            "    if os.fork() == 0:\n"
-            "        time.sleep(3); os._exit(0)\n")
+    code = "import os, time\nfor i in range(200):\n    if os.fork() == 0:\n        time.sleep(3); os._exit(0)\n"
     result = run_program(code, Limits(timeout_s=5))
-    assert result.status == "failed" and ("Resource temporarily unavailable" in result.detail
-                                          or "BlockingIOError" in result.detail)
+    assert result.status == "failed" and (
+        "Resource temporarily unavailable" in result.detail or "BlockingIOError" in result.detail
+    )
 
 
 def test_program_runs_in_an_empty_temporary_directory_with_an_empty_environment() -> None:
-    code = ("import os, sys\n"
-            "assert os.listdir('.') == ['program.py'], os.listdir('.')\n"
-            "assert 'QLP_ADMIN_KEY' not in os.environ and 'HTTP_PROXY' not in os.environ\n")
+    code = (
+        "import os, sys\n"
+        "assert os.listdir('.') == ['program.py'], os.listdir('.')\n"
+        "assert 'QLP_ADMIN_KEY' not in os.environ and 'HTTP_PROXY' not in os.environ\n"
+    )
     os.environ["QLP_ADMIN_KEY"] = "must-not-leak"
     try:
         assert run_program(code).passed

@@ -28,13 +28,18 @@ def test_the_family_has_enough_real_tasks_and_every_reference_passes_its_check()
     assert {"textwrap.dedent", "shutil.copyfile"} <= {t.task_id for t in tasks}
 
 
-@pytest.mark.parametrize(("code", "expected"), [
-    ("def f(a, b=1, *args, c, d=2, **kw):\n    ...",
-     {"name": "f", "params": ["a", "b", "*args", "c", "d", "**kw"], "required": ["a", "c"]}),
-    ("def g(x, /, y=None, *, z):\n    ...", {"name": "g", "params": ["x", "y", "z"], "required": ["x", "z"]}),
-    ("def h():\n    ...", {"name": "h", "params": [], "required": []}),
-    ("async def k(s: str = 'a,b') -> int:\n    ...", {"name": "k", "params": ["s"], "required": []}),
-])
+@pytest.mark.parametrize(
+    ("code", "expected"),
+    [
+        (
+            "def f(a, b=1, *args, c, d=2, **kw):\n    ...",
+            {"name": "f", "params": ["a", "b", "*args", "c", "d", "**kw"], "required": ["a", "c"]},
+        ),
+        ("def g(x, /, y=None, *, z):\n    ...", {"name": "g", "params": ["x", "y", "z"], "required": ["x", "z"]}),
+        ("def h():\n    ...", {"name": "h", "params": [], "required": []}),
+        ("async def k(s: str = 'a,b') -> int:\n    ...", {"name": "k", "params": ["s"], "required": []}),
+    ],
+)
 def test_signature_answer_reads_every_kind_of_parameter(code: str, expected: dict[str, object]) -> None:
     assert signature_answer(code) == expected
 
@@ -42,12 +47,22 @@ def test_signature_answer_reads_every_kind_of_parameter(code: str, expected: dic
 def test_the_check_accepts_exactly_the_right_object_in_any_layout() -> None:
     messages = _ask("def f(a, b=1):\n    ...")
     right = {"name": "f", "params": ["a", "b"], "required": ["a"]}
-    for reply in (json.dumps(right), json.dumps(right, indent=2), f"```json\n{json.dumps(right)}\n```",
-                  f"  {json.dumps(right)}\n"):
+    for reply in (
+        json.dumps(right),
+        json.dumps(right, indent=2),
+        f"```json\n{json.dumps(right)}\n```",
+        f"  {json.dumps(right)}\n",
+    ):
         assert FAMILY.check(messages, reply), reply
-    for reply in ("", "The function f takes a and b.", json.dumps({**right, "required": ["a", "b"]}),
-                  json.dumps({**right, "extra": 1}), json.dumps(right)[:-1], f"Here: {json.dumps(right)}",
-                  json.dumps([right])):
+    for reply in (
+        "",
+        "The function f takes a and b.",
+        json.dumps({**right, "required": ["a", "b"]}),
+        json.dumps({**right, "extra": 1}),
+        json.dumps(right)[:-1],
+        f"Here: {json.dumps(right)}",
+        json.dumps([right]),
+    ):
         assert not FAMILY.check(messages, reply), reply
     assert not FAMILY.check([{"role": "user", "content": "no code here"}], json.dumps(right))
     assert FAMILY.check([("user", messages[0]["content"])], json.dumps(right)), "(role, content) pairs too"

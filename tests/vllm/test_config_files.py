@@ -32,8 +32,9 @@ print("RESULT " + json.dumps(out))
 def parse(paths: list[Path]) -> subprocess.CompletedProcess[str]:
     if not launch.VLLM_PYTHON.is_file():
         pytest.skip("vLLM is not installed (make vllm)")
-    return subprocess.run([str(launch.VLLM_PYTHON), "-c", PARSE, *map(str, paths)], capture_output=True, text=True,
-                          timeout=180, cwd=ROOT)
+    return subprocess.run(
+        [str(launch.VLLM_PYTHON), "-c", PARSE, *map(str, paths)], capture_output=True, text=True, timeout=180, cwd=ROOT
+    )
 
 
 def test_every_launch_file_is_accepted_by_the_pinned_vllm() -> None:

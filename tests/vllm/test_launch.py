@@ -26,8 +26,9 @@ def fake_python(tmp_path: Path, body: str) -> Path:
 
 
 def start(tmp_path: Path, python: Path, timeout: float = 30.0) -> launch.VllmProcess:
-    return launch.start(MODEL_ROOT, launch.free_port(), tmp_path / "vllm.log", timeout=timeout, python=python,
-                        kv_cache_gib=0.5)
+    return launch.start(
+        MODEL_ROOT, launch.free_port(), tmp_path / "vllm.log", timeout=timeout, python=python, kv_cache_gib=0.5
+    )
 
 
 def test_not_installed_says_make_vllm(tmp_path: Path) -> None:
@@ -48,8 +49,9 @@ def test_too_little_memory_is_refused_with_the_figures(tmp_path: Path, monkeypat
         start(tmp_path, fake_python(tmp_path, "exit 0"))
 
 
-@pytest.mark.parametrize(("sig", "cause"), [(signal.SIGILL, "illegal instruction.*AVX2"),
-                                            (signal.SIGKILL, "out of memory")])
+@pytest.mark.parametrize(
+    ("sig", "cause"), [(signal.SIGILL, "illegal instruction.*AVX2"), (signal.SIGKILL, "out of memory")]
+)
 def test_a_vllm_killed_while_loading_is_diagnosed(tmp_path: Path, sig: signal.Signals, cause: str) -> None:
     python = fake_python(tmp_path, f"echo 'Starting to load model'; kill -{sig.name[3:]} $$")
     with pytest.raises(VllmUnavailable, match=cause):

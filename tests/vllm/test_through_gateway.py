@@ -24,13 +24,21 @@ ASK = [{"role": "user", "content": "List three colours of the rainbow."}]
 
 
 @pytest.fixture
-def gateway(vllm_server: RunningVllm, redis_url: str, pricing_file: Path,
-            tmp_path: Path) -> Iterator[RunningGateway]:
+def gateway(vllm_server: RunningVllm, redis_url: str, pricing_file: Path, tmp_path: Path) -> Iterator[RunningGateway]:
     (tmp_path / "secrets").mkdir()
     (tmp_path / "secrets" / "admin_key").write_text(ADMIN_KEY)
-    config = {"default_tier": "T0", "health_interval": 60,
-              "tiers": {"T0": {"model": BASE, "aliases": ["qlp-t0"], "adapters": [UNPUBLISHED],
-                               "backends": [{"name": "t0-vllm", "base_url": f"{vllm_server.url}/v1"}]}}}
+    config = {
+        "default_tier": "T0",
+        "health_interval": 60,
+        "tiers": {
+            "T0": {
+                "model": BASE,
+                "aliases": ["qlp-t0"],
+                "adapters": [UNPUBLISHED],
+                "backends": [{"name": "t0-vllm", "base_url": f"{vllm_server.url}/v1"}],
+            }
+        },
+    }
     gw = start_gateway(config, tmp_path, metering=True, redis_url=redis_url, pricing=pricing_file)
     yield gw
     gw.stop()
@@ -43,8 +51,12 @@ def key(redis_url: str) -> str:
 
 
 def client(gw: RunningGateway, key: str, workflow: str) -> openai.OpenAI:
-    return openai.OpenAI(base_url=gw.url + "/v1", api_key=key, max_retries=0,
-                         default_headers={"X-QLP-Tier": "T0", "X-QLP-Workflow-Id": workflow})
+    return openai.OpenAI(
+        base_url=gw.url + "/v1",
+        api_key=key,
+        max_retries=0,
+        default_headers={"X-QLP-Tier": "T0", "X-QLP-Workflow-Id": workflow},
+    )
 
 
 def direct(vllm: RunningVllm) -> openai.OpenAI:
@@ -90,8 +102,14 @@ def test_stream_relays_vllms_chunks_and_usage_only_when_asked(gateway, key) -> N
 
 def test_n_choices_with_a_seed_are_reproducible_and_booked_in_full(gateway, key) -> None:
     c = client(gateway, key, "n")
-    kw: dict[str, Any] = {"model": "qlp-t0", "messages": ASK, "max_tokens": 16, "temperature": 1.0, "n": 3,
-                          "seed": 1234}
+    kw: dict[str, Any] = {
+        "model": "qlp-t0",
+        "messages": ASK,
+        "max_tokens": 16,
+        "temperature": 1.0,
+        "n": 3,
+        "seed": 1234,
+    }
     first, again = c.chat.completions.create(**kw), c.chat.completions.create(**kw)
     assert [ch.index for ch in first.choices] == [0, 1, 2]
     assert [ch.message.content for ch in first.choices] == [ch.message.content for ch in again.choices]
@@ -105,8 +123,10 @@ def test_n_choices_with_a_seed_are_reproducible_and_booked_in_full(gateway, key)
     assert [by_index[i] for i in range(3)] == [ch.message.content for ch in first.choices]
     assert first.usage is not None and streamed[-1].usage == first.usage
     recs = records(gateway, key, "n", 4)
-    assert {booked(r) for r in recs} == {(first.usage.prompt_tokens, first.usage.completion_tokens, False),
-                                         (other.usage.prompt_tokens, other.usage.completion_tokens, False)}  # type: ignore[union-attr]
+    assert {booked(r) for r in recs} == {
+        (first.usage.prompt_tokens, first.usage.completion_tokens, False),
+        (other.usage.prompt_tokens, other.usage.completion_tokens, False),
+    }  # type: ignore[union-attr]
 
 
 def test_stop_ends_the_text_before_the_stop_string(gateway, key) -> None:
@@ -117,10 +137,10 @@ def test_stop_ends_the_text_before_the_stop_string(gateway, key) -> None:
     assert len(words) > 3, full
     stop = words[2]
     cut = c.chat.completions.create(**kw, stop=[stop])
-    assert cut.choices[0].message.content == full[:full.index(stop)]
+    assert cut.choices[0].message.content == full[: full.index(stop)]
     assert cut.choices[0].finish_reason == "stop"
     streamed = list(c.chat.completions.create(**kw, stop=[stop], stream=True))
-    assert "".join(ch.choices[0].delta.content or "" for ch in streamed if ch.choices) == full[:full.index(stop)]
+    assert "".join(ch.choices[0].delta.content or "" for ch in streamed if ch.choices) == full[: full.index(stop)]
     recs = records(gateway, key, "stop", 3)
     assert cut.usage is not None and booked(recs[1]) == (cut.usage.prompt_tokens, cut.usage.completion_tokens, False)
 
@@ -134,15 +154,22 @@ def _error(exc: openai.APIStatusError) -> dict[str, Any]:
     return err
 
 
-@pytest.mark.parametrize(("case", "status", "param"), [
-    ("prompt_too_long", 400, None),
-    ("max_tokens_past_context", 400, "max_tokens"),
-    ("unpublished_adapter", 404, "model"),
-    ("stream_prompt_too_long", 400, None),
-    ("auto_tool_choice", 400, "tool_choice"),  # the fleet's vLLM runs without a tool parser
-])
+@pytest.mark.parametrize(
+    ("case", "status", "param"),
+    [
+        ("prompt_too_long", 400, None),
+        ("max_tokens_past_context", 400, "max_tokens"),
+        ("unpublished_adapter", 404, "model"),
+        ("stream_prompt_too_long", 400, None),
+        ("auto_tool_choice", 400, "tool_choice"),  # the fleet's vLLM runs without a tool parser
+    ],
+)
 def test_vllms_client_errors_reach_the_caller_in_openais_envelope_and_book_nothing(
-    gateway, key, case: str, status: int, param: str | None,
+    gateway,
+    key,
+    case: str,
+    status: int,
+    param: str | None,
 ) -> None:
     c = client(gateway, key, f"err-{case}")
     long_prompt = [{"role": "user", "content": "word " * (VLLM_MAX_MODEL_LEN + 50)}]
@@ -151,8 +178,15 @@ def test_vllms_client_errors_reach_the_caller_in_openais_envelope_and_book_nothi
         "max_tokens_past_context": {"model": "qlp-t0", "messages": ASK, "max_tokens": VLLM_MAX_MODEL_LEN + 1},
         "unpublished_adapter": {"model": UNPUBLISHED, "messages": ASK, "max_tokens": 8},
         "stream_prompt_too_long": {"model": "qlp-t0", "messages": long_prompt, "max_tokens": 8, "stream": True},
-        "auto_tool_choice": {"model": "qlp-t0", "messages": ASK, "max_tokens": 8, "tool_choice": "auto", "tools": [
-            {"type": "function", "function": {"name": "now", "parameters": {"type": "object", "properties": {}}}}]},
+        "auto_tool_choice": {
+            "model": "qlp-t0",
+            "messages": ASK,
+            "max_tokens": 8,
+            "tool_choice": "auto",
+            "tools": [
+                {"type": "function", "function": {"name": "now", "parameters": {"type": "object", "properties": {}}}}
+            ],
+        },
     }
     with pytest.raises(openai.APIStatusError) as info:
         out = c.chat.completions.create(**calls[case])
@@ -173,10 +207,15 @@ def test_vllms_client_errors_reach_the_caller_in_openais_envelope_and_book_nothi
     assert ok.usage is not None and booked(rec) == (ok.usage.prompt_tokens, ok.usage.completion_tokens, False)
 
 
-@pytest.mark.parametrize(("bad", "param"), [
-    ({"temperature": -1}, "temperature"), ({"top_p": 2}, "top_p"), ({"max_tokens": -3}, "max_tokens"),
-    ({"logprobs": True, "top_logprobs": 50}, "top_logprobs"),
-])
+@pytest.mark.parametrize(
+    ("bad", "param"),
+    [
+        ({"temperature": -1}, "temperature"),
+        ({"top_p": 2}, "top_p"),
+        ({"max_tokens": -3}, "max_tokens"),
+        ({"logprobs": True, "top_logprobs": 50}, "top_logprobs"),
+    ],
+)
 def test_bad_sampling_parameters_are_400_naming_the_field(gateway, key, bad: dict[str, Any], param: str) -> None:
     c = client(gateway, key, f"bad-{param}")
     with pytest.raises(openai.BadRequestError) as info:
@@ -191,8 +230,16 @@ def test_bad_sampling_parameters_are_400_naming_the_field(gateway, key, bad: dic
 def test_completions_endpoint_streams_and_meters_too(gateway, key) -> None:
     c = client(gateway, key, "completions")
     whole = c.completions.create(model="qlp-t0", prompt="The capital of France is", max_tokens=8, temperature=0)
-    streamed = list(c.completions.create(model="qlp-t0", prompt="The capital of France is", max_tokens=8,
-                                         temperature=0, stream=True, stream_options={"include_usage": True}))
+    streamed = list(
+        c.completions.create(
+            model="qlp-t0",
+            prompt="The capital of France is",
+            max_tokens=8,
+            temperature=0,
+            stream=True,
+            stream_options={"include_usage": True},
+        )
+    )
     assert "".join(ch.choices[0].text for ch in streamed if ch.choices) == whole.choices[0].text
     assert streamed[-1].usage == whole.usage and whole.usage is not None
     recs = records(gateway, key, "completions", 2)
