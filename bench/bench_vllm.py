@@ -128,11 +128,12 @@ def measure(url: str, model: str, extra: dict[str, Any]) -> dict[str, dict[str, 
             runs[c].append(asyncio.run(load(url, model, c, extra)))
     out: dict[str, dict[str, float]] = {}
     for c, rs in runs.items():
-        ttft = [t for r in rs for t in r["ttft"]]
+        ttft = [t for r in rs for t in r["ttft"] if t == t]  # NaN: a stream that carried no content
         out[str(c)] = {
             "tok_s": median([r["tok_s"] for r in rs]),
-            "ttft_p50_ms": pct(ttft, 50) * 1e3,
-            "ttft_p99_ms": pct(ttft, 99) * 1e3,
+            "ttft_p50_ms": pct(ttft, 50) * 1e3 if ttft else float("nan"),
+            "ttft_p99_ms": pct(ttft, 99) * 1e3 if ttft else float("nan"),
+            "empty_streams": float(sum(1 for r in rs for t in r["ttft"] if t != t)),
             "min_tokens": float(min(r["min_tokens"] for r in rs)),
         }
     return out
@@ -172,7 +173,10 @@ def table(res: dict[str, Any], note: str) -> str:
             row = r[path]
             lines.append(
                 f"| {name} | {path} | "
-                + " | ".join(f"{row[str(c)]['tok_s']:.1f}" for c in CONCURRENCY)
+                + " | ".join(
+                    f"{row[str(c)]['tok_s']:.1f}" + ("*" if row[str(c)]["min_tokens"] < NEW_TOKENS else "")
+                    for c in CONCURRENCY
+                )
                 + " | "
                 + " | ".join(
                     f"{row[str(c)]['ttft_p50_ms']:.0f} / {row[str(c)]['ttft_p99_ms']:.0f}" for c in CONCURRENCY
@@ -180,6 +184,10 @@ def table(res: dict[str, Any], note: str) -> str:
                 + " |"
             )
     lines.append("")
+    lines.append(
+        "\\* some streams ended short of the requested tokens (llama-cpp-python's server answers some concurrent "
+        "requests with an empty stream); tok/s counts only the tokens produced."
+    )
     for name, r in res.items():
         started = f", ready after {r['started_s']:.0f} s" if "started_s" in r else ""
         lines.append(f"- {name}: {r['rss_mb']:.0f} MiB resident (process tree){started}")
