@@ -55,6 +55,13 @@ class Settings(BaseSettings):
     ledger_days: int = Field(400, ge=1, description="days that daily counters and workflow records are kept")
     idempotency_days: int = Field(3, ge=1, description="days a charge id is remembered (spool replays)")
     request_index_days: int = Field(30, ge=1, description="days a request id can be found (feedback)")
+    redis_wait_replicas: int = Field(
+        0,
+        ge=0,
+        description="replicas that must hold a charge before it counts as booked (Redis WAIT; with a replicated "
+        "Redis Cluster or Sentinel set 1, so a failover cannot lose an acknowledged charge: one not replicated "
+        "in time is spooled and replayed, which is idempotent)",
+    )
 
     @model_validator(mode="after")
     def _refuse_placeholders(self) -> Settings:

@@ -13,6 +13,8 @@ import redis.asyncio as aredis
 from prometheus_client.parser import text_string_to_metric_families
 
 from gateway.metering.keys import KeyInfo, KeyLimits, KeyStore, Role
+from gateway.metering.meter import connect
+from gateway.settings import Settings
 from tests.fakes.gateway import RunningGateway
 from tests.fakes.upstream import FakeUpstream
 from tests.wait import eventually
@@ -47,7 +49,7 @@ def run(fn: Callable[[aredis.Redis], Any], url: str) -> Any:
     """Run `fn(client)` against Redis from a sync test (its own event loop and client)."""
 
     async def go() -> Any:
-        client = aredis.Redis.from_url(url)
+        client = connect(Settings(redis_url=url))
         try:
             return await fn(client)
         finally:

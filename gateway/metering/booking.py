@@ -17,8 +17,8 @@ from typing import Any
 
 from redis.exceptions import RedisError
 
-from gateway.metering.ledger import Charge, Ledger
-from gateway.metering.pipe import Connection
+from gateway.metering.ledger import Charge, Ledger, NotReplicated
+from gateway.metering.pipe import Link
 from gateway.metering.spool import Spool
 
 __all__ = ["BOOK_DELAY_SECONDS", "UNAVAILABLE", "Booker", "Health"]
@@ -84,7 +84,7 @@ class Booker:
         self._tasks.add(task)
         task.add_done_callback(self._tasks.discard)
 
-    def ride_along(self, conn: Connection) -> None:
+    def ride_along(self, conn: Link) -> None:
         """Called by the Redis connection just before it writes: queued charges go in that write."""
         if self._queue and self.health.up:
             batch = self._take()
@@ -110,6 +110,8 @@ class Booker:
     async def _finish(self, batch: list[Charge], booking: Coroutine[Any, Any, list[int | Exception]]) -> None:
         try:
             results = await booking
+        except NotReplicated:  # Redis is up; the charges wait in the spool until a replica holds them
+            await self._spool(batch)
         except UNAVAILABLE as exc:
             self.health.mark_down(exc)
             await self._spool(batch)
@@ -160,6 +162,9 @@ class Booker:
             return 0
         try:
             n = await self.spool.replay(self._replay_batch)
+        except NotReplicated as exc:
+            log.warning("spooled charges wait for a replica: %s", exc)
+            return 0
         except UNAVAILABLE as exc:
             self.health.mark_down(exc)
             return 0

@@ -18,7 +18,7 @@ import orjson
 from redis.exceptions import ConnectionError, NoScriptError, ResponseError, TimeoutError
 
 from gateway.metering.layout import KeyKeys
-from gateway.metering.pipe import Command, Connection, RedisPipe
+from gateway.metering.pipe import Command, Link, Pipe
 from gateway.metering.scripts import ADMIT, CHARGE, CHARGE_FIELDS
 
 __all__ = ["SEP", "AdmitResult", "Charge", "Ledger", "LedgerPolicy", "calendar_of"]
@@ -81,6 +81,11 @@ class _KeyList:
         return n
 
 
+class NotReplicated(ResponseError):
+    """The charges were booked on the master, but fewer replicas than `wait_replicas` hold them yet: they
+    are spooled and replayed (idempotent) until they are replicated. Redis itself is up."""
+
+
 @dataclass(frozen=True, slots=True)
 class LedgerPolicy:
     """Retention and sizes, from the settings."""
@@ -89,6 +94,8 @@ class LedgerPolicy:
     ledger_days: int = 400
     idempotency_days: int = 3
     request_index_days: int = 30
+    wait_replicas: int = 0  # WAIT for this many replicas after each CHARGE call
+    wait_ms: int = 1000
 
 
 @dataclass(slots=True)
@@ -130,13 +137,13 @@ class AdmitResult:
 
 
 class Ledger:
-    def __init__(self, pipe: RedisPipe, policy: LedgerPolicy) -> None:
+    def __init__(self, pipe: Pipe, policy: LedgerPolicy) -> None:
         self.pipe = pipe
         self.policy = policy
         # Admissions waiting for the connection's next write, by (key id, minute, reservation ttl).
         self._admissions: dict[tuple[str, int, int], list[_Admission]] = {}
         # Called with the connection just before each write, after the admissions: a chance to add charges.
-        self.ride_along: Callable[[Connection], None] | None = None
+        self.ride_along: Callable[[Link], None] | None = None
         pipe.before_flush = self._before_flush
 
     async def load_scripts(self) -> None:
@@ -185,7 +192,7 @@ class Ledger:
             return AdmitResult(code)
         raise AssertionError("unreachable")
 
-    def _before_flush(self, conn: Connection) -> None:
+    def _before_flush(self, conn: Link) -> None:
         """Called by the connection just before it writes: the admissions queued since the last write go in
         it, one ADMIT call per key and minute; then the charges waiting to be booked (`ride_along`)."""
         if self._admissions:
@@ -293,29 +300,47 @@ class Ledger:
         is then unknown, and applying them again is safe."""
         return await self.send(charges, await self.pipe.connection())
 
-    def send(self, charges: list[Charge], conn: Connection) -> Coroutine[Any, Any, list[int | Exception]]:
+    def send(self, charges: list[Charge], conn: Link) -> Coroutine[Any, Any, list[int | Exception]]:
         """Queue the charges' commands on `conn` now (they go out with its next write); the returned
         coroutine waits for the replies, as `apply`."""
         cmds, groups = self._commands(charges)
-        return self._collect(cmds, groups, len(charges), [conn.send(c) for c in cmds])
+        return self._collect(cmds, groups, len(charges), self._issue(conn, cmds))
+
+    def _issue(self, conn: Link, cmds: list[Command]) -> list[tuple[asyncio.Future[Any], asyncio.Future[Any] | None]]:
+        """Each CHARGE call, and after it (with `wait_replicas`) a WAIT on the same node: how many replicas
+        hold the connection's writes so far, this charge's included."""
+        n, ms = self.policy.wait_replicas, self.policy.wait_ms
+        return [(conn.send(c), conn.send(("WAIT", n, ms), key=c[3]) if n else None) for c in cmds]
 
     async def _collect(
-        self, cmds: list[Command], groups: list[list[int]], n: int, futs: list[asyncio.Future[Any]]
+        self,
+        cmds: list[Command],
+        groups: list[list[int]],
+        n: int,
+        futs: list[tuple[asyncio.Future[Any], asyncio.Future[Any] | None]],
     ) -> list[int | Exception]:
         replies: list[Any] = []
-        for f in futs:  # replies arrive together: one wake-up, then the rest are done already
+        short: list[int] = []  # replicas that acknowledged, where fewer than asked
+        for f, wait in futs:  # replies arrive together: one wake-up, then the rest are done already
             try:
                 replies.append(await f)
+                if wait is not None and (acked := int(await wait)) < self.policy.wait_replicas:
+                    short.append(acked)
             except (ConnectionError, TimeoutError):
-                for rest in futs:  # all failed with the connection: mark their errors as seen
-                    if rest.done() and not rest.cancelled():
-                        rest.exception()
+                for pair in futs:  # all failed with the connection: mark their errors as seen
+                    for rest in pair:
+                        if rest is not None and rest.done() and not rest.cancelled():
+                            rest.exception()
                 raise
             except ResponseError as exc:
                 replies.append(exc)
         if any(isinstance(r, NoScriptError) for r in replies):
             await self.load_scripts()  # the scripts that ran were idempotent; run them all again
-            replies = await self.pipe.execute(cmds)
+            return await self._collect(cmds, groups, n, self._issue(await self.pipe.connection(), cmds))
+        if short:
+            # Booked on the master but not yet on enough replicas: a failover now could lose them. Spooled
+            # and replayed (idempotent), they count once whatever happens to this master.
+            raise NotReplicated(f"NOREPLICAS {min(short)} of {self.policy.wait_replicas} replicas hold the charges")
         transient = next((r for r in replies if isinstance(r, ResponseError) and str(r).startswith(TRANSIENT)), None)
         if transient is not None:
             raise transient

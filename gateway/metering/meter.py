@@ -24,10 +24,12 @@ import logging
 import os
 import time
 from dataclasses import dataclass
-from typing import TYPE_CHECKING, Any
+from typing import TYPE_CHECKING, Any, cast
 
-from redis.asyncio import Redis
+from redis.asyncio import Redis, RedisCluster
+from redis.asyncio.cluster import ClusterNode
 from redis.asyncio.retry import Retry
+from redis.asyncio.sentinel import Sentinel
 from redis.backoff import NoBackoff
 from redis.exceptions import ConnectionError as RedisConnectionError
 
@@ -35,13 +37,14 @@ from gateway.config import FleetConfig, Tier
 from gateway.errors import AuthenticationError, GatewayError, RateLimited, ServiceUnavailable
 from gateway.metering import estimate
 from gateway.metering.booking import UNAVAILABLE, Booker, Health
+from gateway.metering.cluster import open_pipe
 from gateway.metering.keys import Credential, KeyStore, Principal, bearer, digest
 from gateway.metering.layout import ADMIN_KEY_ID
 from gateway.metering.lease import Lease, Leases
 from gateway.metering.ledger import SEP, AdmitResult, Charge, Ledger, LedgerPolicy
-from gateway.metering.pipe import RedisPipe
 from gateway.metering.pricing import ModelPrice, Pricing, Tokens, tokens_from_usage
 from gateway.metering.spool import Spool
+from gateway.metering.target import parse_redis_url
 from gateway.protocol import ParsedRequest
 from gateway.settings import Settings
 
@@ -58,10 +61,30 @@ AUTH_CACHE_SIZE = 4096  # header values whose credential is kept (the cache is e
 
 
 def connect(settings: Settings) -> Redis:
-    """A pooled asyncio client. One immediate retry on a broken connection (a pooled connection that died
+    """A pooled asyncio client for key admin and ledger reads, of whatever kind `QLP_REDIS_URL` names: one
+    server, a Redis Cluster (redis-py's `RedisCluster`, which follows MOVED and failovers itself), or the
+    master a Sentinel names. One immediate retry on a broken connection (a pooled connection that died
     with a restarted server); none on a timeout, so a hung Redis costs one `redis_timeout`, not several.
     Retrying is safe: the charge scripts are idempotent and ADMIT does not reserve twice."""
     t = settings.redis_timeout
+    target = parse_redis_url(settings.redis_url)
+    common: dict[str, Any] = {
+        "socket_timeout": t,
+        "socket_connect_timeout": t,
+        "username": target.username,
+        "password": target.password,
+    }
+    if target.kind == "cluster":
+        nodes = [ClusterNode(host, port) for host, port in target.nodes]
+        cluster = RedisCluster(startup_nodes=nodes, ssl=target.tls, **common)
+        return cast(Redis, cluster)  # the commands the gateway uses have the same signatures
+    if target.kind == "sentinel":
+        assert target.service is not None
+        sentinel = Sentinel(
+            list(target.nodes), sentinel_kwargs={"password": target.sentinel_password, "socket_timeout": t}, **common
+        )
+        retry = Retry(NoBackoff(), 1, supported_errors=(RedisConnectionError,))
+        return cast(Redis, sentinel.master_for(target.service, db=target.db, retry=retry))
     return Redis.from_url(
         settings.redis_url,
         socket_timeout=t,
@@ -102,7 +125,7 @@ class Meter:
         longest = max((t.timeouts.total for t in config.tiers.values()), default=900.0)
         self._reservation_ttl_ms = int((longest * config.retry.max_attempts + 60) * 1000)
         self.redis = connect(settings)  # key admin and ledger reading
-        self.pipe = RedisPipe(settings.redis_url, settings.redis_timeout)  # the request path
+        self.pipe = open_pipe(settings.redis_url, settings.redis_timeout)  # the request path
         self.ledger = Ledger(
             self.pipe,
             LedgerPolicy(
@@ -110,6 +133,8 @@ class Meter:
                 settings.ledger_days,
                 settings.idempotency_days,
                 settings.request_index_days,
+                settings.redis_wait_replicas,
+                max(1, int(settings.redis_timeout * 1000 / 2)),
             ),
         )
         self.keys = KeyStore(self.redis)

@@ -19,24 +19,70 @@ from __future__ import annotations
 import asyncio
 import builtins
 import logging
-import ssl
 import time
 from collections import deque
 from collections.abc import Callable
-from typing import Any, cast
-from urllib.parse import unquote, urlparse
+from typing import Any, Protocol, cast
 
 import hiredis
 from redis.exceptions import ConnectionError, NoScriptError, ResponseError, TimeoutError
 
-__all__ = ["Command", "Connection", "RedisPipe"]
+from gateway.metering.target import RedisTarget, parse_redis_url
+
+__all__ = ["Command", "Connection", "Link", "Pipe", "RedisPipe", "open_connection"]
 
 log = logging.getLogger("qlp.metering")
 Command = tuple[Any, ...]
 
 
+class Link(Protocol):
+    """What the ledger writes to: one `Connection`, or a cluster's router in front of several."""
+
+    failed: Exception | None
+
+    def send(self, args: Command, key: Any = None) -> asyncio.Future[Any]:
+        """Queue `args` for the next write. `key` routes a keyless command (WAIT) to that key's node."""
+        ...
+
+    def schedule(self) -> None: ...
+
+
+class Pipe(Protocol):
+    """The request path's Redis: `RedisPipe` (one server, Sentinel) or `cluster.ClusterPipe`."""
+
+    before_flush: Callable[[Link], None] | None
+
+    @property
+    def proto(self) -> Link | None: ...
+
+    async def connection(self) -> Link: ...
+
+    async def execute(self, commands: list[Command]) -> list[Any]: ...
+
+    async def call(self, *args: Any) -> Any: ...
+
+    def close(self) -> None: ...
+
+
+class Owner(Protocol):
+    """What a connection reports to: the pipe (or cluster node) whose `proto` it is."""
+
+    timeout: float
+    proto: Connection | None
+    before_flush: Callable[[Link], None] | None
+
+
+class _Holder:
+    """The owner of a connection nothing else owns (a node of a cluster, a Sentinel asked once)."""
+
+    def __init__(self, timeout: float) -> None:
+        self.timeout = timeout
+        self.proto: Connection | None = None
+        self.before_flush: Callable[[Link], None] | None = None
+
+
 class Connection(asyncio.Protocol):
-    def __init__(self, pipe: RedisPipe) -> None:
+    def __init__(self, pipe: Owner) -> None:
         self.pipe = pipe
         self.timeout = pipe.timeout
         self.transport: asyncio.Transport | None = None
@@ -47,7 +93,7 @@ class Connection(asyncio.Protocol):
         self.watchdog: asyncio.TimerHandle | None = None
         self.failed: Exception | None = None
 
-    def send(self, args: Command) -> asyncio.Future[Any]:
+    def send(self, args: Command, key: Any = None) -> asyncio.Future[Any]:
         loop = asyncio.get_running_loop()
         fut: asyncio.Future[Any] = loop.create_future()
         if self.failed is not None:
@@ -131,25 +177,50 @@ class Connection(asyncio.Protocol):
             self.transport.close()
 
 
+async def open_connection(owner: Owner, target: RedisTarget, address: tuple[str, int] | None) -> Connection:
+    """A connection to `address` (or the target's Unix socket), authenticated and on the target's database,
+    within `owner.timeout`. `owner` is what the connection reports to."""
+    timeout = owner.timeout
+    loop = asyncio.get_running_loop()
+    proto: Connection | None = None
+    where = target.unix_path or (f"{address[0]}:{address[1]}" if address else "?")
+    try:
+        async with asyncio.timeout(timeout):
+            if target.unix_path is not None:
+                _, proto = await loop.create_unix_connection(lambda: Connection(owner), target.unix_path)
+            else:
+                assert address is not None
+                _, proto = await loop.create_connection(
+                    lambda: Connection(owner), address[0], address[1], ssl=target.ssl_context()
+                )
+            hello: list[Command] = []
+            if target.password is not None:
+                user = target.username
+                hello.append(("AUTH", user, target.password) if user else ("AUTH", target.password))
+            if target.db:
+                hello.append(("SELECT", target.db))
+            for cmd in hello:
+                await proto.send(cmd)
+    except (OSError, builtins.TimeoutError, TimeoutError, ResponseError) as exc:
+        if proto is not None:
+            proto.fail(ConnectionError("handshake failed"))
+        raise ConnectionError(f"cannot connect to Redis at {where}: {exc}") from exc
+    return proto
+
+
 class RedisPipe:
-    def __init__(self, url: str, timeout: float) -> None:
-        u = urlparse(url)
-        if u.scheme not in ("redis", "rediss", "unix"):
-            raise ValueError(f"unsupported Redis URL scheme {u.scheme!r} (redis://, rediss:// or unix://)")
-        self.host = u.hostname or "127.0.0.1"
-        self.port = u.port or 6379
-        # unix:///run/redis.sock?db=0: a Redis on the same host, without the TCP stack in between
-        self.unix_path = u.path if u.scheme == "unix" else None
-        query = dict(p.split("=", 1) for p in u.query.split("&") if "=" in p)
-        self.db = int(query.get("db", "0") if self.unix_path else (u.path.lstrip("/") or 0))
-        self.username = unquote(u.username) if u.username else None
-        self.password = unquote(u.password) if u.password else None
-        self.ssl = ssl.create_default_context() if u.scheme == "rediss" else None
+    """One server (`redis://`, `unix://`), or the master a Sentinel names (`redis+sentinel://`, asked again
+    on every reconnect, so a failover is followed). A Redis Cluster is `ClusterPipe` (`open_pipe` picks)."""
+
+    def __init__(self, url: str | RedisTarget, timeout: float) -> None:
+        self.target = url if isinstance(url, RedisTarget) else parse_redis_url(url)
+        if self.target.kind == "cluster":
+            raise ValueError("a Redis Cluster URL needs ClusterPipe (gateway.metering.pipe.open_pipe)")
         self.timeout = timeout
         self.proto: Connection | None = None
         self._connecting: asyncio.Lock | None = None
         # Called with the connection just before each write: a chance to add commands to it.
-        self.before_flush: Callable[[Connection], None] | None = None
+        self.before_flush: Callable[[Link], None] | None = None
 
     async def connection(self) -> Connection:
         return self.proto or await self._connect()
@@ -160,31 +231,32 @@ class RedisPipe:
         async with self._connecting:
             if self.proto is not None:
                 return self.proto
-            loop = asyncio.get_running_loop()
-            proto: Connection | None = None
+            t = self.target
+            address = await self._master() if t.kind == "sentinel" else (t.nodes[0] if t.nodes else None)
+            self.proto = await open_connection(self, t, address)
+            return self.proto
+
+    async def _master(self) -> tuple[str, int]:
+        """The address the first Sentinel that answers gives for the service."""
+        t = self.target
+        assert t.service is not None
+        sentinel = RedisTarget("single", (), t.tls, password=t.sentinel_password)
+        errors = []
+        for address in t.nodes:
+            holder = _Holder(self.timeout)
             try:
-                async with asyncio.timeout(self.timeout):
-                    if self.unix_path is not None:
-                        _, proto = await loop.create_unix_connection(lambda: Connection(self), self.unix_path)
-                    else:
-                        _, proto = await loop.create_connection(
-                            lambda: Connection(self), self.host, self.port, ssl=self.ssl
-                        )
-                    hello: list[Command] = []
-                    if self.password is not None:
-                        hello.append(
-                            ("AUTH", self.username, self.password) if self.username else ("AUTH", self.password)
-                        )
-                    if self.db:
-                        hello.append(("SELECT", self.db))
-                    for cmd in hello:
-                        await proto.send(cmd)
-            except (OSError, builtins.TimeoutError, TimeoutError, ResponseError) as exc:
-                if proto is not None:
-                    proto.fail(ConnectionError("handshake failed"))
-                raise ConnectionError(f"cannot connect to Redis at {self.host}:{self.port}: {exc}") from exc
-            self.proto = proto
-            return proto
+                conn = await open_connection(holder, sentinel, address)
+                try:
+                    reply = await conn.send(("SENTINEL", "GET-MASTER-ADDR-BY-NAME", t.service))
+                finally:
+                    conn.fail(ConnectionError("closed"))
+            except (ConnectionError, TimeoutError, ResponseError) as exc:
+                errors.append(f"{address[0]}:{address[1]}: {exc}")
+                continue
+            if reply:
+                return reply[0].decode(), int(reply[1])
+            errors.append(f"{address[0]}:{address[1]}: does not know {t.service!r}")
+        raise ConnectionError(f"no Sentinel named the master of {t.service!r}: {'; '.join(errors)}")
 
     async def execute(self, commands: list[Command]) -> list[Any]:
         """Send commands together and return their replies in order. An error reply is returned as the

@@ -67,6 +67,7 @@ class RedisServer:
                 str(self.socket),
                 "--unixsocketperm",
                 "700",
+                *self.extra_args(),
             ],
             stdout=subprocess.DEVNULL,
             stderr=subprocess.DEVNULL,
@@ -84,6 +85,12 @@ class RedisServer:
                 time.sleep(0.02)
         client.close()
         return self
+
+    def extra_args(self) -> list[str]:
+        return []
+
+    def alive(self) -> bool:
+        return self.proc is not None and self.proc.poll() is None
 
     def kill(self) -> None:
         """SIGKILL: no shutdown, no final save (the AOF keeps every acknowledged write)."""
