@@ -3,6 +3,7 @@ and a metered gateway on it, and real vLLM."""
 
 from __future__ import annotations
 
+import os
 import subprocess
 from collections.abc import Callable, Iterator
 from dataclasses import dataclass
@@ -13,6 +14,7 @@ import pytest
 import yaml
 
 from tests.fakes.gateway import RunningGateway, start_gateway
+from tests.fakes.redis_cluster import RedisClusterServer, cluster_binaries
 from tests.fakes.redis_server import RedisServer, redis_server_binary
 from tests.fakes.upstream import FakeUpstream
 from tests.metered import ADMIN_KEY, PRICING, fleet
@@ -99,6 +101,29 @@ def metered(
         return gateway_factory(config or fleet(upstreams), **settings)
 
     return make
+
+
+@pytest.fixture(scope="session")
+def cluster(tmp_path_factory: pytest.TempPathFactory) -> Iterator[RedisClusterServer]:
+    """A real Redis Cluster for the session: 3 masters, a replica each (started on first use, ~10 s)."""
+    if not cluster_binaries():
+        msg = "redis-server and redis-cli are needed for the Redis Cluster tests (make sysdeps)"
+        if os.environ.get("CI"):
+            pytest.fail(msg, pytrace=False)
+        pytest.skip(msg)
+    c = RedisClusterServer(tmp_path_factory.mktemp("cluster")).start()
+    yield c
+    c.stop()
+
+
+@pytest.fixture
+def cluster_url(cluster: RedisClusterServer) -> str:
+    for node in cluster.nodes:  # a test before may have killed one: bring the cluster back whole
+        if not node.alive():
+            node.start()
+    cluster.wait_ok(replicated=True)
+    cluster.flushall()
+    return cluster.url
 
 
 # -- real vLLM ----------------------------------------------------------------------------------------------

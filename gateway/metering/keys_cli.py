@@ -16,6 +16,8 @@ import json
 import sys
 import time
 
+from redis.exceptions import RedisError
+
 from gateway.metering.keys import KeyInfo, KeyLimits, KeyStore
 from gateway.metering.meter import connect
 from gateway.metering.pricing import micros_of_usd, usd
@@ -112,6 +114,6 @@ def main(argv: list[str]) -> int:
     except ValueError as exc:
         print(f"qlp keys: {exc}", file=sys.stderr)
         return 2
-    except OSError as exc:
+    except (OSError, RedisError) as exc:
         print(f"qlp keys: cannot reach Redis: {exc}", file=sys.stderr)
         return 1

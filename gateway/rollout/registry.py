@@ -2,8 +2,11 @@
 
 Runtime changes live in Redis, so that every gateway process (and every replica) applies the same ones:
 
-    qlp:rollouts          HASH  "<tier>/<agent>" -> rollout JSON (gateway/rollout/model.py)
-    qlp:rollouts:version  STRING incremented with every change
+    qlp:rollouts          HASH  "<tier>/<agent>" -> rollout JSON (gateway/rollout/model.py), and the field
+                                "version", incremented with every change
+
+One key, so that a change and its version move together in one slot (a Redis Cluster refuses a
+transaction across slots).
 
 Each process reads the version once per `REFRESH_SECONDS` and reloads the hash when it moved; the process
 that served the admin call applies the change at once. Deleting a runtime rollout restores the config's.
@@ -30,7 +33,7 @@ __all__ = ["REFRESH_SECONDS", "ROLLOUTS", "VERSION", "Rollouts"]
 log = logging.getLogger("qlp.rollout")
 
 ROLLOUTS = "qlp:rollouts"
-VERSION = "qlp:rollouts:version"
+VERSION = "version"  # a field of ROLLOUTS (no rollout key has no "/")
 REFRESH_SECONDS = 1.0
 
 
@@ -93,7 +96,7 @@ class Rollouts:
         key = rollout_key(tier, agent)
         async with redis.pipeline(transaction=True) as p:
             p.hset(ROLLOUTS, key, orjson.dumps(rollout.model_dump(mode="json")))
-            p.incr(VERSION)
+            p.hincrby(ROLLOUTS, VERSION, 1)
             _, version = await p.execute()
         self._runtime[key] = rollout
         self._version = str(version).encode()
@@ -105,7 +108,7 @@ class Rollouts:
         key = rollout_key(tier, agent)
         async with redis.pipeline(transaction=True) as p:
             p.hdel(ROLLOUTS, key)
-            p.incr(VERSION)
+            p.hincrby(ROLLOUTS, VERSION, 1)
             removed, version = await p.execute()
         self._runtime.pop(key, None)
         self._version = str(version).encode()
@@ -116,13 +119,15 @@ class Rollouts:
         """Reload the runtime rollouts when another process changed them. True when something changed."""
         if self.redis is None:
             return False
-        version: bytes | None = await self.redis.get(VERSION)  # type: ignore[assignment]
+        version: bytes | None = await self.redis.hget(ROLLOUTS, VERSION)  # type: ignore[assignment]
         if version == self._version:
             return False
         raw: dict[bytes, bytes] = await self.redis.hgetall(ROLLOUTS)  # type: ignore[assignment]
         runtime: dict[str, Rollout] = {}
         for k, v in raw.items():
             key = k.decode()
+            if key == VERSION:
+                continue
             tier, _, agent = key.partition("/")
             try:
                 r = Rollout.model_validate_json(v)

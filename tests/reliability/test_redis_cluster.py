@@ -13,47 +13,26 @@ from __future__ import annotations
 
 import asyncio
 import concurrent.futures
-import os
+import io
+import json
 import threading
-from collections.abc import Callable, Iterator
+from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
 import httpx
 import orjson
-import pytest
 
+from gateway.metering import ledger_cli
 from gateway.metering.layout import KeyKeys
 from gateway.metering.ledger import SEP
-from tests.fakes.redis_cluster import RedisClusterServer, cluster_binaries
+from tests.fakes.redis_cluster import RedisClusterServer
 from tests.fakes.upstream import FakeUpstream, Script
 from tests.metered import ADMIN_KEY, MSG, auth, create_key, fleet, metric
 from tests.reliability.conftest import GatewayProcess
 from tests.wait import eventually
 
 BODY = {"model": "qlp-t0", "messages": MSG, "max_tokens": 100}  # worst case 100 micro-USD on T0
-
-
-@pytest.fixture(scope="module")
-def cluster(tmp_path_factory: pytest.TempPathFactory) -> Iterator[RedisClusterServer]:
-    if not cluster_binaries():
-        msg = "redis-server and redis-cli are needed for the Redis Cluster tests (make sysdeps)"
-        if os.environ.get("CI"):
-            pytest.fail(msg, pytrace=False)
-        pytest.skip(msg)
-    c = RedisClusterServer(tmp_path_factory.mktemp("cluster")).start()
-    yield c
-    c.stop()
-
-
-@pytest.fixture
-def cluster_url(cluster: RedisClusterServer) -> str:
-    for node in cluster.nodes:  # a test before may have killed one: bring the cluster back whole
-        if not node.alive():
-            node.start()
-    cluster.wait_ok(replicated=True)
-    cluster.flushall()
-    return cluster.url
 
 
 def ledger_totals(cluster: RedisClusterServer, key_id: str) -> dict[str, int]:
@@ -124,6 +103,21 @@ def test_metering_on_a_cluster_books_every_request_and_reads_across_masters(
     assert summary.status_code == 200, summary.text
     assert summary.json()["total"]["requests"] == 30
     assert {row["group"] for row in summary.json()["data"]} >= {f"tenant-{i}" for i in range(6)}
+    # The CLI reads the same, and feedback finds a request by its id on whichever master holds its key.
+    out = io.StringIO()
+    assert ledger_cli.main(["--redis-url", cluster_url, "summary", "--by", "tenant", "--json"], out) == 0
+    assert json.loads(out.getvalue())["total"]["requests"] == 30
+    for key, _ in keys:
+        r = httpx.post(gw.url + "/v1/chat/completions", json=BODY, headers={**auth(key), "X-QLP-Workflow-Id": "fb"})
+        fb = httpx.post(
+            gw.url + "/v1/feedback",
+            json={"request_id": r.headers["x-request-id"], "outcome": "success"},
+            headers=auth(key),
+            timeout=10,
+        )
+        assert fb.status_code == 200, fb.text
+    report = httpx.get(gw.url + "/v1/report", headers=auth(key0), timeout=10)
+    assert report.status_code == 200, report.text
 
 
 def test_three_gateway_processes_never_spend_past_one_keys_budget(

@@ -63,9 +63,13 @@ def test_other_agents_and_requests_without_one_keep_the_usual_routing(upstreams,
     assert r.headers["x-qlp-backend"] == "a/m0"
 
 
-def test_a_weight_change_takes_effect_without_a_restart_in_every_process(upstreams, metered, redis_url) -> None:
-    gw = metered(fleet3(upstreams))
-    other = metered(fleet3(upstreams))  # a second gateway process on the same Redis
+@pytest.mark.parametrize("store", ["redis", "cluster"])
+def test_a_weight_change_takes_effect_without_a_restart_in_every_process(
+    upstreams, metered, request: pytest.FixtureRequest, store: str
+) -> None:
+    redis_url = request.getfixturevalue("redis_url" if store == "redis" else "cluster_url")
+    gw = metered(fleet3(upstreams), redis_url=redis_url)
+    other = metered(fleet3(upstreams), redis_url=redis_url)  # a second gateway process on the same Redis
     key, _ = create_key(redis_url, "acme")
     workflows = [f"wf-{i}" for i in range(20)]
     assert {_ask(_client(gw, key), wf)[0] for wf in workflows} == {"a/m0"}
