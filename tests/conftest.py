@@ -85,12 +85,19 @@ def pricing_file(tmp_path: Path) -> Path:
 
 
 @pytest.fixture
+def default_fleet() -> Callable[..., dict[str, Any]]:
+    """The fleet config `metered` starts by default (a suite's conftest may override it)."""
+    return fleet
+
+
+@pytest.fixture
 def metered(
     upstreams: dict[str, FakeUpstream],
     gateway_factory: Callable[..., RunningGateway],
     redis_url: str,
     pricing_file: Path,
     tmp_path: Path,
+    default_fleet: Callable[..., dict[str, Any]],
 ) -> Callable[..., RunningGateway]:
     """Start a gateway with metering on against the test Redis (settings overridable)."""
     (tmp_path / "secrets").mkdir(exist_ok=True)
@@ -98,7 +105,7 @@ def metered(
 
     def make(config: dict[str, Any] | None = None, **settings: Any) -> RunningGateway:
         settings = {"metering": True, "redis_url": redis_url, "pricing": pricing_file, **settings}
-        return gateway_factory(config or fleet(upstreams), **settings)
+        return gateway_factory(config or default_fleet(upstreams), **settings)
 
     return make
 

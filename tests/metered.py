@@ -5,6 +5,7 @@ The fixtures that go with them (a session Redis, a pricing file, a metered gatew
 from __future__ import annotations
 
 import asyncio
+import threading
 from collections.abc import Callable
 from typing import Any
 
@@ -13,6 +14,8 @@ import redis.asyncio as aredis
 from prometheus_client.parser import text_string_to_metric_families
 
 from gateway.metering.keys import KeyInfo, KeyLimits, KeyStore, Role
+from gateway.metering.layout import KeyKeys
+from gateway.metering.ledger import SEP
 from gateway.metering.meter import connect
 from gateway.settings import Settings
 from tests.fakes.gateway import RunningGateway
@@ -102,3 +105,34 @@ def records(gw: RunningGateway, key: str, wf: str, n: int) -> list[dict[str, Any
 
     recs: list[dict[str, Any]] = eventually(ready, what=f"{n} ledger records in workflow {wf}")
     return recs
+
+
+def ledger_totals(client: Any, key_id: str, **scan: Any) -> dict[str, int]:
+    """A key's day counters summed from Redis (a sync client; `scan` e.g. `target_nodes` on a cluster):
+    requests, prompt and completion tokens, cost."""
+    totals = {"req": 0, "pt": 0, "ct": 0, "cost": 0}
+    for key in client.scan_iter(KeyKeys(key_id).counters("*"), **scan):
+        for field, value in client.hgetall(key).items():
+            name = field.decode().rsplit(SEP, 1)[1]
+            if name in totals:
+                totals[name] += int(value)
+    return totals
+
+
+def load_client(url_of: Callable[[int], str], key: str) -> tuple[Callable[[int], int], Callable[[], int]]:
+    """`one(i)` sends request i (even: streamed) to `url_of(i)` and answers 200 only for a complete answer;
+    `done()` counts the requests finished so far (for a test that acts mid-load)."""
+    done = 0
+    lock = threading.Lock()
+
+    def one(i: int) -> int:
+        nonlocal done
+        body = {"model": "qlp-t0", "messages": MSG, "stream": i % 2 == 0}
+        with httpx.stream("POST", url_of(i) + "/v1/chat/completions", json=body, headers=auth(key), timeout=30) as r:
+            raw = r.read()
+        ok = r.status_code == 200 and (not body["stream"] or raw.rstrip().endswith(b"data: [DONE]"))
+        with lock:
+            done += 1
+        return 200 if ok else r.status_code or 599
+
+    return one, lambda: done

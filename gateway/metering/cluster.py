@@ -24,7 +24,7 @@ from typing import Any
 from redis.crc import key_slot
 from redis.exceptions import ConnectionError, ResponseError, TimeoutError
 
-from gateway.metering.pipe import Command, Link, RedisPipe, _Holder, open_connection
+from gateway.metering.pipe import Command, Link, RedisPipe, WriteTurn, _Holder, open_connection
 from gateway.metering.target import RedisTarget, parse_redis_url
 
 __all__ = ["ClusterPipe", "open_pipe"]
@@ -62,7 +62,7 @@ def _key(args: Command) -> bytes | None:
     return k if isinstance(k, bytes) else str(k).encode()
 
 
-class Router:
+class Router(WriteTurn):
     """The ledger's `Connection` for a cluster: same `send`, `schedule` and `failed`."""
 
     def __init__(self, pipe: ClusterPipe) -> None:
@@ -76,19 +76,8 @@ class Router:
         self.schedule()
         return outer
 
-    def schedule(self) -> None:
-        if not self.flush_scheduled:
-            self.flush_scheduled = True
-            asyncio.get_running_loop().call_soon(self.flush)
-
     def flush(self) -> None:
-        hook = self.pipe.before_flush
-        if hook is not None:
-            try:
-                hook(self)  # admissions and charges join this write
-            except Exception:
-                log.exception("before_flush hook failed")
-        self.flush_scheduled = False
+        self.run_hook(self.pipe.before_flush)  # admissions and charges join this write
         for node in self.pipe.nodes.values():
             if node.proto is not None and node.proto.out:
                 node.proto.flush()

@@ -81,7 +81,32 @@ class _Holder:
         self.before_flush: Callable[[Link], None] | None = None
 
 
-class Connection(asyncio.Protocol):
+class WriteTurn:
+    """One write per turn of the event loop, with the owner's `before_flush` hook run just before it
+    (shared by `Connection` and the cluster's router)."""
+
+    flush_scheduled: bool
+
+    def schedule(self) -> None:
+        """Make sure a write happens at the end of this turn of the loop (for commands the `before_flush`
+        hook adds then)."""
+        if not self.flush_scheduled:
+            self.flush_scheduled = True
+            asyncio.get_running_loop().call_soon(self.flush)
+
+    def flush(self) -> None:
+        raise NotImplementedError
+
+    def run_hook(self, hook: Callable[[Link], None] | None) -> None:
+        if hook is not None:
+            try:
+                hook(cast(Link, self))  # may add commands to this write (admissions, charges waiting to be booked)
+            except Exception:
+                log.exception("before_flush hook failed")
+        self.flush_scheduled = False
+
+
+class Connection(WriteTurn, asyncio.Protocol):
     def __init__(self, pipe: Owner) -> None:
         self.pipe = pipe
         self.timeout = pipe.timeout
@@ -108,21 +133,8 @@ class Connection(asyncio.Protocol):
             self.watchdog = loop.call_later(self.timeout, self.watch)
         return fut
 
-    def schedule(self) -> None:
-        """Make sure a write happens at the end of this turn of the loop (for commands the `before_flush`
-        hook adds then)."""
-        if not self.flush_scheduled:
-            self.flush_scheduled = True
-            asyncio.get_running_loop().call_soon(self.flush)
-
     def flush(self) -> None:
-        hook = self.pipe.before_flush
-        if hook is not None:
-            try:
-                hook(self)  # may add commands to this write (admissions, charges waiting to be booked)
-            except Exception:
-                log.exception("before_flush hook failed")
-        self.flush_scheduled = False
+        self.run_hook(self.pipe.before_flush)
         out, self.out = self.out, []
         if out and self.transport is not None and not self.transport.is_closing():
             self.transport.write(b"".join(out))

@@ -11,24 +11,13 @@ import httpx
 import redis
 
 from gateway.metering.layout import KeyKeys
-from gateway.metering.ledger import SEP, Charge
+from gateway.metering.ledger import Charge
 from gateway.metering.spool import Spool
 from tests.fakes.gateway import free_port
 from tests.fakes.redis_server import RedisServer
 from tests.fakes.upstream import Script
-from tests.metered import MSG, auth, chat, create_key
+from tests.metered import MSG, auth, chat, create_key, ledger_totals
 from tests.wait import eventually
-
-
-def ledger_totals(server: RedisServer, key_id: str) -> dict[str, int]:
-    totals = {"req": 0, "pt": 0, "ct": 0, "cost": 0}
-    with server.client() as c:
-        for key in c.scan_iter(KeyKeys(key_id).counters("*")):
-            for field, value in c.hgetall(key).items():
-                name = field.decode().rsplit(SEP, 1)[1]
-                if name in totals:
-                    totals[name] += int(value)
-    return totals
 
 
 def stream(gw: Any, key: str) -> int:
@@ -67,9 +56,9 @@ def test_redis_killed_mid_run_ledger_equals_upstream_usage_after_replay(metered,
         assert ready["redis"] == "down" and ready["spool_depth"] >= 10 and ready["admitted_without_redis"] == 10
         # 4. Redis back (same port, its append-only file reloaded): the spool is replayed exactly once.
         server.start()
-        eventually(lambda: ledger_totals(server, info.id)["req"] == 25, what="25 requests in the ledger")
+        eventually(lambda: ledger_totals(server.client(), info.id)["req"] == 25, what="25 requests in the ledger")
         eventually(lambda: httpx.get(gw.url + "/readyz").json()["ledger"]["spool_depth"] == 0, what="an empty spool")
-        totals = ledger_totals(server, info.id)
+        totals = ledger_totals(server.client(), info.id)
         assert totals == {
             "req": 25,
             "pt": sum(p for p, _ in usage),
@@ -190,9 +179,9 @@ def test_redis_refusing_writes_spools_charges_until_it_accepts_them(metered, ups
             eventually(
                 lambda: httpx.get(gw.url + "/readyz").json()["ledger"]["spool_depth"] == 1, what="a spooled charge"
             )
-            assert ledger_totals(server, info.id)["req"] == 0
+            assert ledger_totals(server.client(), info.id)["req"] == 0
             c.config_set("maxmemory", 0)
-        eventually(lambda: ledger_totals(server, info.id)["req"] == 1, what="the charge replayed")
+        eventually(lambda: ledger_totals(server.client(), info.id)["req"] == 1, what="the charge replayed")
     finally:
         server.stop()
 
@@ -203,6 +192,6 @@ def test_gateway_meters_over_the_redis_unix_socket(metered, upstreams, tmp_path)
         key, info = create_key(server.url, "acme", tpm=10_000)
         gw = metered(redis_url=server.unix_url)
         assert chat(gw, key).status_code == 200
-        eventually(lambda: ledger_totals(server, info.id) == {"req": 1, "pt": 5, "ct": 3, "cost": 3})
+        eventually(lambda: ledger_totals(server.client(), info.id) == {"req": 1, "pt": 5, "ct": 3, "cost": 3})
     finally:
         server.stop()

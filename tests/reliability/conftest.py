@@ -19,7 +19,7 @@ import pytest
 import yaml
 
 from tests.fakes.faultproxy import FaultProxy
-from tests.fakes.gateway import RunningGateway, free_port
+from tests.fakes.gateway import free_port
 from tests.fakes.redis_server import RedisServer
 from tests.fakes.upstream import FakeUpstream
 from tests.metered import ADMIN_KEY, MSG, PRICING, auth, create_key
@@ -82,20 +82,9 @@ def secrets_dir(tmp_path: Path) -> Path:
 
 
 @pytest.fixture
-def metered(
-    upstreams: dict[str, FakeUpstream],
-    gateway_factory: Callable[..., RunningGateway],
-    redis_url: str,
-    pricing_file: Path,
-    secrets_dir: Path,
-) -> Callable[..., RunningGateway]:
-    """An in-process gateway with metering on against the test Redis; `fleet(...)` config by default."""
-
-    def make(config: dict[str, Any] | None = None, **settings: Any) -> RunningGateway:
-        settings = {"metering": True, "redis_url": redis_url, "pricing": pricing_file, **settings}
-        return gateway_factory(config or fleet(upstreams), **settings)
-
-    return make
+def default_fleet() -> Callable[..., dict[str, Any]]:
+    """`metered` starts this folder's `fleet` (T3 and timeouts as options)."""
+    return fleet
 
 
 @pytest.fixture

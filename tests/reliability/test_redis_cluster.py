@@ -25,10 +25,10 @@ import orjson
 
 from gateway.metering import ledger_cli
 from gateway.metering.layout import KeyKeys
-from gateway.metering.ledger import SEP
 from tests.fakes.redis_cluster import RedisClusterServer
 from tests.fakes.upstream import FakeUpstream, Script
-from tests.metered import ADMIN_KEY, MSG, auth, create_key, fleet, metric
+from tests.metered import ADMIN_KEY, MSG, auth, create_key, fleet, load_client, metric
+from tests.metered import ledger_totals as key_totals
 from tests.reliability.conftest import GatewayProcess
 from tests.wait import eventually
 
@@ -37,18 +37,11 @@ BODY = {"model": "qlp-t0", "messages": MSG, "max_tokens": 100}  # worst case 100
 
 def ledger_totals(cluster: RedisClusterServer, key_id: str) -> dict[str, int]:
     """The key's day counters, summed (they all live on the master of the key's slot)."""
-    totals = {"req": 0, "pt": 0, "ct": 0, "cost": 0}
     c = cluster.client()
     try:
-        node = c.get_node_from_key(KeyKeys(key_id).record)
-        for key in c.scan_iter(KeyKeys(key_id).counters("*"), target_nodes=node):
-            for name, value in c.hgetall(key).items():
-                metric = name.decode().rsplit(SEP, 1)[1]
-                if metric in totals:
-                    totals[metric] += int(value)
+        return key_totals(c, key_id, target_nodes=c.get_node_from_key(KeyKeys(key_id).record))
     finally:
         c.close()
-    return totals
 
 
 def stream_records(cluster: RedisClusterServer, key_id: str) -> list[dict[str, Any]]:
@@ -174,25 +167,12 @@ def test_a_master_killed_under_load_fails_over_and_the_ledger_stays_exact(
     gws = _three(gateway_process, upstreams, env)
     usage = [(7 + i % 13, 1 + i % 9) for i in range(requests)]
     upstreams["a"].push(*(Script(prompt_tokens=p, completion_tokens=c, n_chunks=3, chunk_delay=0.01) for p, c in usage))
-    done = 0
-    lock = threading.Lock()
-
-    def one(i: int) -> int:
-        nonlocal done
-        body = {**BODY, "stream": i % 2 == 0}
-        with httpx.stream(
-            "POST", gws[i % 3].url + "/v1/chat/completions", json=body, headers=auth(key), timeout=30
-        ) as r:
-            raw = r.read()
-        ok = r.status_code == 200 and (not body["stream"] or raw.rstrip().endswith(b"data: [DONE]"))
-        with lock:
-            done += 1
-        return 200 if ok else r.status_code or 599
+    one, done = load_client(lambda i: gws[i % 3].url, key)
 
     victim = cluster.master_of(KeyKeys(info.id).record)
     with concurrent.futures.ThreadPoolExecutor(clients) as pool:
         results = [pool.submit(one, i) for i in range(requests)]
-        eventually(lambda: done >= kill_at, timeout=60, what=f"{kill_at} requests")
+        eventually(lambda: done() >= kill_at, timeout=60, what=f"{kill_at} requests")
         victim.kill()
         statuses = [f.result() for f in results]
     cluster.wait_ok()

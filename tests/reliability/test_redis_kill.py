@@ -10,33 +10,21 @@ time on purpose, and nothing moves.
 from __future__ import annotations
 
 import concurrent.futures
-import threading
 from pathlib import Path
 
 import httpx
 import orjson
 
 from gateway.metering.layout import KeyKeys
-from gateway.metering.ledger import SEP
 from tests.fakes.redis_server import RedisServer
 from tests.fakes.upstream import Script
-from tests.reliability.conftest import MSG, auth, create_key
+from tests.metered import ledger_totals, load_client
+from tests.reliability.conftest import create_key
 from tests.wait import eventually
 
 REQUESTS = 240
 CLIENTS = 8
 KILL_AT, RESTART_AT = 80, 160  # completed requests
-
-
-def ledger_totals(server: RedisServer, key_id: str) -> dict[str, int]:
-    totals = {"req": 0, "pt": 0, "ct": 0, "cost": 0}
-    with server.client() as c:
-        for key in c.scan_iter(KeyKeys(key_id).counters("*")):
-            for name, value in c.hgetall(key).items():
-                metric = name.decode().rsplit(SEP, 1)[1]
-                if metric in totals:
-                    totals[metric] += int(value)
-    return totals
 
 
 def test_redis_killed_under_load_loses_nothing_and_counts_nothing_twice(
@@ -49,25 +37,14 @@ def test_redis_killed_under_load_loses_nothing_and_counts_nothing_twice(
     )
     usage = [(7 + i % 13, 1 + i % 9) for i in range(REQUESTS)]  # (prompt, completion) the upstream reports
     upstreams["a"].push(*(Script(prompt_tokens=p, completion_tokens=c, n_chunks=4, chunk_delay=0.01) for p, c in usage))
-    done = 0
-    lock = threading.Lock()
-
-    def one(i: int) -> int:
-        nonlocal done
-        body = {"model": "qlp-t0", "messages": MSG, "stream": i % 2 == 0}
-        with httpx.stream("POST", gw.url + "/v1/chat/completions", json=body, headers=auth(key), timeout=30) as r:
-            raw = r.read()
-        ok = r.status_code == 200 and (not body["stream"] or raw.rstrip().endswith(b"data: [DONE]"))
-        with lock:
-            done += 1
-        return 200 if ok else r.status_code or 599
+    one, done = load_client(lambda i: gw.url, key)
 
     spool = tmp_path / "spool" / "ledger.jsonl"
     with concurrent.futures.ThreadPoolExecutor(CLIENTS) as pool:
         results = [pool.submit(one, i) for i in range(REQUESTS)]
-        eventually(lambda: done >= KILL_AT, timeout=60, what=f"{KILL_AT} requests")
+        eventually(lambda: done() >= KILL_AT, timeout=60, what=f"{KILL_AT} requests")
         server.kill()
-        eventually(lambda: done >= RESTART_AT, timeout=60, what=f"{RESTART_AT} requests")
+        eventually(lambda: done() >= RESTART_AT, timeout=60, what=f"{RESTART_AT} requests")
         # What the outage spooled so far (complete lines), to replay a second time at the end.
         spooled = [line for line in spool.read_bytes().split(b"\n")[:-1] if line] if spool.exists() else []
         server.start()
@@ -81,7 +58,7 @@ def test_redis_killed_under_load_loses_nothing_and_counts_nothing_twice(
         "cost": sum(c for _, c in usage),
     }  # T0: 1 micro-USD per output token
     eventually(
-        lambda: ledger_totals(server, info.id) == expected,
+        lambda: ledger_totals(server.client(), info.id) == expected,
         timeout=30,
         what=f"the ledger to equal the upstream's usage {expected}",
     )
@@ -91,7 +68,7 @@ def test_redis_killed_under_load_loses_nothing_and_counts_nothing_twice(
     with spool.open("ab") as f:
         f.write(b"".join(line + b"\n" for line in spooled))
     eventually(lambda: httpx.get(gw.url + "/readyz").json()["ledger"]["spool_depth"] == 0, what="the second replay")
-    assert ledger_totals(server, info.id) == expected
+    assert ledger_totals(server.client(), info.id) == expected
     with server.client() as c:
         records = [orjson.loads(fields[b"r"]) for _, fields in c.xrange(KeyKeys(info.id).stream)]
     assert len(records) == REQUESTS and len({r["id"] for r in records}) == REQUESTS

@@ -9,19 +9,16 @@ equals what the upstream served, and each request is booked once.
 from __future__ import annotations
 
 import concurrent.futures
-import threading
 from collections.abc import Iterator
 from pathlib import Path
 
-import httpx
 import orjson
 import pytest
 
 from gateway.metering.layout import KeyKeys
-from gateway.metering.ledger import SEP
 from tests.fakes.redis_sentinel import SentinelSet
 from tests.fakes.upstream import Script
-from tests.metered import MSG, auth, create_key
+from tests.metered import create_key, ledger_totals, load_client
 from tests.wait import eventually
 
 REQUESTS, CLIENTS, KILL_AT = 160, 6, 40
@@ -32,17 +29,6 @@ def sentinel(tmp_path: Path) -> Iterator[SentinelSet]:
     s = SentinelSet(tmp_path / "sentinel").start()
     yield s
     s.stop()
-
-
-def totals(s: SentinelSet, key_id: str) -> dict[str, int]:
-    out = {"req": 0, "pt": 0, "ct": 0, "cost": 0}
-    with s.client() as c:
-        for key in c.scan_iter(KeyKeys(key_id).counters("*")):
-            for name, value in c.hgetall(key).items():
-                metric = name.decode().rsplit(SEP, 1)[1]
-                if metric in out:
-                    out[metric] += int(value)
-    return out
 
 
 def test_a_sentinel_failover_under_load_keeps_the_ledger_exact(metered, upstreams, sentinel: SentinelSet) -> None:
@@ -57,23 +43,12 @@ def test_a_sentinel_failover_under_load_keeps_the_ledger_exact(metered, upstream
     )
     usage = [(7 + i % 13, 1 + i % 9) for i in range(REQUESTS)]
     upstreams["a"].push(*(Script(prompt_tokens=p, completion_tokens=c, n_chunks=3, chunk_delay=0.01) for p, c in usage))
-    done = 0
-    lock = threading.Lock()
-
-    def one(i: int) -> int:
-        nonlocal done
-        body = {"model": "qlp-t0", "messages": MSG, "stream": i % 2 == 0}
-        with httpx.stream("POST", gw.url + "/v1/chat/completions", json=body, headers=auth(key), timeout=30) as r:
-            raw = r.read()
-        ok = r.status_code == 200 and (not body["stream"] or raw.rstrip().endswith(b"data: [DONE]"))
-        with lock:
-            done += 1
-        return 200 if ok else r.status_code or 599
+    one, done = load_client(lambda i: gw.url, key)
 
     old = sentinel.master()
     with concurrent.futures.ThreadPoolExecutor(CLIENTS) as pool:
         results = [pool.submit(one, i) for i in range(REQUESTS)]
-        eventually(lambda: done >= KILL_AT, timeout=60, what=f"{KILL_AT} requests")
+        eventually(lambda: done() >= KILL_AT, timeout=60, what=f"{KILL_AT} requests")
         old.kill()
         statuses = [f.result() for f in results]
     assert statuses == [200] * REQUESTS, sorted(set(statuses))
@@ -82,7 +57,11 @@ def test_a_sentinel_failover_under_load_keeps_the_ledger_exact(metered, upstream
     sentinel.wait_ok(timeout=60)
     expected = {"req": REQUESTS, "pt": sum(p for p, _ in usage), "ct": sum(c for _, c in usage),
                 "cost": sum(c for _, c in usage)}  # fmt: skip
-    eventually(lambda: totals(sentinel, info.id) == expected, timeout=60, what=f"the ledger to equal {expected}")
+    eventually(
+        lambda: ledger_totals(sentinel.client(), info.id) == expected,
+        timeout=60,
+        what=f"the ledger to equal {expected}",
+    )
     with sentinel.client() as c:
         records = [orjson.loads(f[b"r"]) for _, f in c.xrange(KeyKeys(info.id).stream)]
     assert len(records) == REQUESTS and len({r["id"] for r in records}) == REQUESTS
