@@ -95,11 +95,12 @@ def redis_server() -> Iterator[tuple[str, str]]:
 
 
 async def _create_key(url: str) -> str:
-    from redis.asyncio import Redis
-
+    """A key for the benchmark on whatever Redis `url` names (one server or a cluster)."""
     from gateway.metering.keys import KeyLimits, KeyStore
+    from gateway.metering.meter import connect
+    from gateway.settings import Settings
 
-    r = Redis.from_url(url)
+    r = connect(Settings(redis_url=url))
     try:
         # Limits on, but out of reach: the admission script does all its work (windows, reservation).
         key, _ = await KeyStore(r).create("bench", limits=KeyLimits(10**15, 10**15, 10**9, 10**12))

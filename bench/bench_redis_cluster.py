@@ -27,7 +27,7 @@ from typing import Any
 
 import yaml
 
-from bench.bench_metering import PRICING, redis_server
+from bench.bench_metering import PRICING, _create_key, redis_server
 from bench.harness import gateway, machine_note, median, ms, nginx_mock, write_results, wrk
 from tests.fakes.redis_cluster import RedisClusterServer
 
@@ -35,19 +35,6 @@ DURATION = int(os.environ.get("QLP_BENCH_SECONDS", "6"))
 ROUNDS = int(os.environ.get("QLP_BENCH_ROUNDS", "2"))
 PROCESSES = [int(n) for n in os.environ.get("QLP_BENCH_PROCESSES", "1,2,3").split(",")]
 CONNECTIONS = 32
-
-
-async def _key(url: str) -> str:
-    from gateway.metering.keys import KeyLimits, KeyStore
-    from gateway.metering.meter import connect
-    from gateway.settings import Settings
-
-    r = connect(Settings(redis_url=url))
-    try:
-        key, _ = await KeyStore(r).create("bench", limits=KeyLimits(10**15, 10**15, 10**9, 10**12))
-        return key
-    finally:
-        await r.aclose()
 
 
 @contextlib.contextmanager
@@ -74,7 +61,7 @@ def main(argv: list[str]) -> int:
     try:
         with nginx_mock() as upstream, redis_server() as (single_url, _):
             urls = {"single": single_url, "cluster": cluster.url, "cluster+wait": cluster.url}
-            keys = {name: asyncio.run(_key(url)) for name, url in urls.items()}
+            keys = {name: asyncio.run(_create_key(url)) for name, url in urls.items()}
 
             def env(name: str) -> dict[str, str]:
                 return {

@@ -24,7 +24,7 @@ from typing import Any
 from redis.crc import key_slot
 from redis.exceptions import ConnectionError, ResponseError, TimeoutError
 
-from gateway.metering.pipe import Command, Link, RedisPipe, WriteTurn, _Holder, open_connection
+from gateway.metering.pipe import Command, Holder, Link, RedisPipe, WriteTurn, ask_each, open_connection
 from gateway.metering.target import RedisTarget, parse_redis_url
 
 __all__ = ["ClusterPipe", "open_pipe"]
@@ -161,8 +161,9 @@ class ClusterPipe:
             raise ValueError("ClusterPipe needs a redis+cluster:// URL")
         self.timeout = timeout
         self.before_flush: Callable[[Link], None] | None = None
-        self.nodes: dict[Address, _Holder] = {}  # the masters' connections
+        self.nodes: dict[Address, Holder] = {}  # the masters' connections
         self._slots: list[Address | None] = [None] * SLOTS
+        self._owners: frozenset[Address] = frozenset()  # the addresses in _slots (read on every request)
         self._router = Router(self)
         self._refreshing: asyncio.Lock | None = None
         self._refresh_task: asyncio.Task[None] | None = None
@@ -212,9 +213,13 @@ class ClusterPipe:
     def owner(self, slot: int) -> Address | None:
         return self._slots[slot]
 
-    def masters(self) -> list[_Holder]:
-        owners = set(self._slots)
-        return [n for a, n in self.nodes.items() if a in owners]
+    def masters(self) -> list[Holder]:
+        return [n for a, n in self.nodes.items() if a in self._owners]
+
+    def _move(self, slot: int, address: Address) -> None:
+        """A MOVED reply: `slot` is `address`'s now (rare: a reshard, or a failover not yet in the map)."""
+        self._slots[slot] = address
+        self._owners = frozenset(a for a in self._slots if a is not None)
 
     def track(self, coro: Any) -> None:
         task = asyncio.ensure_future(coro)
@@ -250,6 +255,7 @@ class ClusterPipe:
                     if node.proto is not None:
                         node.proto.fail(ConnectionError("no longer a master"))
             self._slots = table
+            self._owners = frozenset(wanted)
             errors = []
             for master in wanted:
                 try:
@@ -261,29 +267,21 @@ class ClusterPipe:
 
     async def _read_slots(self) -> list[Any]:
         candidates = [*self.nodes, *(a for a in self.target.nodes if a not in self.nodes)]
-        errors = []
-        for address in candidates:
-            holder = _Holder(self.timeout)
-            try:
-                conn = await open_connection(holder, self.target, address)
-                try:
-                    reply: list[Any] = await conn.send(("CLUSTER", "SLOTS"))
-                finally:
-                    conn.fail(ConnectionError("closed"))
-            except (ConnectionError, TimeoutError, ResponseError) as exc:
-                errors.append(str(exc))
-                continue
-            if reply and sum(int(e[1]) - int(e[0]) + 1 for e in reply) == SLOTS:
-                self.last_host = address[0]
-                return reply
-            errors.append(f"{address[0]}:{address[1]}: the slot map does not cover every slot yet")
-        raise ConnectionError(f"no node of {self.target.describe()} gave a slot map: {'; '.join(errors)}")
+        address, reply = await ask_each(
+            self.target, candidates, self.timeout, ("CLUSTER", "SLOTS"),
+            lambda r: None if r and sum(int(e[1]) - int(e[0]) + 1 for e in r) == SLOTS
+            else "the slot map does not cover every slot yet",
+            f"no node of {self.target.describe()} gave a slot map",
+        )  # fmt: skip
+        self.last_host = address[0]
+        slots: list[Any] = reply
+        return slots
 
-    async def _node(self, address: Address) -> _Holder:
+    async def _node(self, address: Address) -> Holder:
         node = self.nodes.get(address)
         if node is not None and node.proto is not None:
             return node
-        holder = node or _Holder(self.timeout)
+        holder = node or Holder(self.timeout)
         holder.proto = await open_connection(holder, self.target, address)
         self.nodes[address] = holder
         return holder
@@ -305,7 +303,7 @@ class ClusterPipe:
                 outer.set_exception(exc)
             return
         if kind == "MOVED":
-            self._slots[slot] = address
+            self._move(slot, address)
             self.refresh_soon()  # one moved slot is usually many: read the whole map
         if not outer.done():
             self._router._dispatch(args, outer, redirects, address if kind == "ASK" else None, key)

@@ -68,6 +68,7 @@ def connect(settings: Settings) -> Redis:
     Retrying is safe: the charge scripts are idempotent and ADMIT does not reserve twice."""
     t = settings.redis_timeout
     target = parse_redis_url(settings.redis_url)
+    retry = Retry(NoBackoff(), 1, supported_errors=(RedisConnectionError,))
     common: dict[str, Any] = {
         "socket_timeout": t,
         "socket_connect_timeout": t,
@@ -83,14 +84,8 @@ def connect(settings: Settings) -> Redis:
         sentinel = Sentinel(
             list(target.nodes), sentinel_kwargs={"password": target.sentinel_password, "socket_timeout": t}, **common
         )
-        retry = Retry(NoBackoff(), 1, supported_errors=(RedisConnectionError,))
         return cast(Redis, sentinel.master_for(target.service, db=target.db, retry=retry))
-    return Redis.from_url(
-        settings.redis_url,
-        socket_timeout=t,
-        socket_connect_timeout=t,
-        retry=Retry(NoBackoff(), 1, supported_errors=(RedisConnectionError,)),
-    )
+    return Redis.from_url(settings.redis_url, socket_timeout=t, socket_connect_timeout=t, retry=retry)
 
 
 @dataclass(slots=True)

@@ -21,7 +21,7 @@ import builtins
 import logging
 import time
 from collections import deque
-from collections.abc import Callable
+from collections.abc import Callable, Iterable
 from typing import Any, Protocol, cast
 
 import hiredis
@@ -29,7 +29,7 @@ from redis.exceptions import ConnectionError, NoScriptError, ResponseError, Time
 
 from gateway.metering.target import RedisTarget, parse_redis_url
 
-__all__ = ["Command", "Connection", "Link", "Pipe", "RedisPipe", "open_connection"]
+__all__ = ["Command", "Connection", "Holder", "Link", "Pipe", "RedisPipe", "ask_each", "open_connection"]
 
 log = logging.getLogger("qlp.metering")
 Command = tuple[Any, ...]
@@ -72,7 +72,7 @@ class Owner(Protocol):
     before_flush: Callable[[Link], None] | None
 
 
-class _Holder:
+class Holder:
     """The owner of a connection nothing else owns (a node of a cluster, a Sentinel asked once)."""
 
     def __init__(self, timeout: float) -> None:
@@ -220,6 +220,35 @@ async def open_connection(owner: Owner, target: RedisTarget, address: tuple[str,
     return proto
 
 
+async def ask_each(
+    target: RedisTarget,
+    addresses: Iterable[tuple[str, int]],
+    within: float,
+    command: Command,
+    refuse: Callable[[Any], str | None],
+    failure: str,
+) -> tuple[tuple[str, int], Any]:
+    """`command` asked of each address in turn, on a connection of its own, until one answers with a reply
+    `refuse` has no objection to (it returns the objection, or None); each within `within` seconds. None
+    answering: ConnectionError naming `failure` and every address's reason."""
+    errors = []
+    for address in addresses:
+        try:
+            conn = await open_connection(Holder(within), target, address)
+            try:
+                reply = await conn.send(command)
+            finally:
+                conn.fail(ConnectionError("closed"))
+        except (ConnectionError, TimeoutError, ResponseError) as exc:
+            errors.append(f"{address[0]}:{address[1]}: {exc}")
+            continue
+        objection = refuse(reply)
+        if objection is None:
+            return address, reply
+        errors.append(f"{address[0]}:{address[1]}: {objection}")
+    raise ConnectionError(f"{failure}: {'; '.join(errors)}")
+
+
 class RedisPipe:
     """One server (`redis://`, `unix://`), or the master a Sentinel names (`redis+sentinel://`, asked again
     on every reconnect, so a failover is followed). A Redis Cluster is `ClusterPipe` (`open_pipe` picks)."""
@@ -253,22 +282,11 @@ class RedisPipe:
         t = self.target
         assert t.service is not None
         sentinel = RedisTarget("single", (), t.tls, password=t.sentinel_password)
-        errors = []
-        for address in t.nodes:
-            holder = _Holder(self.timeout)
-            try:
-                conn = await open_connection(holder, sentinel, address)
-                try:
-                    reply = await conn.send(("SENTINEL", "GET-MASTER-ADDR-BY-NAME", t.service))
-                finally:
-                    conn.fail(ConnectionError("closed"))
-            except (ConnectionError, TimeoutError, ResponseError) as exc:
-                errors.append(f"{address[0]}:{address[1]}: {exc}")
-                continue
-            if reply:
-                return reply[0].decode(), int(reply[1])
-            errors.append(f"{address[0]}:{address[1]}: does not know {t.service!r}")
-        raise ConnectionError(f"no Sentinel named the master of {t.service!r}: {'; '.join(errors)}")
+        _, reply = await ask_each(
+            sentinel, t.nodes, self.timeout, ("SENTINEL", "GET-MASTER-ADDR-BY-NAME", t.service),
+            lambda r: None if r else f"does not know {t.service!r}", f"no Sentinel named the master of {t.service!r}",
+        )  # fmt: skip
+        return reply[0].decode(), int(reply[1])
 
     async def execute(self, commands: list[Command]) -> list[Any]:
         """Send commands together and return their replies in order. An error reply is returned as the
