@@ -9,7 +9,7 @@ VLLM_VENV := .venv-vllm
 VLLM_STAMP := $(VLLM_VENV)/.installed
 # torch is pinned to the CPU build that lies on this kind of machine's disk; a bare `torch` would pull CUDA.
 TORCH ?= torch==2.13.0
-SYS_PKGS := redis-server prometheus wrk docker-compose nginx libtcmalloc-minimal4
+SYS_PKGS := redis-server redis-tools prometheus wrk docker-compose nginx libtcmalloc-minimal4
 
 .PHONY: up test lint format bench proof soak fuzz venv vllm sysdeps model clean help
 
@@ -47,7 +47,7 @@ $(VLLM_STAMP): services/vllm/requirements-cpu.txt
 # System services the fleet and the tests run for real. Installed with apt when missing and we are root.
 sysdeps:
 	@missing=""; \
-	for b in redis-server:redis-server promtool:prometheus wrk:wrk docker-compose:docker-compose nginx:nginx; do \
+	for b in redis-server:redis-server redis-cli:redis-tools promtool:prometheus wrk:wrk docker-compose:docker-compose nginx:nginx; do \
 	  command -v $${b%%:*} >/dev/null 2>&1 || missing="$$missing $${b##*:}"; done; \
 	test -f /usr/lib/x86_64-linux-gnu/libtcmalloc_minimal.so.4 || [ "$$(uname -m)" != x86_64 ] || missing="$$missing libtcmalloc-minimal4"; \
 	if [ -n "$$missing" ]; then \
