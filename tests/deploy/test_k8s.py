@@ -5,6 +5,8 @@ is probed, bounded and locked down; secrets are referenced, never written."""
 from __future__ import annotations
 
 import copy
+import os
+from pathlib import Path
 from typing import Any
 from urllib.parse import urlsplit
 
@@ -13,6 +15,7 @@ import pytest
 import yaml
 
 from gateway.config import FleetConfig, Kind
+from gateway.metrics import Metrics
 from gateway.settings import Settings
 
 from .conftest import OVERLAYS, ROOT, TIERS, VLLM_VERSION, containers, find, pod_spec, pod_template, render
@@ -219,6 +222,32 @@ def test_gateway_scales_and_survives_voluntary_disruption(overlay: str) -> None:
     assert pdb["spec"]["selector"]["matchLabels"].items() <= pod_spec_labels(gateway).items()
     args = pod_spec(gateway)["containers"][0]["args"]
     assert int(args[args.index("--workers") + 1]) >= 2
+
+
+@pytest.mark.parametrize("overlay", OVERLAYS)
+def test_the_inflight_component_adds_streams_to_the_hpa_and_keeps_cpu(overlay: str, tmp_path: Path) -> None:
+    (tmp_path / "kustomization.yaml").write_text(
+        yaml.safe_dump(
+            {
+                "apiVersion": "kustomize.config.k8s.io/v1beta1",
+                "kind": "Kustomization",
+                "resources": [os.path.relpath(ROOT / "k8s/overlays" / overlay, tmp_path)],
+                "components": [os.path.relpath(ROOT / "k8s/components/hpa-inflight", tmp_path)],
+            }
+        )
+    )
+    docs = render(tmp_path)
+    (hpa,) = find(docs, "HorizontalPodAutoscaler", "gateway")
+    kubernetes_validate.validate(hpa, K8S_VERSION, strict=True)
+    by_type = {m["type"]: m for m in hpa["spec"]["metrics"]}
+    assert by_type["Resource"]["resource"]["name"] == "cpu"
+    assert by_type["Pods"]["pods"]["metric"]["name"] == "qlp_inflight_requests"
+    rule = yaml.safe_load((ROOT / "k8s/components/hpa-inflight/prometheus-adapter-rule.yaml").read_text())
+    (custom,) = rule["rules"]["custom"]
+    assert custom["name"]["as"] == "qlp_inflight_requests"
+    assert custom["seriesQuery"].startswith("qlp_inflight_requests{")
+    # The gauge the rule reads is the gateway's own.
+    assert "qlp_inflight_requests" in {m.name for m in Metrics().registry.collect()}
 
 
 def pod_spec_labels(doc: dict[str, Any]) -> dict[str, str]:
