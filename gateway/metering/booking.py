@@ -4,6 +4,8 @@ is away, and its replay. Also the one view of Redis health that admission and bo
 A charge is queued by `settle` (after the response) and sent either inside the next write the Redis
 connection makes for an admission (`ride_along`, called by the connection just before it writes: one
 syscall and one Redis wake-up for both) or, when no admission comes, on its own after BOOK_DELAY_SECONDS.
+With QLP_REDIS_WAIT_REPLICAS, charges never ride along: each CHARGE is followed by a WAIT, which holds its
+connection until the replicas answer, so they go on the ledger's own booking connections instead.
 """
 
 from __future__ import annotations
@@ -65,7 +67,13 @@ class Booker:
         self._queue: list[Charge] = []
         self._timer: asyncio.TimerHandle | None = None
         self._tasks: set[asyncio.Task[None]] = set()
-        ledger.ride_along = self.ride_along
+        # Charges ride along with admissions unless they WAIT for replicas; then one booking (one WAIT) at a
+        # time, and what is queued meanwhile goes in the next batch: a missing replica makes every WAIT run
+        # to its timeout, and WAITs piling up on one connection would soon exceed QLP_REDIS_TIMEOUT.
+        self._waits = ledger.book_pipe is not ledger.pipe
+        self._one_at_a_time = asyncio.Lock()
+        if not self._waits:
+            ledger.ride_along = self.ride_along
 
     def queue(self, charge: Charge) -> None:
         self._queue.append(charge)
@@ -91,21 +99,34 @@ class Booker:
             self._track(self._finish(batch, self.ledger.send(batch, conn)))
 
     def _flush(self) -> None:
+        if self._waits and self._one_at_a_time.locked():  # a booking's WAIT is out: look again shortly
+            if self._timer is not None:
+                self._timer.cancel()
+            self._timer = asyncio.get_running_loop().call_later(BOOK_DELAY_SECONDS, self._flush)
+            return
         batch = self._take()
         if batch:
             self._track(self._book(batch))
 
     async def drain(self) -> None:
         """Book every queued charge now (at shutdown)."""
-        self._flush()
-        while self._tasks:
-            await asyncio.gather(*self._tasks, return_exceptions=True)
+        while True:
+            self._flush()
+            if self._tasks:
+                await asyncio.gather(*self._tasks, return_exceptions=True)
+            elif self._queue:  # behind a replay's WAIT
+                await asyncio.sleep(BOOK_DELAY_SECONDS)
+            else:
+                return
 
     async def _book(self, batch: list[Charge]) -> None:
-        if self.health.usable():
-            await self._finish(batch, self.ledger.apply(batch))
-        else:
+        if not self.health.usable():
             await self._spool(batch)
+        elif self._waits:
+            async with self._one_at_a_time:
+                await self._finish(batch, self.ledger.apply(batch))
+        else:
+            await self._finish(batch, self.ledger.apply(batch))
 
     async def _finish(self, batch: list[Charge], booking: Coroutine[Any, Any, list[int | Exception]]) -> None:
         try:
@@ -145,7 +166,8 @@ class Booker:
                     log.error("charge %s could not be kept: %s", c.id, exc)
 
     async def _replay_batch(self, batch: list[Charge]) -> None:
-        self._reject_refused(batch, await self.ledger.apply(batch))
+        async with self._one_at_a_time:
+            self._reject_refused(batch, await self.ledger.apply(batch))
 
     async def replay_once(self) -> int:
         """Ping Redis when it is down or the spool holds charges; replay the spool when it answers."""

@@ -76,6 +76,9 @@ class Router(WriteTurn):
         self.schedule()
         return outer
 
+    def node(self, key: Any) -> Any:
+        return self.pipe.owner(key_slot(key if isinstance(key, bytes) else str(key).encode()))
+
     def flush(self) -> None:
         self.run_hook(self.pipe.before_flush)  # admissions and charges join this write
         for node in self.pipe.nodes.values():

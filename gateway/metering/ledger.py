@@ -137,8 +137,11 @@ class AdmitResult:
 
 
 class Ledger:
-    def __init__(self, pipe: Pipe, policy: LedgerPolicy) -> None:
+    def __init__(self, pipe: Pipe, policy: LedgerPolicy, book_pipe: Pipe | None = None) -> None:
         self.pipe = pipe
+        # Where `apply` books charges: the request path's pipe, or with `wait_replicas` a pipe of its own, so
+        # that admissions never queue behind a WAIT, which blocks its connection until replicas answer.
+        self.book_pipe = book_pipe or pipe
         self.policy = policy
         # Admissions waiting for the connection's next write, by (key id, minute, reservation ttl).
         self._admissions: dict[tuple[str, int, int], list[_Admission]] = {}
@@ -298,7 +301,7 @@ class Ledger:
         """Apply charges in one round trip. Per charge: 1 booked now, 0 booked before (a replay), or the
         error a script answered with. A lost connection or a timeout raises: which charges were applied
         is then unknown, and applying them again is safe."""
-        return await self.send(charges, await self.pipe.connection())
+        return await self.send(charges, await self.book_pipe.connection())
 
     def send(self, charges: list[Charge], conn: Link) -> Coroutine[Any, Any, list[int | Exception]]:
         """Queue the charges' commands on `conn` now (they go out with its next write); the returned
@@ -307,10 +310,16 @@ class Ledger:
         return self._collect(cmds, groups, len(charges), self._issue(conn, cmds))
 
     def _issue(self, conn: Link, cmds: list[Command]) -> list[tuple[asyncio.Future[Any], asyncio.Future[Any] | None]]:
-        """Each CHARGE call, and after it (with `wait_replicas`) a WAIT on the same node: how many replicas
-        hold the connection's writes so far, this charge's included."""
+        """Each CHARGE call and (with `wait_replicas`) the WAIT that answers for it: one WAIT per node, after
+        that node's last CHARGE, as WAIT counts the replicas holding every write the connection made so far
+        (one WAIT a CHARGE would block the connection once per CHARGE when a replica is missing)."""
+        charges = [conn.send(c) for c in cmds]
         n, ms = self.policy.wait_replicas, self.policy.wait_ms
-        return [(conn.send(c), conn.send(("WAIT", n, ms), key=c[3]) if n else None) for c in cmds]
+        if not n:
+            return [(f, None) for f in charges]
+        last = {conn.node(c[3]): c[3] for c in cmds}  # node -> key of its last CHARGE call
+        waits = {node: conn.send(("WAIT", n, ms), key=key) for node, key in last.items()}
+        return [(f, waits[conn.node(c[3])]) for f, c in zip(charges, cmds, strict=True)]
 
     async def _collect(
         self,
@@ -336,7 +345,7 @@ class Ledger:
                 replies.append(exc)
         if any(isinstance(r, NoScriptError) for r in replies):
             await self.load_scripts()  # the scripts that ran were idempotent; run them all again
-            return await self._collect(cmds, groups, n, self._issue(await self.pipe.connection(), cmds))
+            return await self._collect(cmds, groups, n, self._issue(await self.book_pipe.connection(), cmds))
         if short:
             # Booked on the master but not yet on enough replicas: a failover now could lose them. Spooled
             # and replayed (idempotent), they count once whatever happens to this master.

@@ -121,6 +121,10 @@ class Meter:
         self._reservation_ttl_ms = int((longest * config.retry.max_attempts + 60) * 1000)
         self.redis = connect(settings)  # key admin and ledger reading
         self.pipe = open_pipe(settings.redis_url, settings.redis_timeout)  # the request path
+        # Charges that WAIT for replicas get connections of their own (Ledger.book_pipe).
+        self.book_pipe = (
+            open_pipe(settings.redis_url, settings.redis_timeout) if settings.redis_wait_replicas else self.pipe
+        )
         self.ledger = Ledger(
             self.pipe,
             LedgerPolicy(
@@ -131,6 +135,7 @@ class Meter:
                 settings.redis_wait_replicas,
                 max(1, int(settings.redis_timeout * 1000 / 2)),
             ),
+            self.book_pipe,
         )
         self.keys = KeyStore(self.redis)
         self.spool = Spool(settings.spool_path)
@@ -185,6 +190,8 @@ class Meter:
             self.leases.close_all()  # give back what was leased and not used
         await self.booker.drain()
         self.pipe.close()
+        if self.book_pipe is not self.pipe:
+            self.book_pipe.close()
         with contextlib.suppress(*UNAVAILABLE):
             await self.redis.aclose()
 

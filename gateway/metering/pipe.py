@@ -44,6 +44,10 @@ class Link(Protocol):
         """Queue `args` for the next write. `key` routes a keyless command (WAIT) to that key's node."""
         ...
 
+    def node(self, key: Any) -> Any:
+        """Which server `key`'s commands go to (equal values: the same server)."""
+        ...
+
     def schedule(self) -> None: ...
 
 
@@ -132,6 +136,9 @@ class Connection(WriteTurn, asyncio.Protocol):
         if self.watchdog is None:
             self.watchdog = loop.call_later(self.timeout, self.watch)
         return fut
+
+    def node(self, key: Any) -> Any:
+        return None  # one server
 
     def flush(self) -> None:
         self.run_hook(self.pipe.before_flush)

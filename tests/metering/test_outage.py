@@ -195,3 +195,24 @@ def test_gateway_meters_over_the_redis_unix_socket(metered, upstreams, tmp_path)
         eventually(lambda: ledger_totals(server.client(), info.id) == {"req": 1, "pt": 5, "ct": 3, "cost": 3})
     finally:
         server.stop()
+
+
+def test_charges_waiting_for_a_replica_never_hold_up_requests(metered, upstreams, redis_url) -> None:
+    """QLP_REDIS_WAIT_REPLICAS=1 on a Redis without replicas: every WAIT runs to its timeout (2 s here).
+    Requests must not queue behind those WAITs (bookings have their own connection), and every charge is
+    still booked once: on the master, and spooled until a replica holds it."""
+    key, info = create_key(redis_url, "acme")
+    gw = metered(redis_wait_replicas=1, redis_timeout=4.0, admission_lease_seconds=0, spool_replay_interval=0.2)
+    usage = [(10 + i, 1 + i) for i in range(8)]
+    upstreams["a"].push(*(Script(prompt_tokens=p, completion_tokens=c) for p, c in usage))
+    for _ in usage:  # one at a time: each one's admission comes after the previous one's charge and WAIT
+        r = chat(gw, key)
+        assert r.status_code == 200, r.text
+        assert r.elapsed.total_seconds() < 1.0, f"a request waited {r.elapsed.total_seconds():.2f} s"
+    expected = {"req": len(usage), "pt": sum(p for p, _ in usage), "ct": sum(c for _, c in usage)}
+    with redis.Redis.from_url(redis_url) as c:
+        eventually(
+            lambda: {k: v for k, v in ledger_totals(c, info.id).items() if k in expected} == expected,
+            timeout=20,
+            what="the charges on the master",
+        )
