@@ -7,7 +7,8 @@ Set-ups side by side, one API key each (every limit set, out of reach): a single
 Cluster of 3 masters with a replica each (tests/fakes/redis_cluster.py), without and with
 `QLP_REDIS_WAIT_REPLICAS=1`. For N gateway processes (`qlp gateway`, one worker each) N wrk runs go at once,
 one per process, 32 connections in all, against the nginx mock; requests/s is their sum. Then the added
-latency at 1 connection, p50/p99, of one gateway on each Redis against the mock alone. Rounds interleave the
+latency at 1 connection, p50/p99, of one gateway on each Redis, and of one with metering off, against
+the mock alone. Rounds interleave the
 set-ups. Everything shares this machine's cores: with 2 cores, more processes compete for the same CPU, so
 the figures show what the cluster costs against one server, not how far the fleet scales on more cores.
 Environment: QLP_BENCH_SECONDS (6 per wrk run), QLP_BENCH_ROUNDS (2), QLP_BENCH_PROCESSES (1,2,3).
@@ -81,9 +82,12 @@ def main(argv: list[str]) -> int:
                             together(gws, keys[name])  # warm-up
                             rps[name][n].append(together(gws, keys[name]))
                             print(f"bench_redis_cluster: {name} x{n}: {rps[name][n][-1]:,.0f} req/s", flush=True)
-            lat: dict[str, dict[str, list[float]]] = {name: {"p50": [], "p99": []} for name in [*urls, "direct"]}
+            # The same gateway with metering off: what the topologies add beyond the gateway itself.
+            lat: dict[str, dict[str, list[float]]] = {n: {"p50": [], "p99": []} for n in [*urls, "off", "direct"]}
+            keys["off"] = ""
             with contextlib.ExitStack() as stack:
                 one = {name: stack.enter_context(gateway(upstream, env=env(name))) for name in urls}
+                one["off"] = stack.enter_context(gateway(upstream, env={"QLP_METERING": "false"}))
                 for name, url in one.items():
                     wrk(url + "/v1/chat/completions", 1, 2, env={"QLP_BENCH_KEY": keys[name]})
                 for _ in range(ROUNDS):
@@ -118,7 +122,7 @@ def main(argv: list[str]) -> int:
         )
     d = res["latency_s"]["direct"]
     lines += ["", "| Redis | added p50 at 1 connection | added p99 |", "|---|---:|---:|"]
-    for name in urls:
+    for name in [*urls, "off"]:
         g = res["latency_s"][name]
         lines.append(f"| {name} | {ms(g['p50'] - d['p50'])} | {ms(g['p99'] - d['p99'])} |")
     table = "\n".join(lines) + "\n"
