@@ -56,16 +56,18 @@ def test_redis_killed_mid_run_ledger_equals_upstream_usage_after_replay(metered,
         assert ready["redis"] == "down" and ready["spool_depth"] >= 10 and ready["admitted_without_redis"] == 10
         # 4. Redis back (same port, its append-only file reloaded): the spool is replayed exactly once.
         server.start()
-        eventually(lambda: ledger_totals(server.client(), info.id)["req"] == 25, what="25 requests in the ledger")
-        eventually(lambda: httpx.get(gw.url + "/readyz").json()["ledger"]["spool_depth"] == 0, what="an empty spool")
-        totals = ledger_totals(server.client(), info.id)
-        assert totals == {
-            "req": 25,
-            "pt": sum(p for p, _ in usage),
-            "ct": sum(c for _, c in usage),
-            "cost": sum(c for _, c in usage),
-        }  # T0: 1 micro-USD per output token
         with server.client() as c:
+            eventually(lambda: ledger_totals(c, info.id)["req"] == 25, what="25 requests in the ledger")
+            eventually(
+                lambda: httpx.get(gw.url + "/readyz").json()["ledger"]["spool_depth"] == 0, what="an empty spool"
+            )
+            totals = ledger_totals(c, info.id)
+            assert totals == {
+                "req": 25,
+                "pt": sum(p for p, _ in usage),
+                "ct": sum(ct for _, ct in usage),
+                "cost": sum(ct for _, ct in usage),
+            }  # T0: 1 micro-USD per output token
             assert c.xlen(KeyKeys(info.id).stream) == 25
     finally:
         server.stop()
@@ -179,9 +181,9 @@ def test_redis_refusing_writes_spools_charges_until_it_accepts_them(metered, ups
             eventually(
                 lambda: httpx.get(gw.url + "/readyz").json()["ledger"]["spool_depth"] == 1, what="a spooled charge"
             )
-            assert ledger_totals(server.client(), info.id)["req"] == 0
+            assert ledger_totals(c, info.id)["req"] == 0
             c.config_set("maxmemory", 0)
-        eventually(lambda: ledger_totals(server.client(), info.id)["req"] == 1, what="the charge replayed")
+            eventually(lambda: ledger_totals(c, info.id)["req"] == 1, what="the charge replayed")
     finally:
         server.stop()
 
@@ -192,7 +194,8 @@ def test_gateway_meters_over_the_redis_unix_socket(metered, upstreams, tmp_path)
         key, info = create_key(server.url, "acme", tpm=10_000)
         gw = metered(redis_url=server.unix_url)
         assert chat(gw, key).status_code == 200
-        eventually(lambda: ledger_totals(server.client(), info.id) == {"req": 1, "pt": 5, "ct": 3, "cost": 3})
+        with server.client() as c:
+            eventually(lambda: ledger_totals(c, info.id) == {"req": 1, "pt": 5, "ct": 3, "cost": 3})
     finally:
         server.stop()
 
