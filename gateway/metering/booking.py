@@ -11,6 +11,7 @@ connection until the replicas answer, so they go on the ledger's own booking con
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import logging
 import time
 from collections.abc import Callable, Coroutine
@@ -119,13 +120,15 @@ class Booker:
             else:
                 return
 
+    def _turn(self) -> contextlib.AbstractAsyncContextManager[Any]:
+        """Where bookings take turns: one at a time when they WAIT, side by side otherwise."""
+        return self._one_at_a_time if self._waits else contextlib.nullcontext()
+
     async def _book(self, batch: list[Charge]) -> None:
         if not self.health.usable():
             await self._spool(batch)
-        elif self._waits:
-            async with self._one_at_a_time:
-                await self._finish(batch, self.ledger.apply(batch))
-        else:
+            return
+        async with self._turn():
             await self._finish(batch, self.ledger.apply(batch))
 
     async def _finish(self, batch: list[Charge], booking: Coroutine[Any, Any, list[int | Exception]]) -> None:
@@ -166,7 +169,7 @@ class Booker:
                     log.error("charge %s could not be kept: %s", c.id, exc)
 
     async def _replay_batch(self, batch: list[Charge]) -> None:
-        async with self._one_at_a_time:
+        async with self._turn():
             self._reject_refused(batch, await self.ledger.apply(batch))
 
     async def replay_once(self) -> int:

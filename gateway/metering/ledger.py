@@ -317,9 +317,10 @@ class Ledger:
         n, ms = self.policy.wait_replicas, self.policy.wait_ms
         if not n:
             return [(f, None) for f in charges]
-        last = {conn.node(c[3]): c[3] for c in cmds}  # node -> key of its last CHARGE call
+        nodes = [conn.node(c[3]) for c in cmds]
+        last = {node: c[3] for node, c in zip(nodes, cmds, strict=True)}  # node -> key of its last CHARGE call
         waits = {node: conn.send(("WAIT", n, ms), key=key) for node, key in last.items()}
-        return [(f, waits[conn.node(c[3])]) for f, c in zip(charges, cmds, strict=True)]
+        return [(f, waits[node]) for f, node in zip(charges, nodes, strict=True)]
 
     async def _collect(
         self,
