@@ -226,10 +226,9 @@ def main(argv: list[str]) -> int:
         except (RuntimeError, OSError) as exc:
             print(f"bench_vllm: llama.cpp skipped: {str(exc).strip()}")
         else:  # 2 threads, OMP_WAIT_POLICY=PASSIVE (bench/llamacpp.py)
-            for quant, path in (("q4_1", gguf), ("f32", f32_gguf(gguf))):
-                if quant not in LLAMACPP_QUANTS:
-                    continue
-                with llamacpp(path) as (url, pid, model):
+            files = {"q4_1": lambda: gguf, "f32": lambda: f32_gguf(gguf)}  # f32: written on first use
+            for quant in (q for q in files if q in LLAMACPP_QUANTS):
+                with llamacpp(files[quant]()) as (url, pid, model):
                     name = f"llamacpp-{quant}"
                     res[name] = engine(name, url, pid, model, {"min_tokens": NEW_TOKENS})
     out = table(res, note)
