@@ -119,7 +119,7 @@ async def load(url: str, model: str, concurrency: int, extra: dict[str, Any]) ->
     await asyncio.gather(*(one(i) for i in range(concurrency)))
     wall = time.perf_counter() - start
     await client.close()
-    return {"tok_s": sum(tokens) / wall, "ttft": ttft, "min_tokens": min(tokens)}
+    return {"tok_s": sum(tokens) / wall, "tokens": sum(tokens), "wall_s": wall, "ttft": ttft, "min_tokens": min(tokens)}
 
 
 def measure(url: str, model: str, extra: dict[str, Any]) -> dict[str, dict[str, float]]:
