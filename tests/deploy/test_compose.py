@@ -179,6 +179,14 @@ def test_cpu_image_bakes_the_model_where_the_launch_files_look_and_tags_the_pin(
     assert 'ENTRYPOINT ["python", "-m", "vllm.entrypoints.openai.api_server"]' in dockerfile
 
 
+def test_cpu_image_carries_the_lora_plugin_written_for_the_pinned_vllm() -> None:
+    dockerfile = (ROOT / "services/vllm/Dockerfile.cpu").read_text()
+    assert "COPY services/vllm/plugin /tmp/qlp-vllm-cpu" in dockerfile
+    assert "pip install --no-deps --no-build-isolation /tmp/qlp-vllm-cpu" in dockerfile
+    plugin = (ROOT / "services/vllm/plugin/qlp_vllm_cpu/__init__.py").read_text()
+    assert f'VLLM_VERSION = "{VLLM_VERSION}"' in plugin  # it patches that release's internals, and only that one
+
+
 def test_trainer_is_a_batch_service_of_its_own_profile() -> None:
     trainer = compose_raw()["services"]["trainer"]
     assert trainer["profiles"] == ["train"]
