@@ -59,3 +59,22 @@ def test_an_expand_slice_writes_only_its_columns_and_can_overwrite() -> None:
     ops.expand(y, x, b, groups, offset=3, size=4, add=False)
     torch.testing.assert_close(y[0, 3:7], x[0] @ b[1, 0].T)
     assert not y[0, :3].any() and not y[0, 7:].any() and not y[1].any()
+
+
+@pytest.mark.parametrize("indices", [[1, 1], [-1, 3, 0, 3]])
+def test_a_layer_of_several_slices_equals_shrink_then_expand_per_slice(indices: list[int]) -> None:
+    groups = ops.row_groups(torch.tensor(indices))
+    slices = (6, 3, 3)  # q, k, v
+    a = tuple(weights(RANK, D_IN) + i for i in range(3))
+    b = tuple(weights(n, RANK) - i for i, n in enumerate(slices))
+    x = torch.randn(len(indices), D_IN)
+    y = torch.randn(len(indices), sum(slices))
+    expected = y.clone()
+    offset = 0
+    for ai, bi, n in zip(a, b, slices, strict=True):
+        buffer = torch.zeros(len(indices), RANK)
+        ops.shrink(buffer, x, ai, groups, scale=2.0)
+        ops.expand(expected, buffer, bi, groups, offset, n)
+        offset += n
+    ops.linear(y, x, a, b, 2.0, slices, groups)
+    torch.testing.assert_close(y, expected)

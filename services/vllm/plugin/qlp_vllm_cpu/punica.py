@@ -50,9 +50,23 @@ class QlpPunicaWrapperCPU(punica_cpu.PunicaWrapperCPU):  # type: ignore[misc]
 
     # -- whole layers: nothing to do for a batch without adapters
 
-    def add_lora_linear(self, y: torch.Tensor, x: torch.Tensor, *args: Any, **kwargs: Any) -> None:
+    def add_lora_linear(
+        self,
+        y: torch.Tensor,
+        x: torch.Tensor,
+        lora_a_stacked: tuple[torch.Tensor, ...],
+        lora_b_stacked: tuple[torch.Tensor, ...],
+        scale: float,
+        output_slices: tuple[int, ...],
+        *,
+        buffer: tuple[torch.Tensor, ...] | None = None,
+        **kwargs: Any,
+    ) -> None:
         if self.token_groups:
-            super().add_lora_linear(y, x, *args, **kwargs)
+            y2 = y.view(-1, y.shape[-1])
+            ops.linear(
+                y2, x.view(-1, x.shape[-1]), lora_a_stacked, lora_b_stacked, scale, output_slices, self.token_groups
+            )
 
     def add_lora_embedding(self, y: torch.Tensor, x: torch.Tensor, *args: Any, **kwargs: Any) -> None:
         if self.token_groups:
