@@ -36,6 +36,7 @@ from gateway.protocol import Endpoint
 from gateway.report import routes as report_routes
 from gateway.rollout import routes as rollout_routes
 from gateway.routes import health, metrics, models, proxy_doc
+from gateway.routes.responses import exact_integer_bounds
 from gateway.runtime import Runtime
 from gateway.serving import handle
 from gateway.settings import Settings
@@ -195,6 +196,15 @@ def create_app(settings: Settings | None = None) -> Gateway:
     api.include_router(report_routes.router)
     api.include_router(rollout_routes.router)
     api.include_router(metrics.router)
+
+    def openapi() -> dict[str, Any]:
+        first = api.openapi_schema is None
+        doc = FastAPI.openapi(api)
+        if first:
+            exact_integer_bounds(doc)
+        return doc
+
+    api.openapi = openapi  # type: ignore[method-assign]
     return Gateway(runtime, api)
 
 

@@ -47,6 +47,10 @@ def _int_field(body: dict[str, Any], name: str, lo: int, hi: int) -> int | None:
         return None
     if isinstance(v, float) and v.is_integer():
         # JSON has one number type: 7.0 is the integer 7 (as JSON Schema says); the upstream gets 7.
+        # orjson gives a float for an integer beyond 64 bits, rounded: -2**63 - 1 reads as -2.0**63, so a
+        # float at the edge of the int64 range is outside it.
+        if not -(2.0**63) < v < 2.0**63:
+            raise InvalidRequest(f"'{name}' must be between {lo} and {hi}", param=name, code="invalid_value")
         v = body[name] = int(v)
     if isinstance(v, bool) or not isinstance(v, int):
         raise InvalidRequest(f"'{name}' must be an integer", param=name, code="invalid_type")

@@ -13,7 +13,7 @@ from fastapi import APIRouter, Header, Security
 from pydantic import BaseModel, ConfigDict, Field
 
 from gateway.config import FleetConfig
-from gateway.protocol import MAX_TOKEN_ID
+from gateway.protocol import INT64, MAX_TOKEN_ID
 from gateway.routes.responses import bearer, errors
 
 __all__ = ["router"]
@@ -28,6 +28,25 @@ MAX_TOKENS: int = FleetConfig.model_fields["max_tokens_limit"].default
 NOptional = Annotated[int, Field(ge=1, le=MAX_N)] | None
 TokensOptional = Annotated[int, Field(ge=1, le=MAX_TOKENS)] | None
 TokenId = Annotated[int, Field(ge=0, le=MAX_TOKEN_ID)]
+Unit = Annotated[float, Field(ge=0.0, le=1.0)] | None
+Temperature = Annotated[float, Field(ge=0.0, le=2.0)] | None
+Penalty = Annotated[float, Field(ge=-2.0, le=2.0)] | None
+
+
+class Sampling(BaseModel):
+    """The sampling fields gateway/protocol.py checks (OpenAI's documented types and ranges)."""
+
+    model_config = ConfigDict(extra="allow")
+    temperature: Temperature = None
+    top_p: Unit = None
+    presence_penalty: Penalty = None
+    frequency_penalty: Penalty = None
+    # lt 2**63, not le 2**63 - 1: FastAPI passes bounds through floats; 2.0**63 is exact, 2**63 - 1 is not.
+    seed: Annotated[int, Field(ge=INT64[0], lt=INT64[1] + 1)] | None = None
+    stop: str | list[str] | None = None
+    logit_bias: dict[str, Annotated[float, Field(ge=-100, le=100)]] | None = None
+    tools: list[dict[str, Any]] | None = None
+    functions: list[dict[str, Any]] | None = None
 
 
 class ChatMessage(BaseModel):
@@ -42,8 +61,7 @@ class AssistantMessage(BaseModel):
     content: str | list[Any] | None = None
 
 
-class ChatCompletionRequest(BaseModel):
-    model_config = ConfigDict(extra="allow")
+class ChatCompletionRequest(Sampling):
     model: str | None = None
     messages: Annotated[list[ChatMessage | AssistantMessage], Field(min_length=1)]
     stream: bool | None = False
@@ -51,10 +69,11 @@ class ChatCompletionRequest(BaseModel):
     n: NOptional = None
     max_tokens: TokensOptional = None
     max_completion_tokens: TokensOptional = None
+    logprobs: bool | None = None
+    top_logprobs: Annotated[int, Field(ge=0, le=20)] | None = None
 
 
-class CompletionRequest(BaseModel):
-    model_config = ConfigDict(extra="allow")
+class CompletionRequest(Sampling):
     model: str | None = None
     prompt: Annotated[str, Field(min_length=1)] | Annotated[list[str | TokenId], Field(min_length=1)]
     stream: bool | None = False
@@ -62,6 +81,7 @@ class CompletionRequest(BaseModel):
     n: NOptional = None
     max_tokens: TokensOptional = None
     max_completion_tokens: TokensOptional = None
+    logprobs: Annotated[int, Field(ge=0, le=5)] | None = None
 
 
 # Optional headers: an empty one is the same as none (hence the "" defaults). The fleet's tiers are T0..T3;

@@ -3,6 +3,8 @@
 Every error is OpenAI's envelope (gateway/errors.py); `errors(...)` documents the statuses a route can
 answer with it. `bearer` declares the API key scheme; it never refuses anything itself (auto_error off):
 the meter checks keys (gateway/metering/meter.py), and the proxy routes are not FastAPI routes at all.
+`exact_integer_bounds` undoes FastAPI writing every bound as a float (a bound must be exact in a float to
+survive: hence `lt=2**63`, never `le=2**63 - 1`).
 """
 
 from __future__ import annotations
@@ -12,7 +14,7 @@ from typing import Any
 from fastapi.security import HTTPBearer
 from pydantic import BaseModel
 
-__all__ = ["ErrorEnvelope", "bearer", "errors"]
+__all__ = ["ErrorEnvelope", "bearer", "errors", "exact_integer_bounds"]
 
 
 class ErrorDetail(BaseModel):
@@ -45,3 +47,21 @@ def errors(*statuses: int) -> dict[int | str, dict[str, Any]]:
 
 
 bearer = HTTPBearer(auto_error=False, description="An API key: `Authorization: Bearer <key>`")
+
+
+_BOUNDS = ("minimum", "maximum", "exclusiveMinimum", "exclusiveMaximum")
+
+
+def exact_integer_bounds(node: Any) -> None:
+    """Write an integer schema's bounds as integers, in place. FastAPI's OpenAPI model holds them as floats,
+    and a client's generator or validator working in floats gets the edge wrong (2**63 - 2 read as 2.0**63)."""
+    if isinstance(node, dict):
+        if node.get("type") == "integer":
+            for k in _BOUNDS:
+                if isinstance(node.get(k), float) and node[k].is_integer():
+                    node[k] = int(node[k])
+        for v in node.values():
+            exact_integer_bounds(v)
+    elif isinstance(node, list):
+        for v in node:
+            exact_integer_bounds(v)

@@ -60,6 +60,9 @@ def assert_envelope(r: httpx.Response, status: int, code: str | None = None) -> 
         ({"messages": MSG, "top_logprobs": 21}, "invalid_value", "top_logprobs"),
         ({"messages": MSG, "seed": 1.5}, "invalid_type", "seed"),
         ({"messages": MSG, "seed": 2**64}, "invalid_value", "seed"),
+        ({"messages": MSG, "seed": 2**63}, "invalid_value", "seed"),
+        # Beyond 64 bits JSON parsing gives a rounded float (-2.0**63): still refused, not taken as -2**63.
+        ({"messages": MSG, "seed": -(2**63) - 1}, "invalid_value", "seed"),
         ({"messages": MSG, "stop": [1]}, "invalid_type", "stop"),
         ({"messages": MSG, "logit_bias": {"5": 101}}, "invalid_value", "logit_bias"),
         ({"messages": MSG, "logit_bias": [1]}, "invalid_type", "logit_bias"),
@@ -89,6 +92,9 @@ def test_documented_edges_of_the_ranges_are_accepted(gw, upstreams) -> None:  # 
     r = post(gw, json={"messages": MSG, **ok})
     assert r.status_code == 200, r.text
     assert {k: upstreams["a"].requests[0]["body"][k] for k in ok} == ok
+    for i, seed in enumerate((2**63 - 1, -(2**63)), start=1):  # int64's edges, as OpenAI documents seed
+        assert post(gw, json={"messages": MSG, "seed": seed}).status_code == 200
+        assert upstreams["a"].requests[i]["body"]["seed"] == seed
 
 
 def test_unknown_model_is_404_model_not_found_and_not_retried(gw, upstreams) -> None:  # type: ignore[no-untyped-def]
