@@ -74,7 +74,9 @@ def together(url: str, *models: str) -> list[str]:
 def test_batched_requests_get_their_own_adapter_and_the_base_model_none(
     vllm_server: RunningVllm, adapters: list[str]
 ) -> None:
-    assert "Using QlpPunicaWrapperCPU" in vllm_server.log.read_text(errors="replace"), "plugin not loaded: make vllm"
+    log = vllm_server.log.read_text(errors="replace")
+    assert "Using QlpPunicaWrapperCPU" in log, "plugin not loaded: make vllm"
+    assert "rms_norm=['qlp_cpu', 'native'], fused_add_rms_norm=['qlp_cpu', 'native']" in log  # norms.py
     url = vllm_server.url
     alone = {m: answer(url, m) for m in [BASE, *adapters]}  # one at a time: this also fills every slot
     assert len(set(alone.values())) == len(alone), alone  # the probes are told apart by their answers

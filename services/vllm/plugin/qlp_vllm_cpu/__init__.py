@@ -9,8 +9,11 @@ for the whole vocabulary even when no request in the batch has an adapter.
 
 `register()` points the CPU platform at `qlp_vllm_cpu.punica.QlpPunicaWrapperCPU`, which groups the batch's
 rows by adapter once per step and runs one matmul per adapter on its rows (`ops.py`); rows without an
-adapter are left alone, and a batch without adapters skips the LoRA work. Other platforms and other vLLM
-releases are left untouched: the patch is tied to 0.32.0's internals.
+adapter are left alone, and a batch without adapters skips the LoRA work.
+
+With LoRA the CPU model runs eagerly, and its norms then run as seven PyTorch ops each; `norms.py` routes
+them to the C kernels the CPU build already has. Other platforms and other vLLM releases are left
+untouched: the patch is tied to 0.32.0's internals.
 """
 
 from __future__ import annotations
@@ -36,4 +39,9 @@ def register() -> None:
             vllm.__version__,
         )
         return
-    type(current_platform).get_punica_wrapper = classmethod(lambda cls: WRAPPER)
+    from . import norms
+
+    platform = type(current_platform)
+    platform.get_punica_wrapper = classmethod(lambda cls: WRAPPER)
+    norms.register_impls()
+    norms.prefer_in_eager(platform)
