@@ -23,20 +23,30 @@ def _fits_rms(x: torch.Tensor, weight: torch.Tensor | None, epsilon: float, vari
     return variance_size is None and weight is not None and weight.dtype == x.dtype and x.is_contiguous()
 
 
-def rms_norm(x: torch.Tensor, weight: torch.Tensor | None, epsilon: float, variance_size: int | None = None) -> torch.Tensor:
+def rms_norm(
+    x: torch.Tensor, weight: torch.Tensor | None, epsilon: float, variance_size: int | None = None
+) -> torch.Tensor:
     out = torch.empty_like(x)
     torch.ops._C.rms_norm(out, x, weight, epsilon)
     return out
 
 
 def _fits_add(
-    x: torch.Tensor, x_residual: torch.Tensor, weight: torch.Tensor | None, epsilon: float, variance_size: int | None = None
+    x: torch.Tensor,
+    x_residual: torch.Tensor,
+    weight: torch.Tensor | None,
+    epsilon: float,
+    variance_size: int | None = None,
 ) -> bool:
     return _fits_rms(x, weight, epsilon, variance_size) and x_residual.is_contiguous()
 
 
 def fused_add_rms_norm(
-    x: torch.Tensor, x_residual: torch.Tensor, weight: torch.Tensor | None, epsilon: float, variance_size: int | None = None
+    x: torch.Tensor,
+    x_residual: torch.Tensor,
+    weight: torch.Tensor | None,
+    epsilon: float,
+    variance_size: int | None = None,
 ) -> tuple[torch.Tensor, torch.Tensor]:
     torch.ops._C.fused_add_rms_norm(x, x_residual, weight, epsilon)  # in place: x normed, x_residual summed
     return x, x_residual
