@@ -7,13 +7,21 @@ precision. The server runs from its own venv bench/.venv-llamacpp, built from so
 missing (cmake + a C++ compiler; several minutes on 2 cores; QLP_BENCH_LLAMACPP_BUILD_TIMEOUT, default
 2400 s), with 2 threads and OMP_WAIT_POLICY=PASSIVE: llama.cpp's OpenMP threads spin by default, which on a
 shared 2-core machine measured 3-4x slower decoding.
+
+llama.cpp repacks quantized weights into "extra buffer types" (AMX tiles, interleaved AVX layouts) when the
+CPU has the instructions. On a VM with AMX that build crashed (general protection fault in libggml-cpu on
+the first Q4_1 token), so `repack_works` tries one token in a subprocess first and, when that dies, the
+server runs with `use_extra_bufts` off (a plain llama.cpp matmul) and says so.
 """
 
 from __future__ import annotations
 
 import contextlib
+import functools
 import importlib.metadata
 import os
+import subprocess
+import sys
 from collections.abc import Iterator
 from pathlib import Path
 
@@ -28,6 +36,24 @@ BUILD_ENV = {"CMAKE_ARGS": "-DLLAVA_BUILD=OFF", "CMAKE_BUILD_PARALLEL_LEVEL": st
 BUILD_TIMEOUT = float(os.environ.get("QLP_BENCH_LLAMACPP_BUILD_TIMEOUT", "2400"))
 THREADS = 2
 OMP_ENV = {"OMP_WAIT_POLICY": "PASSIVE"}
+# llama-cpp-python's server has no flag for llama.cpp's `use_extra_bufts`: its model params are wrapped.
+RUN = """
+import os, sys, llama_cpp, llama_cpp.llama_cpp as lib
+if os.environ.get("QLP_LLAMACPP_EXTRA_BUFTS") == "0":
+    default = lib.llama_model_default_params
+    def params():
+        p = default()
+        p.use_extra_bufts = False
+        return p
+    lib.llama_model_default_params = params  # what llama_cpp.Llama calls
+if sys.argv[1] == "probe":
+    llm = llama_cpp.Llama(sys.argv[2], n_threads=2, n_ctx=256, verbose=False)
+    llm("The capital of France is", max_tokens=2)
+else:
+    from llama_cpp.server.__main__ import main
+    sys.argv = ["llama_cpp.server", *sys.argv[2:]]
+    main()
+"""
 
 
 def gguf_file() -> Path:
@@ -86,11 +112,15 @@ def ensure() -> Path:
 def llamacpp(gguf: Path) -> Iterator[tuple[str, int, str]]:
     """A running server: (url, pid, model name)."""
     port = free_port()
+    extra = repack_works(gguf)
+    if not extra:
+        print(f"bench: llama.cpp's weight repacking crashed on this CPU; {gguf.name} runs without it", file=sys.stderr)
     with process(
         [
             str(VENV / "bin" / "python"),
-            "-m",
-            "llama_cpp.server",
+            "-c",
+            RUN,
+            "serve",
             "--model",
             str(gguf),
             "--host",
@@ -106,8 +136,20 @@ def llamacpp(gguf: Path) -> Iterator[tuple[str, int, str]]:
             "--model_alias",
             "smollm2",
         ],
-        env=OMP_ENV,
+        env={**OMP_ENV, "QLP_LLAMACPP_EXTRA_BUFTS": "1" if extra else "0"},
     ) as p:
         url = f"http://127.0.0.1:{port}"
         wait_http(url + "/v1/models", timeout=600)
         yield url, p.pid, "smollm2"
+
+
+@functools.cache
+def repack_works(gguf: Path) -> bool:
+    """One token with llama.cpp's extra buffer types on; False when the process dies of a signal."""
+    r = subprocess.run(
+        [str(VENV / "bin" / "python"), "-c", RUN, "probe", str(gguf)],
+        env={**os.environ, **OMP_ENV, "QLP_LLAMACPP_EXTRA_BUFTS": "1"},
+        capture_output=True,
+        timeout=300,
+    )
+    return r.returncode >= 0
