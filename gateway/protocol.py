@@ -59,14 +59,17 @@ def _int_field(body: dict[str, Any], name: str, lo: int, hi: int) -> int | None:
     return v
 
 
-# OpenAI's documented ranges (the API reference of chat and legacy completions).
-_NUMBER_RANGES = {
+# OpenAI's documented ranges (the API reference of chat and legacy completions); routes/proxy_doc.py
+# describes the same ones.
+NUMBER_RANGES = {
     "temperature": (0.0, 2.0),
     "top_p": (0.0, 1.0),
     "presence_penalty": (-2.0, 2.0),
     "frequency_penalty": (-2.0, 2.0),
 }
 INT64 = (-(2**63), 2**63 - 1)
+TOP_LOGPROBS = (0, 20)  # chat's top_logprobs
+COMPLETION_LOGPROBS = (0, 5)  # legacy completions' logprobs
 
 
 def _number_field(body: dict[str, Any], name: str, lo: float, hi: float) -> None:
@@ -82,16 +85,16 @@ def _number_field(body: dict[str, Any], name: str, lo: float, hi: float) -> None
 
 
 def _check_sampling(body: dict[str, Any], endpoint: Endpoint) -> None:
-    for name, (lo, hi) in _NUMBER_RANGES.items():
+    for name, (lo, hi) in NUMBER_RANGES.items():
         _number_field(body, name, lo, hi)
     _int_field(body, "seed", *INT64)
     if endpoint == "chat":
         lp = body.get("logprobs")
         if lp is not None and not isinstance(lp, bool):
             raise InvalidRequest("'logprobs' must be a boolean", param="logprobs", code="invalid_type")
-        _int_field(body, "top_logprobs", 0, 20)
+        _int_field(body, "top_logprobs", *TOP_LOGPROBS)
     else:
-        _int_field(body, "logprobs", 0, 5)
+        _int_field(body, "logprobs", *COMPLETION_LOGPROBS)
     stop = body.get("stop")
     if (
         stop is not None

@@ -13,7 +13,7 @@ from fastapi import APIRouter, Header, Security
 from pydantic import BaseModel, ConfigDict, Field
 
 from gateway.config import FleetConfig
-from gateway.protocol import INT64, MAX_TOKEN_ID
+from gateway.protocol import COMPLETION_LOGPROBS, INT64, MAX_TOKEN_ID, NUMBER_RANGES, TOP_LOGPROBS
 from gateway.routes.responses import bearer, errors
 
 __all__ = ["router"]
@@ -28,9 +28,11 @@ MAX_TOKENS: int = FleetConfig.model_fields["max_tokens_limit"].default
 NOptional = Annotated[int, Field(ge=1, le=MAX_N)] | None
 TokensOptional = Annotated[int, Field(ge=1, le=MAX_TOKENS)] | None
 TokenId = Annotated[int, Field(ge=0, le=MAX_TOKEN_ID)]
-Unit = Annotated[float, Field(ge=0.0, le=1.0)] | None
-Temperature = Annotated[float, Field(ge=0.0, le=2.0)] | None
-Penalty = Annotated[float, Field(ge=-2.0, le=2.0)] | None
+_R = NUMBER_RANGES
+Temperature = Annotated[float, Field(ge=_R["temperature"][0], le=_R["temperature"][1])] | None
+TopP = Annotated[float, Field(ge=_R["top_p"][0], le=_R["top_p"][1])] | None
+Presence = Annotated[float, Field(ge=_R["presence_penalty"][0], le=_R["presence_penalty"][1])] | None
+Frequency = Annotated[float, Field(ge=_R["frequency_penalty"][0], le=_R["frequency_penalty"][1])] | None
 
 
 class Sampling(BaseModel):
@@ -38,9 +40,9 @@ class Sampling(BaseModel):
 
     model_config = ConfigDict(extra="allow")
     temperature: Temperature = None
-    top_p: Unit = None
-    presence_penalty: Penalty = None
-    frequency_penalty: Penalty = None
+    top_p: TopP = None
+    presence_penalty: Presence = None
+    frequency_penalty: Frequency = None
     # lt 2**63, not le 2**63 - 1: FastAPI passes bounds through floats; 2.0**63 is exact, 2**63 - 1 is not.
     seed: Annotated[int, Field(ge=INT64[0], lt=INT64[1] + 1)] | None = None
     stop: str | list[str] | None = None
@@ -70,7 +72,7 @@ class ChatCompletionRequest(Sampling):
     max_tokens: TokensOptional = None
     max_completion_tokens: TokensOptional = None
     logprobs: bool | None = None
-    top_logprobs: Annotated[int, Field(ge=0, le=20)] | None = None
+    top_logprobs: Annotated[int, Field(ge=TOP_LOGPROBS[0], le=TOP_LOGPROBS[1])] | None = None
 
 
 class CompletionRequest(Sampling):
@@ -81,7 +83,7 @@ class CompletionRequest(Sampling):
     n: NOptional = None
     max_tokens: TokensOptional = None
     max_completion_tokens: TokensOptional = None
-    logprobs: Annotated[int, Field(ge=0, le=5)] | None = None
+    logprobs: Annotated[int, Field(ge=COMPLETION_LOGPROBS[0], le=COMPLETION_LOGPROBS[1])] | None = None
 
 
 # Optional headers: an empty one is the same as none (hence the "" defaults). The fleet's tiers are T0..T3;
