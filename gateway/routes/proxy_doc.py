@@ -28,11 +28,18 @@ MAX_TOKENS: int = FleetConfig.model_fields["max_tokens_limit"].default
 NOptional = Annotated[int, Field(ge=1, le=MAX_N)] | None
 TokensOptional = Annotated[int, Field(ge=1, le=MAX_TOKENS)] | None
 TokenId = Annotated[int, Field(ge=0, le=MAX_TOKEN_ID)]
-_R = NUMBER_RANGES
-Temperature = Annotated[float, Field(ge=_R["temperature"][0], le=_R["temperature"][1])] | None
-TopP = Annotated[float, Field(ge=_R["top_p"][0], le=_R["top_p"][1])] | None
-Presence = Annotated[float, Field(ge=_R["presence_penalty"][0], le=_R["presence_penalty"][1])] | None
-Frequency = Annotated[float, Field(ge=_R["frequency_penalty"][0], le=_R["frequency_penalty"][1])] | None
+
+
+def _within(bounds: tuple[float, float]) -> Any:
+    """A Field constrained to one of gateway/protocol.py's (lowest, highest) pairs."""
+    lo, hi = bounds
+    return Field(ge=lo, le=hi)
+
+
+Temperature = Annotated[float, _within(NUMBER_RANGES["temperature"])] | None
+TopP = Annotated[float, _within(NUMBER_RANGES["top_p"])] | None
+Presence = Annotated[float, _within(NUMBER_RANGES["presence_penalty"])] | None
+Frequency = Annotated[float, _within(NUMBER_RANGES["frequency_penalty"])] | None
 
 
 class Sampling(BaseModel):
@@ -72,7 +79,7 @@ class ChatCompletionRequest(Sampling):
     max_tokens: TokensOptional = None
     max_completion_tokens: TokensOptional = None
     logprobs: bool | None = None
-    top_logprobs: Annotated[int, Field(ge=TOP_LOGPROBS[0], le=TOP_LOGPROBS[1])] | None = None
+    top_logprobs: Annotated[int, _within(TOP_LOGPROBS)] | None = None
 
 
 class CompletionRequest(Sampling):
@@ -83,7 +90,7 @@ class CompletionRequest(Sampling):
     n: NOptional = None
     max_tokens: TokensOptional = None
     max_completion_tokens: TokensOptional = None
-    logprobs: Annotated[int, Field(ge=COMPLETION_LOGPROBS[0], le=COMPLETION_LOGPROBS[1])] | None = None
+    logprobs: Annotated[int, _within(COMPLETION_LOGPROBS)] | None = None
 
 
 # Optional headers: an empty one is the same as none (hence the "" defaults). The fleet's tiers are T0..T3;
