@@ -47,7 +47,7 @@ if os.environ.get("QLP_LLAMACPP_EXTRA_BUFTS") == "0":
         return p
     lib.llama_model_default_params = params  # what llama_cpp.Llama calls
 if sys.argv[1] == "probe":
-    llm = llama_cpp.Llama(sys.argv[2], n_threads=2, n_ctx=256, verbose=False)
+    llm = llama_cpp.Llama(sys.argv[2], n_threads=int(sys.argv[3]), n_ctx=256, verbose=False)
     llm("The capital of France is", max_tokens=2)
 else:
     from llama_cpp.server.__main__ import main
@@ -147,7 +147,7 @@ def llamacpp(gguf: Path) -> Iterator[tuple[str, int, str]]:
 def repack_works(gguf: Path) -> bool:
     """One token with llama.cpp's extra buffer types on; False when the process dies of a signal."""
     r = subprocess.run(
-        [str(VENV / "bin" / "python"), "-c", RUN, "probe", str(gguf)],
+        [str(VENV / "bin" / "python"), "-c", RUN, "probe", str(gguf), str(THREADS)],
         env={**os.environ, **OMP_ENV, "QLP_LLAMACPP_EXTRA_BUFTS": "1"},
         capture_output=True,
         timeout=300,
